@@ -1,0 +1,192 @@
+"""The ``fashionlens`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fashionlens.config import EvaluateConfig, IndexConfig, SearchConfig
+from fashionlens.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Find clothes by photo in a catalog, and measure how well it works.")
+console = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with settings (see below)")]
+
+
+class RichProgress:
+    """Progress bar and log lines on stderr."""
+
+    def __init__(self):
+        self.bar: Progress | None = None
+
+    def start(self, total: int, label: str) -> None:
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console)
+        self.bar.start()
+        self.task = self.bar.add_task(label, total=total, rate="")
+        self._t0 = __import__("time").perf_counter()
+        self._done = 0
+
+    def advance(self, n: int) -> None:
+        self._done += n
+        dt = __import__("time").perf_counter() - self._t0
+        self.bar.update(self.task, advance=n, rate=f"{self._done / dt:.1f} img/s" if dt > 0 else "")
+
+    def log(self, message: str) -> None:
+        console.print(f"[dim]{message}[/dim]")
+
+    def stop(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+@app.command()
+def index(
+    catalog: Annotated[Path, typer.Argument(help="catalog CSV, folder of images, or folder with both")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="index folder (created, or updated)")],
+    config: ConfigOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="'lite0' or a timm model name")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="letterbox size in pixels")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    workers: Annotated[Optional[int], typer.Option(help="decoding processes")] = None,
+    index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw or ivfpq")] = None,
+    device: Annotated[Optional[str], typer.Option()] = None,
+):
+    """Index a catalog: embed every image, store vectors (FAISS) and metadata (SQLite) in --out.
+
+    Running it again on the same --out resumes an interrupted run, adds new items and re-embeds
+    items whose image path changed. Unreadable files are skipped and listed in skipped.csv.
+    """
+    from fashionlens.index.pipeline import build_index
+
+    cfg = IndexConfig.load(config, model=model, input_size=input_size, batch_size=batch_size,
+                           workers=workers, index_type=index_type, device=device)
+    report = build_index(catalog, out_dir, cfg, RichProgress())
+    console.print(
+        f"[green]indexed[/green] {report.total:,} items in {out_dir} ({report.index}); this run: "
+        f"{report.added:,} new, {report.changed:,} changed, {report.embedded:,} embedded at "
+        f"{report.images_per_second:.1f} img/s, {report.skipped:,} unreadable, {report.missing:,} missing"
+    )
+    if report.duplicates:
+        console.print(f"[yellow]ids listed twice (first row kept):[/yellow] {', '.join(report.duplicates[:10])}")
+    if report.skipped or report.missing:
+        console.print(f"skipped files are listed in {report.skipped_report}")
+
+
+index.__doc__ += "\n\nSettings:\n\n" + IndexConfig.help_text()
+
+
+@app.command()
+def remove(
+    index_dir: Annotated[Path, typer.Argument(help="index folder")],
+    ids: Annotated[list[str], typer.Argument(help="item ids to remove")],
+):
+    """Remove items from an index by id."""
+    from fashionlens.index import CatalogIndex
+
+    idx = CatalogIndex(index_dir)
+    try:
+        unknown = idx.remove(ids)
+    finally:
+        idx.close()
+    console.print(f"removed {len(ids) - len(unknown)} item(s)")
+    if unknown:
+        raise UserError(f"not in the catalog: {', '.join(unknown)}")
+
+
+@app.command()
+def search(
+    index_dir: Annotated[Path, typer.Argument(help="index folder made by 'fashionlens index'")],
+    photos: Annotated[list[Path], typer.Argument(help="one or more photos")],
+    k: Annotated[Optional[int], typer.Option("-k", help="results per photo")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON: one list of results per photo")] = False,
+    config: ConfigOpt = None,
+):
+    """Search the catalog by photo; several photos are embedded as one batch."""
+    from fashionlens.index.query import Searcher
+
+    cfg = SearchConfig.load(config, k=k)
+    searcher = Searcher(index_dir)
+    try:
+        results = searcher.search_paths(photos, cfg.k, cfg.batch_size)
+    finally:
+        searcher.close()
+    if as_json:
+        payload = [{"photo": str(p), "results": [
+            {"rank": r + 1, "id": h.id, "score": round(h.score, 6), "path": h.path, **h.metadata}
+            for r, h in enumerate(hits)]} for p, hits in zip(photos, results)]
+        out.print_json(json.dumps(payload, ensure_ascii=False))
+        return
+    for photo, hits in zip(photos, results):
+        out.print(hits_table(str(photo), hits))
+
+
+search.__doc__ += "\n\nSettings:\n\n" + SearchConfig.help_text()
+
+
+def hits_table(title: str, hits) -> Table:
+    columns = list(dict.fromkeys(c for h in hits for c in h.metadata))
+    table = Table(title=title, title_justify="left")
+    for name in ["#", "id", "score", *columns]:
+        table.add_column(name, overflow="fold")
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), h.id, f"{h.score:.3f}", *(str(h.metadata.get(c, "")) for c in columns))
+    return table
+
+
+@app.command()
+def info(index_dir: Annotated[Path, typer.Argument(help="index folder")]):
+    """What an index holds and the configuration that made it."""
+    from fashionlens.index import CatalogIndex
+
+    idx = CatalogIndex(index_dir)
+    try:
+        store = idx.store
+        payload = {
+            "items": {s: store.count(s) for s in ("embedded", "pending", "skipped")},
+            "index": store.get_meta("index_spec"), "embedder": store.get_meta("embedder"),
+            "config": store.get_meta("config"),
+        }
+    finally:
+        idx.close()
+    out.print_json(json.dumps(payload))
+
+
+def _register_subcommands() -> None:
+    from fashionlens.cli_evaluate import evaluate_app, demo
+
+    app.add_typer(evaluate_app, name="evaluate")
+    app.command()(demo)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to resume")
+        sys.exit(130)
+    except __import__("click").exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except __import__("click").exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

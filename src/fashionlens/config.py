@@ -1,0 +1,72 @@
+"""One configuration object per command, loadable from YAML, overridable on the command line.
+
+Every artefact records the configuration that made it (an index stores it in its SQLite
+``meta`` table).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fashionlens.errors import UserError
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides):
+        """Defaults, then the YAML file (if any), then command-line values that are not None."""
+        data: dict = {}
+        if path is not None:
+            try:
+                data = yaml.safe_load(Path(path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise UserError(f"{path}: cannot read the YAML config ({exc})") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{path}: the config must be a mapping of settings")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UserError(f"config setting {where!r}: {first['msg']}") from None
+
+    @classmethod
+    def help_text(cls) -> str:
+        """The settings, defaults and meanings, for ``--help``."""
+        lines = []
+        for name, field in cls.model_fields.items():
+            lines.append(f"{name} = {field.default!r}: {field.description or ''}")
+        return "\n\n".join(lines)
+
+
+class EmbedConfig(Config):
+    model: str = Field("lite0", description="'lite0' (offline ImageNet EfficientNet-Lite0) or a timm model name")
+    input_size: int | None = Field(None, ge=32, le=1024, description="letterbox size; None = the model's own (224)")
+    batch_size: int = Field(16, ge=1, le=1024, description="images embedded together")
+    workers: int = Field(1, ge=0, le=64, description="image-decoding processes beside the model")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+
+
+class IndexConfig(EmbedConfig):
+    chunk_size: int = Field(1024, ge=1, description="vectors per chunk file: the most a kill can lose")
+    index_type: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
+        "auto", description="auto = exact up to flat_max items, IVF-PQ above")
+    flat_max: int = Field(100_000, ge=1, description="largest catalog searched exactly when auto")
+    train_sample: int = Field(100_000, ge=256, description="vectors sampled to train IVF-PQ")
+
+
+class SearchConfig(Config):
+    k: int = Field(10, ge=1, le=1000, description="results per photo")
+    batch_size: int = Field(16, ge=1, description="photos embedded together")
+
+
+class EvaluateConfig(EmbedConfig):
+    ks: list[int] = Field([1, 4, 10, 20], description="cut-offs for hit rate, Recall@K and mAP@K")
+    max_html_queries: int = Field(200, ge=0, description="queries shown on the HTML page")

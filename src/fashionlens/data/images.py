@@ -1,0 +1,55 @@
+"""Safe image decoding: every failure becomes an :class:`ImageError` with a short reason."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+# Images above this many pixels are refused (decompression bombs); 40 megapixels covers any
+# real product or phone photo.
+MAX_PIXELS = 40_000_000
+
+
+class ImageError(Exception):
+    """An image that cannot be used: missing, not an image, truncated or too large."""
+
+
+def open_image(source: Path | bytes, *, draft_size: int | None = None) -> Image.Image:
+    """Decode ``source`` (a path or the file's bytes) fully into an RGB image.
+
+    ``draft_size`` lets the JPEG decoder scale down by a power of two while decoding, as long as
+    the result stays at least that large on both sides: much faster for big photos, and
+    harmless because the image is resized to the model's input size afterwards.
+    """
+    name = "upload" if isinstance(source, bytes) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    try:
+        with fp, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(
+                    f"{name}: {img.width}x{img.height} pixels is over the limit of {MAX_PIXELS:,}"
+                )
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            return img.convert("RGB")
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file (or a format Pillow cannot read)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: broken image ({exc})") from None

@@ -1,0 +1,103 @@
+"""Evaluation protocols: queries go through the index, as a user's searches do.
+
+- ``consumer``: buyers' photos (a folder with one sub-folder per label) against a catalog index;
+  a result is a hit when its metadata ``field`` (``articleType``) is among the values a
+  mapping CSV lists for the query's label (the shared ``consumer/catalog_types.csv``).
+- ``pairs`` (In-shop, Consumer-to-shop): queries and gallery with item ids; a hit is a gallery
+  image of the same item id.
+Rankings are scored as they come (``MetricAccumulator``), never held all at once.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fashionlens.data.records import Item
+from fashionlens.errors import UserError
+from fashionlens.evaluation.metrics import MetricAccumulator
+from fashionlens.evaluation.report import HtmlReport, plot_hit_rate, write_json
+from fashionlens.index.catalog_index import CatalogIndex
+from fashionlens.index.embedding import embed_rows
+from fashionlens.models.embedder import Embedder
+
+
+@dataclass
+class Relevance:
+    """For one query: its category, which metadata values count as a hit, and how many
+    gallery items carry them."""
+
+    category: str
+    field: str
+    values: frozenset[str]
+
+
+def read_label_mapping(path: Path) -> dict[str, frozenset[str]]:
+    """``label,values`` rows, values separated by ``;`` (``consumer/catalog_types.csv``)."""
+    try:
+        rows = list(csv.reader(Path(path).read_text(encoding="utf-8-sig").splitlines()))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the label mapping ({exc.strerror})") from None
+    mapping = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != 2:
+            raise UserError(f"{path}:{line_no}: expected 'label,value;value;...'")
+        mapping[row[0].strip()] = frozenset(v.strip() for v in row[1].split(";") if v.strip())
+    if not mapping:
+        raise UserError(f"{path}: the label mapping is empty")
+    return mapping
+
+
+def run_queries(index: CatalogIndex, embedder: Embedder, queries: Sequence[Item],
+                relevance: Callable[[Item], Relevance], out: Path, ks: Sequence[int], title: str,
+                batch_size: int = 16, workers: int = 1, max_html: int = 200,
+                on_progress: Callable[[int], None] | None = None) -> dict:
+    """Search every query through ``index`` and write metrics.json, hit_rate.png, report.html."""
+    out.mkdir(parents=True, exist_ok=True)
+    k_max = max(ks)
+    acc = MetricAccumulator(ks, k_max=k_max)
+    html = HtmlReport(out / "report.html", title, max_queries=max_html)
+    n_relevant_cache: dict[tuple[str, frozenset[str]], int] = {}
+    unreadable = []
+    rows = [(i, str(q.path)) for i, q in enumerate(queries)]
+    for batch in embed_rows(rows, embedder, batch_size, workers):
+        unreadable += [(str(queries[i].path), err) for i, err in batch.errors]
+        results = index.search(batch.vectors, k_max) if len(batch.keys) else []
+        for i, hits in zip(batch.keys, results):
+            query, rel = queries[i], relevance(queries[i])
+            key = (rel.field, rel.values)
+            if key not in n_relevant_cache:
+                n_relevant_cache[key] = index.store.count_where(rel.field, rel.values)
+            flags = [h.metadata.get(rel.field) in rel.values for h in hits]
+            acc.add(rel.category, flags, n_relevant_cache[key])
+            html.add(query.path, rel.category, [
+                {"id": h.id, "path": Path(h.path), "score": h.score, "hit": f,
+                 "label": h.metadata.get(rel.field, "")} for h, f in zip(hits, flags)])
+        if on_progress:
+            on_progress(len(batch.keys) + len(batch.errors))
+    summary = acc.summary()
+    summary["unreadable_queries"] = [{"path": p, "error": e} for p, e in unreadable]
+    summary["index"] = {"folder": str(index.folder), "items": index.store.count("embedded"),
+                        "spec": index.store.get_meta("index_spec"), "embedder": embedder.describe()}
+    write_json(summary, out / "metrics.json")
+    plot_hit_rate(summary, out / "hit_rate.png", title=title)
+    html.close(summary)
+    return summary
+
+
+def consumer_relevance(mapping: dict[str, frozenset[str]], field: str) -> Callable[[Item], Relevance]:
+    def relevance(item: Item) -> Relevance:
+        label = item.metadata.get("label", "")
+        if label not in mapping:
+            raise UserError(f"query label {label!r} ({item.path}) is not in the label mapping")
+        return Relevance(label, field, mapping[label])
+    return relevance
+
+
+def same_item_relevance(item: Item) -> Relevance:
+    return Relevance(item.metadata.get("category", "all"), "item_id",
+                     frozenset([item.metadata["item_id"]]))

@@ -1,0 +1,160 @@
+"""An index folder: ``catalog.sqlite`` (items, state, config), ``vectors/`` (embedding chunks)
+and ``index-<generation>.faiss`` (the search structure, derived from the chunks).
+
+The FAISS file is replaced by generation: a new file is written and synced, then SQLite commits
+the new generation, then the old file is deleted. A killed process therefore leaves either the
+old or the new generation complete, and an index whose file is gone is rebuilt from the chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from fashionlens.errors import UserError
+from fashionlens.index.store import CatalogStore
+from fashionlens.index.vectors import (
+    ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, sample_for_training,
+    supports_remove,
+)
+
+DB_NAME = "catalog.sqlite"
+
+
+@dataclass
+class SearchHit:
+    id: str
+    score: float
+    path: str
+    metadata: dict
+
+
+class CatalogIndex:
+    """Open (or create) the index in ``folder``."""
+
+    def __init__(self, folder: Path, create: bool = False):
+        self.folder = Path(folder)
+        if not (self.folder / DB_NAME).exists():
+            if not create:
+                raise UserError(f"{self.folder}: not a fashionlens index (no {DB_NAME}); "
+                                "make one with 'fashionlens index CATALOG --out DIR'")
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.store = CatalogStore(self.folder / DB_NAME)
+        self.chunks = ChunkFiles(self.folder / "vectors")
+        self.chunks.remove_orphans(set(self.store.chunks()))
+        self._index: faiss.Index | None = None
+        self._spec: IndexSpec | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- the FAISS structure -----------------------------------------------------------------
+    @property
+    def spec(self) -> IndexSpec | None:
+        raw = self.store.get_meta("index_spec")
+        return IndexSpec(**raw) if raw else None
+
+    def _file(self, generation: int) -> Path:
+        return self.folder / f"index-{generation:06d}.faiss"
+
+    def load(self) -> faiss.Index:
+        """The FAISS index, loaded once (rebuilt from chunks if its file is missing)."""
+        if self._index is None:
+            gen, spec = self.store.get_meta("generation", 0), self.spec
+            path = self._file(gen)
+            if spec is None or not path.exists():
+                self.refresh(rebuild=True)
+            else:
+                self._index = faiss.read_index(str(path))
+                self._spec = spec
+                apply_search_params(self._index, spec)
+        return self._index
+
+    def refresh(self, rebuild: bool = False, log=None) -> IndexSpec:
+        """Bring the FAISS index up to date with the chunks and removals, and save it.
+
+        The index type follows the ``index`` settings recorded in the store (``index_type``,
+        ``flat_max``, ``train_sample``): when the catalog grows past ``flat_max`` an ``auto``
+        index is rebuilt as IVF-PQ.
+        """
+        log = log or (lambda msg: None)
+        settings = self.store.get_meta("index_settings", {})
+        kind, flat_max = settings.get("index_type", "auto"), settings.get("flat_max", 100_000)
+        train_sample = settings.get("train_sample", 100_000)
+        n_live = self.store.count("embedded")
+        dim = self.store.get_meta("embedder", {}).get("dim")
+        if dim is None:
+            raise UserError(f"{self.folder}: no vectors yet; index a catalog first")
+        current = self.spec
+        wanted = choose_spec(n_live, dim, kind, flat_max)
+        gen = self.store.get_meta("generation", 0)
+        if not rebuild and current and self._file(gen).exists() and current.kind == wanted.kind:
+            index = self._index or faiss.read_index(str(self._file(gen)))
+            apply_search_params(index, current)
+            spec, new_chunks = current, self.store.chunks(in_index=False)
+        else:
+            spec, index, new_chunks = wanted, new_index(wanted), self.store.chunks()
+            if not index.is_trained:
+                log(f"training {spec.factory} on up to {train_sample:,} of {n_live:,} vectors")
+                sample = sample_for_training(self._live_chunks(new_chunks), n_live, train_sample)
+                index.train(sample)
+                del sample
+            self.store.db.execute("DELETE FROM tombstones")  # a fresh index holds no dead rows
+        removed = self.store.tombstones()
+        if removed and supports_remove(spec):
+            index.remove_ids(np.asarray(removed, dtype=np.int64))
+        for rowids, vecs in self._live_chunks(new_chunks):
+            index.add_with_ids(vecs, rowids)
+        self._save(index, spec, gen + 1, new_chunks, removed if supports_remove(spec) else [])
+        log(f"index {spec.factory}: {index.ntotal:,} vectors")
+        return spec
+
+    def _live_chunks(self, chunks: list[int]):
+        for chunk in chunks:
+            rowids, vecs = self.chunks.read(chunk)
+            live = np.isin(rowids, np.fromiter(self.store.live_rowids(rowids.tolist()), np.int64))
+            if live.any():
+                yield rowids[live], np.ascontiguousarray(vecs[live])
+
+    def _save(self, index, spec: IndexSpec, gen: int, added: list[int], removed: list[int]) -> None:
+        path = self._file(gen)
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        with self.store.db:
+            self.store.set_meta("index_spec", spec.to_dict(), commit=False)
+            self.store.set_meta("generation", gen, commit=False)
+            self.store.db.executemany("UPDATE chunks SET in_index=1 WHERE chunk=?", [(c,) for c in added])
+            self.store.clear_tombstones(removed)
+        for old in self.folder.glob("index-*.faiss*"):
+            if old != path:
+                old.unlink()
+        self._index, self._spec = index, spec
+
+    # -- search ------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
+        """Top-``k`` live items for each query vector (unit length, as the embedder gives)."""
+        index = self.load()
+        dead = len(self.store.tombstones())
+        fetch = min(k + dead, max(index.ntotal, 1))
+        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        rows = self.store.get_rows(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        results = []
+        for q_scores, q_ids in zip(scores, ids):
+            hits = [SearchHit(rows[i]["id"], float(s), rows[i]["path"], rows[i]["metadata"])
+                    for s, i in zip(q_scores, q_ids) if i >= 0 and int(i) in rows]
+            results.append(hits[:k])
+        return results
+
+    def remove(self, item_ids: list[str]) -> list[str]:
+        """Remove items; returns unknown ids. The FAISS index is updated and saved."""
+        unknown = self.store.remove(item_ids)
+        if self.spec is not None and len(unknown) < len(item_ids):
+            self.refresh()
+        return unknown

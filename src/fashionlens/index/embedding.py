@@ -1,0 +1,67 @@
+"""Streaming embedding: (key, image path) pairs in, batches of vectors out.
+
+The decode-and-letterbox work runs in DataLoader worker processes (the "distributor"), the model
+in the main process; unreadable files come out as errors beside the vectors and never stop
+the stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fashionlens.data.images import ImageError, open_image
+from fashionlens.models.embedder import Embedder
+
+
+class _Decode(Dataset):
+    def __init__(self, rows: Sequence[tuple[int, str]], preprocess):
+        self.rows, self.preprocess = rows, preprocess
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        key, path = self.rows[i]
+        try:
+            img = open_image(path, draft_size=self.preprocess.size)
+            return key, self.preprocess(img), None
+        except ImageError as exc:
+            return key, None, str(exc)
+        except Exception as exc:  # a codec bug must not end a run of millions of images
+            return key, None, f"{path}: cannot decode ({type(exc).__name__}: {exc})"
+
+
+def _collate(samples):
+    ok = [(k, t) for k, t, e in samples if e is None]
+    errors = [(k, e) for k, _, e in samples if e is not None]
+    keys = [k for k, _ in ok]
+    batch = torch.stack([t for _, t in ok]) if ok else None
+    return keys, batch, errors
+
+
+@dataclass
+class EmbeddedBatch:
+    keys: list
+    vectors: np.ndarray
+    errors: list[tuple[object, str]]
+
+
+def embed_rows(rows: Sequence[tuple[object, str]], embedder: Embedder, batch_size: int = 16,
+               workers: int = 1) -> Iterator[EmbeddedBatch]:
+    """Embed ``rows`` of (key, path) in order, ``batch_size`` at a time."""
+    loader = DataLoader(
+        _Decode(rows, embedder.preprocess), batch_size=batch_size, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=4 if workers else None,
+        persistent_workers=False, pin_memory=embedder.device.type == "cuda",
+    )
+    for keys, batch, errors in loader:
+        if batch is None:
+            vectors = np.zeros((0, embedder.dim), np.float32)
+        else:
+            vectors = embedder.embed_tensors(batch.contiguous(memory_format=torch.channels_last))
+        yield EmbeddedBatch(keys, vectors, errors)

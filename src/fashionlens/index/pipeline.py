@@ -1,0 +1,154 @@
+"""``fashionlens index``: catalog reader -> embedding mapper -> chunk writer -> FAISS index.
+
+Resumable by construction: the catalog is first synced into SQLite (idempotent), then only
+``pending`` items are embedded; each chunk file is written before SQLite commits its rows as
+``embedded``, so a kill loses at most one uncommitted chunk, which the next run redoes. Files that
+cannot be decoded are marked ``skipped`` with the reason and listed in ``skipped.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from fashionlens.config import IndexConfig
+from fashionlens.data.catalog import Missing, open_catalog
+from fashionlens.errors import UserError
+from fashionlens.index.catalog_index import CatalogIndex
+from fashionlens.index.embedding import embed_rows
+from fashionlens.models.embedder import Embedder, build_embedder
+
+SYNC_BATCH = 5000
+PAGE = 65536  # pending rows handed to one DataLoader
+
+
+@dataclass
+class IndexReport:
+    added: int = 0
+    changed: int = 0
+    missing: int = 0
+    duplicates: list[str] = field(default_factory=list)
+    embedded: int = 0
+    skipped: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    index: str = ""
+    skipped_report: str = ""
+
+
+class Progress:
+    """What the pipeline tells the user; the CLI gives a rich progress bar."""
+
+    def start(self, total: int, label: str) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def log(self, message: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+def check_embedder(index: CatalogIndex, embedder: Embedder) -> None:
+    """An index holds vectors of one model: refuse to mix models."""
+    recorded = index.store.get_meta("embedder")
+    mine = embedder.describe()
+    if recorded and (recorded["model"], recorded["dim"], recorded.get("letterbox")) != (
+            mine["model"], mine["dim"], mine["letterbox"]):
+        raise UserError(
+            f"{index.folder} holds vectors of {recorded['model']} at {recorded.get('letterbox')} px; "
+            f"this run uses {mine['model']} at {mine['letterbox']} px. Use the same --model, or a new --out"
+        )
+
+
+def sync_catalog(index: CatalogIndex, catalog_path: Path, report: IndexReport, progress: Progress) -> None:
+    source = open_catalog(catalog_path)
+    run = index.store.new_run()
+    progress.log(f"reading {source.describe()}")
+    stream = iter(source)
+    while batch := list(islice(stream, SYNC_BATCH)):
+        items = [x for x in batch if not isinstance(x, Missing)]
+        for miss in (x for x in batch if isinstance(x, Missing)):
+            index.store.record_missing(miss.id, miss.reason, run)
+            report.missing += 1
+        added, changed, dups = index.store.upsert(items, run)
+        report.added += added
+        report.changed += changed
+        report.duplicates += dups
+    if index.store.count() == 0 and report.missing == 0:
+        raise UserError(f"{catalog_path}: the catalog has no items")
+
+
+def embed_pending(index: CatalogIndex, embedder: Embedder, cfg: IndexConfig, report: IndexReport,
+                  progress: Progress) -> None:
+    store = index.store
+    total = store.count("pending")
+    progress.start(total, "embedding")
+    buf_ids: list[int] = []
+    buf_vecs: list[np.ndarray] = []
+    buf_skipped: list[tuple[int, str]] = []
+    started = time.perf_counter()
+
+    def flush() -> None:
+        chunk = store.next_chunk()
+        vecs = np.concatenate(buf_vecs) if buf_vecs else np.zeros((0, embedder.dim), np.float32)
+        index.chunks.write(chunk, np.asarray(buf_ids, np.int64), vecs)
+        store.commit_chunk(chunk, list(buf_ids), list(buf_skipped))
+        report.embedded += len(buf_ids)
+        report.skipped += len(buf_skipped)
+        buf_ids.clear(), buf_vecs.clear(), buf_skipped.clear()
+
+    for page in store.pending(PAGE):
+        for batch in embed_rows(page, embedder, cfg.batch_size, cfg.workers):
+            buf_ids.extend(batch.keys)
+            buf_vecs.append(batch.vectors)
+            buf_skipped.extend(batch.errors)
+            progress.advance(len(batch.keys) + len(batch.errors))
+            if len(buf_ids) + len(buf_skipped) >= cfg.chunk_size:
+                flush()
+    if buf_ids or buf_skipped:
+        flush()
+    progress.stop()
+    report.seconds = time.perf_counter() - started
+    done = report.embedded + report.skipped
+    report.images_per_second = done / report.seconds if report.seconds > 0 and done else 0.0
+
+
+def write_skipped_report(index: CatalogIndex) -> Path:
+    path = index.folder / "skipped.csv"
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "path", "reason"])
+        writer.writerows(index.store.skipped())
+    tmp.replace(path)
+    return path
+
+
+def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress | None = None,
+                embedder: Embedder | None = None) -> IndexReport:
+    """Index (or update, or resume indexing) ``catalog`` into the folder ``out``."""
+    progress = progress or Progress()
+    report = IndexReport()
+    index = CatalogIndex(out, create=True)
+    try:
+        embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device)
+        check_embedder(index, embedder)
+        sync_catalog(index, Path(catalog), report, progress)
+        store = index.store
+        with store.db:
+            store.set_meta("config", {"command": "index", "catalog": str(catalog), **cfg.model_dump()}, commit=False)
+            store.set_meta("embedder", embedder.describe(), commit=False)
+            store.set_meta("index_settings", {k: getattr(cfg, k) for k in ("index_type", "flat_max", "train_sample")},
+                           commit=False)
+        embed_pending(index, embedder, cfg, report, progress)
+        spec = index.refresh(log=progress.log)
+        report.index = spec.factory
+        report.total = store.count("embedded")
+        report.skipped_report = str(write_skipped_report(index))
+        return report
+    finally:
+        index.close()

