@@ -190,3 +190,7 @@ def main() -> None:
         sys.exit(2)
     except __import__("click").exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -49,9 +49,11 @@ class Config(BaseModel):
 class EmbedConfig(Config):
     model: str = Field("lite0", description="'lite0' (offline ImageNet EfficientNet-Lite0) or a timm model name")
     input_size: int | None = Field(None, ge=32, le=1024, description="letterbox size; None = the model's own (224)")
-    batch_size: int = Field(16, ge=1, le=1024, description="images embedded together")
-    workers: int = Field(1, ge=0, le=64, description="image-decoding processes beside the model")
+    batch_size: int = Field(8, ge=1, le=1024, description="images embedded together")
+    workers: int = Field(0, ge=0, le=64, description="image-decoding processes beside the model (0 = decode in the main process)")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    optimize: Literal["auto", "jit", "none"] = Field(
+        "auto", description="inference speed-up: auto = TorchScript freeze on CPU (checked against eager)")
 
 
 class IndexConfig(EmbedConfig):

@@ -135,7 +135,7 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
     report = IndexReport()
     index = CatalogIndex(out, create=True)
     try:
-        embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device)
+        embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)
         check_embedder(index, embedder)
         sync_catalog(index, Path(catalog), report, progress)
         store = index.store

@@ -10,12 +10,12 @@ from fashionlens.index.catalog_index import CatalogIndex, SearchHit
 from fashionlens.models.embedder import Embedder, build_embedder
 
 
-def embedder_for(index: CatalogIndex, device: str = "cpu") -> Embedder:
+def embedder_for(index: CatalogIndex, device: str = "cpu", optimize: str = "auto") -> Embedder:
     """The model that made the index's vectors, as recorded in it."""
     cfg = index.store.get_meta("config")
     if not cfg:
         raise UserError(f"{index.folder}: the index records no model; re-run 'fashionlens index'")
-    return build_embedder(cfg["model"], cfg.get("input_size"), device)
+    return build_embedder(cfg["model"], cfg.get("input_size"), device, optimize=optimize)
 
 
 def load_photos(paths: list[Path], draft_size: int):
@@ -32,9 +32,9 @@ def load_photos(paths: list[Path], draft_size: int):
 class Searcher:
     """An open index with its model loaded: search by photo paths or decoded images."""
 
-    def __init__(self, folder: Path, device: str = "cpu"):
+    def __init__(self, folder: Path, device: str = "cpu", optimize: str = "auto"):
         self.index = CatalogIndex(folder)
-        self.embedder = embedder_for(self.index, device)
+        self.embedder = embedder_for(self.index, device, optimize)
         self.index.load()
 
     def search_images(self, images, k: int = 10) -> list[list[SearchHit]]:

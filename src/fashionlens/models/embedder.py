@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,6 +39,33 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.embed_tensors(torch.stack([self.preprocess(im) for im in images]))
 
+    def optimize(self, mode: str = "auto", batch_size: int = 8) -> str:
+        """Speed up inference; returns the mode used.
+
+        ``jit`` traces and freezes the model with TorchScript, which folds batch norms into the
+        convolutions and picks oneDNN kernels: about 1.6x the eager speed for Lite0 on a 2-core
+        CPU (see docs/BENCHMARKS.md). The traced model is checked against the eager one on a
+        random batch and dropped if they differ. ``auto`` means ``jit`` on CPU, eager elsewhere.
+        """
+        if mode == "auto":
+            mode = "jit" if self.device.type == "cpu" else "none"
+        if mode != "jit":
+            return "none"
+        size = self.preprocess.size
+        probe = torch.randn(batch_size, 3, size, size, device=self.device).contiguous(
+            memory_format=torch.channels_last)
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.freeze(torch.jit.trace(self.model, probe))
+                odd = probe[:3]  # another batch size than the traced one
+                if not torch.allclose(traced(odd), self.model(odd), atol=1e-3, rtol=1e-3):
+                    return "none"
+        except Exception:  # a model TorchScript cannot trace stays eager
+            return "none"
+        self.model = traced
+        return "jit"
+
     def describe(self) -> dict:
         """What an index records about the model that made its vectors."""
         return {"model": self.name, "dim": self.dim, "pooling": "gap", "normalise": "l2",
@@ -45,7 +73,7 @@ class Embedder:
 
 
 def build_embedder(name: str = "lite0", input_size: int | None = None, device: str = "cpu",
-                   pretrained: bool = True) -> Embedder:
+                   pretrained: bool = True, optimize: str = "auto") -> Embedder:
     """The embedder for ``name``: ``lite0`` (offline ImageNet EfficientNet-Lite0) or a timm name.
 
     ``input_size`` defaults to the model's own (224 for Lite0); 227 as in thesis A works too,
@@ -55,4 +83,6 @@ def build_embedder(name: str = "lite0", input_size: int | None = None, device: s
     size = int(input_size or cfg["input_size"][-1])
     canonical = LITE0_TIMM_NAME + " (offline ImageNet weights)" if name.lower() in LITE0_ALIASES else name
     model = model.to(memory_format=torch.channels_last)
-    return Embedder(model, Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"])), canonical, device)
+    embedder = Embedder(model, Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"])), canonical, device)
+    embedder.optimize(optimize)
+    return embedder

@@ -1,0 +1,3 @@
+from fashionlens.cli import main
+
+main()

@@ -1,0 +1,126 @@
+"""Shared fixtures: a tiny synthetic catalog, a tiny (fast) real Embedder, the shared data.
+
+``make_tiny_embedder`` and ``make_catalog`` are plain functions so that a subprocess script can
+import them too (``sys.path.insert(0, tests_dir); from conftest import ...``).
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TESTS_DIR = Path(__file__).resolve().parent
+
+ARTICLE_TYPES = ("Tshirts", "Shirts", "Jeans", "Dresses", "Skirts", "Casual Shoes")
+PATTERNS = ("solid", "hstripes", "vstripes", "checker")
+
+
+def _colour(i: int) -> tuple[int, int, int]:
+    """Distinct colours: walk the RGB cube with co-prime steps."""
+    return ((37 + 97 * i) % 256, (11 + 59 * i) % 256, (151 + 173 * i) % 256)
+
+
+def make_image(path: Path, i: int, size: int = 24) -> Path:
+    """Image number ``i``: a distinct colour, drawn solid or as stripes/checks on black."""
+    arr = np.zeros((size, size, 3), np.uint8)
+    colour = np.array(_colour(i), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    pattern = PATTERNS[(i // 7) % len(PATTERNS)]
+    mask = {
+        "solid": np.ones((size, size), bool),
+        "hstripes": (yy // 4) % 2 == 0,
+        "vstripes": (xx // 4) % 2 == 0,
+        "checker": ((yy // 4) + (xx // 4)) % 2 == 0,
+    }[pattern]
+    arr[mask] = colour
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, quality=95) if path.suffix == ".jpg" else Image.fromarray(arr).save(path)
+    return path
+
+
+def make_catalog(root: Path, n: int = 24, start: int = 0, size: int = 24) -> Path:
+    """``root/styles.csv`` (id,articleType,baseColour) + ``root/images/<id>.jpg``; returns the CSV.
+
+    Ids are zero-padded strings (``item-0007``) so that string handling is visible. Calling it
+    again with a larger ``n`` rewrites the CSV and adds only the missing images.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        item_id = f"item-{i:04d}"
+        image = root / "images" / f"{item_id}.jpg"
+        if i >= start and not image.exists():
+            make_image(image, i, size)
+        rows.append([item_id, ARTICLE_TYPES[i % len(ARTICLE_TYPES)], f"colour{i:02d}"])
+    csv_path = root / "styles.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "articleType", "baseColour"])
+        writer.writerows(rows)
+    return csv_path
+
+
+def make_tiny_embedder(out_channels: int = 8, name: str = "tiny-test", delay: float = 0.0, seed: int = 0):
+    """A real :class:`Embedder` around conv(3->C) + global average pool: milliseconds a batch."""
+    import torch
+    from torch import nn
+
+    from fashionlens.data.transforms import Preprocess
+    from fashionlens.models.embedder import Embedder
+
+    class TinyNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.conv = nn.Conv2d(3, out_channels, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            if delay:
+                time.sleep(delay)
+            return self.pool(self.conv(x)).flatten(1)
+
+    return Embedder(TinyNet(), Preprocess(32, (0.5,) * 3, (0.5,) * 3), name)
+
+
+def all_vectors(index) -> tuple[np.ndarray, np.ndarray]:
+    """(rowids, vectors) of every live item, read back from the committed chunk files."""
+    ids, vecs = [], []
+    for chunk in index.store.chunks():
+        rowids, v = index.chunks.read(chunk)
+        live = np.isin(rowids, list(index.store.live_rowids(rowids.tolist())))
+        ids.append(rowids[live])
+        vecs.append(v[live])
+    return np.concatenate(ids), np.concatenate(vecs)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder():
+    return make_tiny_embedder()
+
+
+@pytest.fixture
+def catalog(tmp_path) -> Path:
+    """A 24-item synthetic catalog folder: styles.csv + images/<id>.jpg."""
+    make_catalog(tmp_path / "catalog", 24)
+    return tmp_path / "catalog"
+
+
+@pytest.fixture
+def index_cfg():
+    from fashionlens.config import IndexConfig
+
+    return IndexConfig(batch_size=8, workers=0, chunk_size=10)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED / "catalog" / "styles.csv").is_file():
+        pytest.skip(f"shared data not found at {SHARED}")
+    return SHARED

@@ -1,0 +1,70 @@
+"""The embedded default model: offline weights mapped onto timm, letterbox preprocessing."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fashionlens.models.backbones import _map_state_dict, create_lite0, lite0_weights_path
+from fashionlens.models.embedder import build_embedder
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def test_lite0_weights_are_in_the_wheel():
+    path = lite0_weights_path()
+    assert path.is_file() and path.stat().st_size > 10_000_000
+
+
+def test_mapping_refuses_a_shape_mismatch():
+    model = create_lite0(pretrained=False)
+    state = {k: v for k, v in model.state_dict().items()}
+    first = next(iter(state))
+    state[first] = torch.zeros(1, 2, 3)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        _map_state_dict(state, model)
+
+
+def test_mapping_refuses_a_missing_tensor():
+    model = create_lite0(pretrained=False)
+    state = dict(list(model.state_dict().items())[:-1])
+    with pytest.raises(RuntimeError, match="tensors"):
+        _map_state_dict(state, model)
+
+
+@pytest.mark.skipif(not (SHARED / "catalog").is_dir(), reason="shared data absent")
+def test_pretrained_lite0_recognises_a_tshirt():
+    """With the weights mapped right, ImageNet's 'jersey, T-shirt' (610) is the top class of
+    catalog T-shirts; a wrong mapping or normalisation gives noise."""
+    import csv
+
+    from fashionlens.data.images import open_image
+
+    model = create_lite0().eval()
+    emb = build_embedder(optimize="none")
+    rows = [r for r in csv.DictReader(open(SHARED / "catalog" / "styles.csv")) if r["articleType"] == "Tshirts"][:8]
+    batch = torch.stack([emb.preprocess(open_image(SHARED / "catalog" / "images" / f"{r['id']}.jpg")) for r in rows])
+    with torch.inference_mode():
+        top = model(batch).argmax(1).tolist()
+    assert sum(t == 610 for t in top) >= 6, top
+
+
+def test_embedder_gives_unit_vectors_and_jit_matches_eager():
+    from PIL import Image
+
+    eager = build_embedder(optimize="none")
+    images = [Image.new("RGB", (120, 60), (200, 30, 30)), Image.new("RGB", (40, 90), (20, 30, 220))]
+    a = eager.embed_images(images)
+    assert a.shape == (2, 1280) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+    assert eager.optimize("jit") == "jit"
+    np.testing.assert_allclose(eager.embed_images(images), a, atol=1e-4)
+    assert eager.describe()["letterbox"] == 224
+
+
+def test_unknown_timm_model_is_a_user_error():
+    from fashionlens.errors import UserError
+
+    with pytest.raises(UserError, match="unknown model"):
+        build_embedder("no_such_model_xyz")
