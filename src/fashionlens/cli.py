@@ -94,7 +94,7 @@ def remove(
     """Remove items from an index by id."""
     from fashionlens.index import CatalogIndex
 
-    idx = CatalogIndex(index_dir)
+    idx = CatalogIndex(index_dir, write=True)
     try:
         unknown = idx.remove(ids)
     finally:

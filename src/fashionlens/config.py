@@ -57,11 +57,12 @@ class EmbedConfig(Config):
 
 
 class IndexConfig(EmbedConfig):
-    chunk_size: int = Field(1024, ge=1, description="vectors per chunk file: the most a kill can lose")
+    chunk_size: int = Field(1024, ge=1, le=30_000, description="vectors per chunk file: the most a kill can lose")
     index_type: Literal["auto", "flat", "hnsw", "ivfpq"] = Field(
         "auto", description="auto = exact up to flat_max items, IVF-PQ above")
     flat_max: int = Field(100_000, ge=1, description="largest catalog searched exactly when auto")
-    train_sample: int = Field(100_000, ge=256, description="vectors sampled to train IVF-PQ")
+    train_sample: int = Field(50_000, ge=256, le=1_000_000,
+                              description="vectors sampled to train IVF-PQ (50,000 x 1,280 floats = 256 MB)")
 
 
 class SearchConfig(Config):

@@ -8,6 +8,7 @@ old or the new generation complete, and an index whose file is gone is rebuilt f
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,23 +35,44 @@ class SearchHit:
 
 
 class CatalogIndex:
-    """Open (or create) the index in ``folder``."""
+    """Open the index in ``folder``, to read (any number of processes) or to write (one).
 
-    def __init__(self, folder: Path, create: bool = False):
+    A writer (``write=True``; ``create=True`` implies it) holds an exclusive lock on
+    ``folder/.lock`` until :meth:`close`, and cleans up files a killed writer left behind.
+    """
+
+    def __init__(self, folder: Path, create: bool = False, write: bool = False):
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"{self.folder}: is a file, not an index folder")
         if not (self.folder / DB_NAME).exists():
             if not create:
                 raise UserError(f"{self.folder}: not a fashionlens index (no {DB_NAME}); "
                                 "make one with 'fashionlens index CATALOG --out DIR'")
             self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = self._acquire_lock() if (create or write) else None
         self.store = CatalogStore(self.folder / DB_NAME)
         self.chunks = ChunkFiles(self.folder / "vectors")
-        self.chunks.remove_orphans(set(self.store.chunks()))
+        if self._lock is not None:
+            self.chunks.remove_orphans(set(self.store.chunks()))
         self._index: faiss.Index | None = None
         self._spec: IndexSpec | None = None
 
+    def _acquire_lock(self):
+        fh = open(self.folder / ".lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise UserError(f"{self.folder}: another fashionlens process is writing this index; "
+                            "wait for it to finish") from None
+        return fh
+
     def close(self) -> None:
         self.store.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- the FAISS structure -----------------------------------------------------------------
     @property
@@ -84,13 +106,13 @@ class CatalogIndex:
         log = log or (lambda msg: None)
         settings = self.store.get_meta("index_settings", {})
         kind, flat_max = settings.get("index_type", "auto"), settings.get("flat_max", 100_000)
-        train_sample = settings.get("train_sample", 100_000)
+        train_sample = settings.get("train_sample", 50_000)
         n_live = self.store.count("embedded")
         dim = self.store.get_meta("embedder", {}).get("dim")
         if dim is None:
             raise UserError(f"{self.folder}: no vectors yet; index a catalog first")
         current = self.spec
-        wanted = choose_spec(n_live, dim, kind, flat_max)
+        wanted = choose_spec(n_live, dim, kind, flat_max, train_sample=train_sample)
         gen = self.store.get_meta("generation", 0)
         if not rebuild and current and self._file(gen).exists() and current.kind == wanted.kind:
             index = self._index or faiss.read_index(str(self._file(gen)))
@@ -100,7 +122,7 @@ class CatalogIndex:
             spec, index, new_chunks = wanted, new_index(wanted), self.store.chunks()
             if not index.is_trained:
                 log(f"training {spec.factory} on up to {train_sample:,} of {n_live:,} vectors")
-                sample = sample_for_training(self._live_chunks(new_chunks), n_live, train_sample)
+                sample = sample_for_training(self._live_chunks(new_chunks), n_live, train_sample, dim)
                 index.train(sample)
                 del sample
             self.store.db.execute("DELETE FROM tombstones")  # a fresh index holds no dead rows

@@ -9,8 +9,8 @@ cannot be decoded are marked ``skipped`` with the reason and listed in ``skipped
 from __future__ import annotations
 
 import csv
+import gc
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -145,6 +145,8 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
             store.set_meta("index_settings", {k: getattr(cfg, k) for k in ("index_type", "flat_max", "train_sample")},
                            commit=False)
         embed_pending(index, embedder, cfg, report, progress)
+        embedder = None  # free the model before the FAISS build, the memory peak of large catalogs
+        gc.collect()
         spec = index.refresh(log=progress.log)
         report.index = spec.factory
         report.total = store.count("embedded")

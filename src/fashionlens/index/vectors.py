@@ -6,7 +6,7 @@ chunk at a time, so no step needs the whole gallery as one matrix in memory.
 
 Index types (``IndexSpec.kind``), chosen by size when ``auto``:
 - ``flat``: exact inner-product search (``IDMap2,Flat``), up to ``flat_max`` vectors;
-- ``ivfpq``: ``IVF{nlist},PQ{m}`` above that (about ``m`` bytes a vector), trained on a sample;
+- ``ivfpq``: ``IVF{nlist},PQ{m}`` (nlist ~ 2 sqrt(n)) above that (about ``m`` bytes a vector), trained on a sample;
 - ``hnsw``: ``IDMap2,HNSW{M},Flat`` on request (fast and exact-ish, but all vectors in memory
   and no removal: removed items are filtered at search time).
 """
@@ -36,7 +36,7 @@ class IndexSpec:
 
 
 def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 100_000,
-                hnsw_m: int = 32, pq_bytes: int = 64) -> IndexSpec:
+                hnsw_m: int = 32, pq_bytes: int = 64, train_sample: int = 50_000) -> IndexSpec:
     """Pick the index for ``n`` vectors of ``dim`` dimensions (``kind`` ``auto`` or forced)."""
     if kind == "auto":
         kind = "flat" if n <= flat_max else "ivfpq"
@@ -45,8 +45,10 @@ def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 100_000,
     if kind == "hnsw":
         return IndexSpec("hnsw", dim, f"IDMap2,HNSW{hnsw_m},Flat", ef_search=128)
     if kind == "ivfpq":
-        # nlist ~ 4 sqrt(n), a power of two; PQ sub-quantisers must divide the dimension.
-        nlist = int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(max(n, 1))))))
+        # nlist ~ 2 sqrt(n), a power of two (faiss wants ~40 training points per list, and the
+        # training sample is capped for memory); PQ sub-quantisers must divide the dimension.
+        nlist = int(2 ** round(math.log2(max(16.0, 2 * math.sqrt(max(n, 1))))))
+        nlist = min(nlist, int(2 ** math.floor(math.log2(max(16, train_sample // 39)))))
         m = max(d for d in range(1, min(pq_bytes, dim) + 1) if dim % d == 0)
         return IndexSpec("ivfpq", dim, f"IVF{nlist},PQ{m}", nprobe=min(nlist, 32))
     raise ValueError(f"unknown index type {kind!r} (auto, flat, hnsw, ivfpq)")
@@ -105,9 +107,17 @@ class ChunkFiles:
 
 
 def sample_for_training(chunks: Iterator[tuple[np.ndarray, np.ndarray]], n_total: int,
-                        n_sample: int, seed: int = 0) -> np.ndarray:
-    """An even random sample of at most ``n_sample`` vectors, read chunk by chunk."""
+                        n_sample: int, dim: int, seed: int = 0) -> np.ndarray:
+    """A uniform random sample of ``min(n_sample, n_total)`` vectors, read chunk by chunk into
+    one preallocated array (no second copy: this array is the largest thing ``index`` holds)."""
     rng = np.random.default_rng(seed)
-    keep = min(1.0, n_sample / max(n_total, 1))
-    parts = [vecs[rng.random(len(vecs)) < keep] for _, vecs in chunks]
-    return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, 1), np.float32)
+    size = min(n_sample, n_total)
+    chosen = np.sort(rng.choice(n_total, size=size, replace=False)) if size else np.zeros(0, np.int64)
+    out = np.empty((size, dim), np.float32)
+    filled = seen = 0
+    for _, vecs in chunks:
+        lo, hi = np.searchsorted(chosen, [seen, seen + len(vecs)])
+        out[filled:filled + hi - lo] = vecs[chosen[lo:hi] - seen]
+        filled += hi - lo
+        seen += len(vecs)
+    return out[:filled]
