@@ -3,7 +3,7 @@
 Runs the real command in a subprocess on a fresh output folder and reads its peak resident
 memory (children included) from the kernel. Usage:
 
-    python benchmarks/index_throughput.py [CATALOG] [--limit N] [-- extra index options]
+    python benchmarks/index_throughput.py [--catalog CATALOG] [--limit N] [fashionlens index options, e.g. --batch-size 1]
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from _common import SHARED, emit
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("catalog", nargs="?", default=str(SHARED / "catalog"))
+    parser.add_argument("--catalog", default=str(SHARED / "catalog"))
     parser.add_argument("--limit", type=int, default=0, help="index only the first N rows of the CSV")
-    parser.add_argument("extra", nargs="*", help="options passed to fashionlens index")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()  # unknown options go to `fashionlens index`
     with tempfile.TemporaryDirectory() as tmp:
         catalog = Path(args.catalog)
         if args.limit:
@@ -40,7 +39,7 @@ def main() -> None:
             catalog = sub
         exe = Path(sys.executable).parent / "fashionlens"
         start = time.perf_counter()
-        proc = subprocess.run([str(exe), "index", str(catalog), "--out", str(Path(tmp) / "idx"), *args.extra],
+        proc = subprocess.run([str(exe), "index", str(catalog), "--out", str(Path(tmp) / "idx"), *extra],
                               capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode:

@@ -61,6 +61,7 @@ def index(
     workers: Annotated[Optional[int], typer.Option(help="decoding processes")] = None,
     index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw or ivfpq")] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
+    optimize: Annotated[Optional[str], typer.Option(help="auto, jit or none")] = None,
 ):
     """Index a catalog: embed every image, store vectors (FAISS) and metadata (SQLite) in --out.
 
@@ -70,7 +71,7 @@ def index(
     from fashionlens.index.pipeline import build_index
 
     cfg = IndexConfig.load(config, model=model, input_size=input_size, batch_size=batch_size,
-                           workers=workers, index_type=index_type, device=device)
+                           workers=workers, index_type=index_type, device=device, optimize=optimize)
     report = build_index(catalog, out_dir, cfg, RichProgress())
     console.print(
         f"[green]indexed[/green] {report.total:,} items in {out_dir} ({report.index}); this run: "
