@@ -10,9 +10,14 @@ import csv
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
+
+import fashionlens.index.catalog_index as catalog_index_mod
+from fashionlens.data.records import Item
+from fashionlens.index import CatalogIndex, vectors
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TESTS_DIR = Path(__file__).resolve().parent
@@ -89,6 +94,12 @@ def make_tiny_embedder(out_channels: int = 8, name: str = "tiny-test", delay: fl
     return Embedder(TinyNet(), Preprocess(32, (0.5,) * 3, (0.5,) * 3), name)
 
 
+def unit(rng, n, dim):
+    """``n`` random unit vectors."""
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def all_vectors(index) -> tuple[np.ndarray, np.ndarray]:
     """(rowids, vectors) of every live item, read back from the committed chunk files."""
     ids, vecs = [], []
@@ -98,6 +109,65 @@ def all_vectors(index) -> tuple[np.ndarray, np.ndarray]:
         ids.append(rowids[live])
         vecs.append(v[live])
     return np.concatenate(ids), np.concatenate(vecs)
+
+
+def synthetic_index(folder: Path, vecs: np.ndarray, index_type="auto", flat_max=100_000, chunk=500,
+                    first=0) -> CatalogIndex:
+    """Add ``vecs`` as items ``v<first+i>`` through the store and chunk API, then refresh."""
+    idx = CatalogIndex(folder, create=True)
+    store = idx.store
+    store.set_meta("embedder", {"model": "synthetic", "dim": vecs.shape[1], "letterbox": 0})
+    store.set_meta("index_settings", {"index_type": index_type, "flat_max": flat_max, "train_sample": 100_000})
+    ids = range(first, first + len(vecs))
+    store.upsert([Item(f"v{i:05d}", Path(f"/fake/{i}.jpg"), {"n": str(i)}) for i in ids], store.new_run())
+    for page in store.pending(chunk):
+        rowids = np.array([r for r, _ in page], np.int64)
+        rows = np.array([int(Path(p).stem) - first for _, p in page])
+        c = store.next_chunk()
+        idx.chunks.write(c, rowids, vecs[rows])
+        store.commit_chunk(c, rowids.tolist(), [])
+    idx.refresh()
+    return idx
+
+
+def brute_force(idx: CatalogIndex, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+    rowids, vecs = all_vectors(idx)
+    scores = queries @ vecs.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    names = idx.store.get_rows(rowids.tolist())
+    return [[names[int(rowids[j])]["id"] for j in row] for row in order], np.take_along_axis(scores, order, 1)
+
+
+def recall(idx: CatalogIndex, queries: np.ndarray, k: int = 10) -> float:
+    truth, _ = brute_force(idx, queries, k)
+    got = idx.search(queries, k)
+    return float(np.mean([len(set(t) & {h.id for h in g}) / k for t, g in zip(truth, got)]))
+
+
+def search_ids(idx, queries, k):
+    return [[h.id for h in hits] for hits in idx.search(queries, k)]
+
+
+def indexed_rowids(idx) -> np.ndarray:
+    return faiss.vector_to_array(idx.load().id_map)
+
+
+@pytest.fixture
+def fast_ivfpq(monkeypatch):
+    """IVF-PQ training within seconds on a shared 2-core machine: one FAISS thread (OpenMP spins
+    against the other processes), and no polysemous training (see test_ivfpq_skips_polysemous_training:
+    the factory string turns it on, it costs minutes and search never uses it)."""
+    def new_index(spec):
+        index = vectors.new_index(spec)
+        if hasattr(index, "do_polysemous_training"):
+            index.do_polysemous_training = False
+        return index
+
+    monkeypatch.setattr(catalog_index_mod, "new_index", new_index)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
