@@ -178,7 +178,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")  # one line, never wrapped
         sys.exit(2)
     except typer.Abort:
         console.print("aborted")

@@ -74,6 +74,17 @@ class CatalogIndex:
             self._lock.close()
             self._lock = None
 
+    def check_embedder(self, described: dict) -> None:
+        """An index holds vectors of one model: refuse another (``Embedder.describe()``)."""
+        recorded = self.store.get_meta("embedder")
+        if recorded and (recorded["model"], recorded["dim"], recorded.get("letterbox")) != (
+                described["model"], described["dim"], described["letterbox"]):
+            raise UserError(
+                f"{self.folder} holds {recorded['dim']}-d vectors of {recorded['model']} at "
+                f"{recorded.get('letterbox')} px; this model is {described['model']} "
+                f"({described['dim']}-d, {described['letterbox']} px). Use the index's own model, or a new --out"
+            )
+
     # -- the FAISS structure -----------------------------------------------------------------
     @property
     def spec(self) -> IndexSpec | None:
@@ -163,6 +174,8 @@ class CatalogIndex:
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
         """Top-``k`` live items for each query vector (unit length, as the embedder gives)."""
         index = self.load()
+        if queries.ndim != 2 or queries.shape[1] != index.d:
+            raise UserError(f"{self.folder}: query vectors have {queries.shape[-1]} dims, the index {index.d}")
         dead = len(self.store.tombstones())
         fetch = min(k + dead, max(index.ntotal, 1))
         scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)

@@ -52,18 +52,6 @@ class Progress:
     def stop(self) -> None: ...
 
 
-def check_embedder(index: CatalogIndex, embedder: Embedder) -> None:
-    """An index holds vectors of one model: refuse to mix models."""
-    recorded = index.store.get_meta("embedder")
-    mine = embedder.describe()
-    if recorded and (recorded["model"], recorded["dim"], recorded.get("letterbox")) != (
-            mine["model"], mine["dim"], mine["letterbox"]):
-        raise UserError(
-            f"{index.folder} holds vectors of {recorded['model']} at {recorded.get('letterbox')} px; "
-            f"this run uses {mine['model']} at {mine['letterbox']} px. Use the same --model, or a new --out"
-        )
-
-
 def sync_catalog(index: CatalogIndex, catalog_path: Path, report: IndexReport, progress: Progress) -> None:
     source = open_catalog(catalog_path)
     run = index.store.new_run()
@@ -136,7 +124,7 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
     index = CatalogIndex(out, create=True)
     try:
         embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)
-        check_embedder(index, embedder)
+        index.check_embedder(embedder.describe())
         sync_catalog(index, Path(catalog), report, progress)
         store = index.store
         with store.db:

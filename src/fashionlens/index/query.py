@@ -15,7 +15,9 @@ def embedder_for(index: CatalogIndex, device: str = "cpu", optimize: str = "auto
     cfg = index.store.get_meta("config")
     if not cfg:
         raise UserError(f"{index.folder}: the index records no model; re-run 'fashionlens index'")
-    return build_embedder(cfg["model"], cfg.get("input_size"), device, optimize=optimize)
+    embedder = build_embedder(cfg["model"], cfg.get("input_size"), device, optimize=optimize)
+    index.check_embedder(embedder.describe())
+    return embedder
 
 
 def load_photos(paths: list[Path], draft_size: int):

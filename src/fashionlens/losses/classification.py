@@ -1,0 +1,117 @@
+"""Classification losses: identity (softmax) loss and multi-head attribute loss.
+
+* :class:`IdentityLoss` - thesis A's ID loss, and the per-stripe identity classifiers of its
+  multi-granularity split (point 6): a list of logits (one per stripe) is averaged.
+* :class:`AttributeLoss` - thesis B's per-attribute heads (and thesis A's "attribute loss"):
+  all heads' logits side by side in one ``(N, total_values)`` tensor, ``slices`` saying
+  which columns belong to which attribute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class IdentityLoss(nn.Module):
+    """Softmax cross-entropy over identity logits; a list of logits gives the mean of their losses.
+
+    Samples whose label is ``ignore_index`` (e.g. mined negatives without an identity class)
+    are left out; if every sample is ignored the loss is 0 (attached to the graph).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100):
+        super().__init__()
+        self.label_smoothing = float(label_smoothing)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
+        heads = [logits] if isinstance(logits, Tensor) else list(logits)
+        if not heads:
+            raise ValueError("IdentityLoss needs at least one logits tensor")
+        labels = torch.as_tensor(labels, device=heads[0].device).reshape(-1).long()
+        if not bool((labels != self.ignore_index).any()):
+            return sum(h.sum() for h in heads) * 0.0
+        losses = [
+            F.cross_entropy(h, labels, label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
+            for h in heads
+        ]
+        return torch.stack(losses).mean()
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}"
+
+
+class AttributeLoss(nn.Module):
+    """Loss of several attribute heads whose logits are concatenated: ``(N, total_values)``.
+
+    ``targets`` ``(N, total_values)``: 1 = y, 0 = n (the caller resolves "maybe"; a NaN left
+    over masks that single value). ``mask`` ``(N, n_attributes)`` bool: whether the attribute is
+    labeled for that image (None = all). ``slices``: the columns of each attribute (given here
+    or to :meth:`forward`).
+
+    * ``mode="sigmoid"`` (thesis B): binary cross-entropy with logits per value, averaged over
+      the attribute's non-NaN values.
+    * ``mode="softmax"``: cross-entropy over the attribute's values, the class being the
+      argmax of its targets (NaN values ignored).
+
+    The result is the mean over the labeled (image, attribute) pairs: each labeled pair
+    counts once; unlabeled attributes (and pairs whose targets are all NaN) contribute nothing
+    and do not count, so an image with no label changes neither the sum nor the count. With
+    no labeled pair at all the loss is 0 (attached to the graph).
+    """
+
+    def __init__(self, mode: Literal["sigmoid", "softmax"] = "sigmoid", slices: Sequence[slice] | None = None):
+        super().__init__()
+        if mode not in ("sigmoid", "softmax"):
+            raise ValueError(f"mode must be 'sigmoid' or 'softmax', got {mode!r}")
+        self.mode = mode
+        self.slices = list(slices) if slices is not None else None
+
+    def forward(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        mask: Tensor | None = None,
+        slices: Sequence[slice] | None = None,
+    ) -> Tensor:
+        slices = list(slices) if slices is not None else self.slices
+        if slices is None:
+            raise ValueError("AttributeLoss needs the attributes' slices (constructor or forward)")
+        if logits.shape != targets.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
+        n = logits.shape[0]
+        if mask is None:
+            mask = torch.ones(n, len(slices), dtype=torch.bool, device=logits.device)
+        mask = mask.to(device=logits.device, dtype=torch.bool)
+        if mask.shape != (n, len(slices)):
+            raise ValueError(f"mask must be (N, n_attributes) = {(n, len(slices))}, got {tuple(mask.shape)}")
+        targets = targets.to(device=logits.device, dtype=logits.dtype)
+
+        total = logits.sum() * 0.0
+        count = 0
+        for a, sl in enumerate(slices):
+            x, t = logits[:, sl], targets[:, sl]
+            known = ~torch.isnan(t)
+            rows = mask[:, a] & known.any(1)
+            if not bool(rows.any()):
+                continue
+            # Select rows first and replace NaN by 0 before the loss: a NaN target would
+            # otherwise give NaN gradients even where the result is masked out.
+            x, t, known = x[rows], torch.where(known[rows], t[rows], torch.zeros_like(t[rows])), known[rows]
+            if self.mode == "sigmoid":
+                per_value = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+                per_pair = (per_value * known).sum(1) / known.sum(1)
+            else:
+                scores = torch.where(known, t, torch.full_like(t, float("-inf")))
+                per_pair = F.cross_entropy(x, scores.argmax(1), reduction="none")
+            total = total + per_pair.sum()
+            count += int(rows.sum())
+        return total / count if count else total
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"

@@ -1,0 +1,115 @@
+"""Training augmentations (thesis A): shapes, exact flips, erasing geometry, identity at p = 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from fashionlens.data.augment import AugmentConfig, RandomSideErasing, TrainPreprocess, build_train_augment
+
+OFF = {"hflip": 0, "rot180": 0, "rotate": 0, "color": 0, "erase": 0}
+
+
+def _img(dtype=torch.float32, h=48, w=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, h, w, generator=g) * 0.9 + 0.05  # no exact zeros
+    return (x * 255).to(torch.uint8) if dtype == torch.uint8 else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_shape_and_dtype_preserved(dtype):
+    aug = build_train_augment({"hflip": 1, "rot180": 1, "rotate": 1, "color": 1, "erase": 1})
+    x = _img(dtype)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        y = aug(x)
+        assert y.shape == x.shape and y.dtype == dtype
+    torch.manual_seed(0)
+    default = build_train_augment(None)(x)
+    assert default.shape == x.shape and default.dtype == dtype
+
+
+def test_all_zero_is_identity():
+    aug = build_train_augment(OFF)
+    x = _img()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        assert torch.equal(aug(x), x)
+
+
+def test_flip_p1_is_torch_flip():
+    x = _img()
+    assert torch.equal(build_train_augment({**OFF, "hflip": 1})(x), torch.flip(x, dims=(-1,)))
+
+
+def test_rot180_p1_is_rot180():
+    x = _img()
+    assert torch.equal(build_train_augment({**OFF, "rot180": 1})(x), torch.rot90(x, 2, dims=(-2, -1)))
+
+
+def test_small_rotation_keeps_centre():
+    x = torch.zeros(3, 41, 41)
+    x[:, 15:26, 15:26] = 1.0
+    torch.manual_seed(0)
+    y = build_train_augment({**OFF, "rotate": 1, "rotate_degrees": 10})(x)
+    assert torch.allclose(y[:, 18:23, 18:23], torch.ones(3, 5, 5))
+    assert not torch.equal(y, x)
+
+
+def test_color_changes_values_within_range():
+    x = _img()
+    torch.manual_seed(1)
+    y = build_train_augment({**OFF, "color": 1})(x)
+    assert not torch.equal(y, x) and y.min() >= 0 and y.max() <= 1
+
+
+@pytest.mark.parametrize("h,w", [(48, 64), (227, 227), (100, 37)])
+def test_erasing_rectangle_sides_and_fill(h, w):
+    aug = build_train_augment({**OFF, "erase": 1})
+    x = _img(h=h, w=w)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        y = aug(x)
+        zero = (y == 0).all(0)
+        assert torch.equal(y[:, ~zero], x[:, ~zero])  # nothing else changed
+        rows = zero.any(1).nonzero().flatten()
+        cols = zero.any(0).nonzero().flatten()
+        eh, ew = len(rows), len(cols)
+        assert int(zero.sum()) == eh * ew  # a filled rectangle
+        assert rows[-1] - rows[0] + 1 == eh and cols[-1] - cols[0] + 1 == ew
+        assert math.ceil(h / 16) <= eh <= max(1, h // 8)
+        assert math.ceil(w / 16) <= ew <= max(1, w // 8)
+
+
+def test_erasing_probability():
+    erase = RandomSideErasing(p=0.5)
+    x = _img()
+    torch.manual_seed(0)
+    hits = sum(bool((erase(x) == 0).any()) for _ in range(200))
+    assert 70 < hits < 130
+    assert torch.equal(RandomSideErasing(p=0.0)(x), x)
+
+
+def test_config_validation_and_defaults():
+    cfg = AugmentConfig()
+    assert (cfg.hflip, cfg.rot180, cfg.rotate, cfg.color, cfg.erase) == (0.5, 0.1, 0.3, 0.5, 0.5)
+    assert cfg.rotate_degrees == 10 and cfg.brightness == cfg.contrast == 0.2
+    assert (cfg.erase_min, cfg.erase_max) == (1 / 16, 1 / 8)
+    with pytest.raises(ValueError):
+        AugmentConfig(hflip=1.5)
+    with pytest.raises(ValueError):
+        AugmentConfig(flip=0.5)
+
+
+def test_train_preprocess_matches_eval_layout():
+    from fashionlens.data.transforms import Preprocess
+
+    img = Image.new("RGB", (30, 20), (200, 100, 50))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    train = TrainPreprocess(32, mean, std, augment=OFF)(img)
+    evaluation = Preprocess(32, mean, std)(img)
+    assert train.shape == evaluation.shape == (3, 32, 32)
+    assert torch.allclose(train, evaluation, atol=1e-5)
