@@ -114,12 +114,13 @@ def search(
     config: ConfigOpt = None,
 ):
     """Search the catalog by photo; several photos are embedded as one batch."""
-    from fashionlens.index.query import Searcher
+    from fashionlens.index.query import DRAFT_SIZE, Searcher, load_photos
 
     cfg = SearchConfig.load(config, k=k)
+    images = load_photos(photos, DRAFT_SIZE)  # bad photos fail before the model loads
     searcher = Searcher(index_dir)
     try:
-        results = searcher.search_paths(photos, cfg.k, cfg.batch_size)
+        results = searcher.search_images(images, cfg.k, cfg.batch_size)
     finally:
         searcher.close()
     if as_json:

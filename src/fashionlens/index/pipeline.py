@@ -53,7 +53,7 @@ class Progress:
 
 
 def sync_catalog(index: CatalogIndex, catalog_path: Path, report: IndexReport, progress: Progress) -> None:
-    source = open_catalog(catalog_path)
+    source = open_catalog(catalog_path)  # checked again here: the caller may pass any path
     run = index.store.new_run()
     progress.log(f"reading {source.describe()}")
     stream = iter(source)
@@ -121,6 +121,7 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
     """Index (or update, or resume indexing) ``catalog`` into the folder ``out``."""
     progress = progress or Progress()
     report = IndexReport()
+    open_catalog(catalog)  # a bad catalog path fails before any folder is made or model loaded
     index = CatalogIndex(out, create=True)
     try:
         embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)

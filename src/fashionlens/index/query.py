@@ -10,6 +10,10 @@ from fashionlens.index.catalog_index import CatalogIndex, SearchHit
 from fashionlens.models.embedder import Embedder, build_embedder
 
 
+# JPEGs are decoded at reduced scale down to this size at least (>= any input size we use).
+DRAFT_SIZE = 512
+
+
 def embedder_for(index: CatalogIndex, device: str = "cpu", optimize: str = "auto") -> Embedder:
     """The model that made the index's vectors, as recorded in it."""
     cfg = index.store.get_meta("config")
@@ -39,15 +43,14 @@ class Searcher:
         self.embedder = embedder_for(self.index, device, optimize)
         self.index.load()
 
-    def search_images(self, images, k: int = 10) -> list[list[SearchHit]]:
-        return self.index.search(self.embedder.embed_images(images), k)
-
-    def search_paths(self, paths: list[Path], k: int = 10, batch_size: int = 16) -> list[list[SearchHit]]:
-        images = load_photos(paths, self.embedder.preprocess.size)
+    def search_images(self, images, k: int = 10, batch_size: int = 16) -> list[list[SearchHit]]:
         results = []
         for start in range(0, len(images), batch_size):
-            results += self.search_images(images[start:start + batch_size], k)
+            results += self.index.search(self.embedder.embed_images(images[start:start + batch_size]), k)
         return results
+
+    def search_paths(self, paths: list[Path], k: int = 10, batch_size: int = 16) -> list[list[SearchHit]]:
+        return self.search_images(load_photos(paths, self.embedder.preprocess.size), k, batch_size)
 
     def close(self) -> None:
         self.index.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,8 +102,10 @@ class ChunkFiles:
         """Delete chunk files that no committed chunk refers to (left by a killed run)."""
         removed = 0
         for path in self.folder.glob("chunk-*"):
-            stem = path.name.split(".")[0]
-            if path.name.endswith(".tmp") or int(stem.split("-")[1]) not in known:
+            match = re.fullmatch(r"chunk-(\d+)(?:\.ids)?\.npy(\.tmp)?", path.name)
+            if match is None:  # not ours: leave it alone
+                continue
+            if match.group(2) or int(match.group(1)) not in known:
                 path.unlink()
                 removed += 1
         return removed
