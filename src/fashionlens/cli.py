@@ -165,10 +165,12 @@ def info(index_dir: Annotated[Path, typer.Argument(help="index folder")]):
 
 
 def _register_subcommands() -> None:
-    from fashionlens.cli_evaluate import evaluate_app, demo
+    from fashionlens.cli_evaluate import demo, evaluate_app
+    from fashionlens.cli_train import train_command
 
     app.add_typer(evaluate_app, name="evaluate")
     app.command()(demo)
+    app.command("train")(train_command)
 
 
 _register_subcommands()

@@ -15,20 +15,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fashionlens.errors import UserError
 
 
+def read_yaml_mapping(path: Path | str) -> dict:
+    """A YAML config file as a dict, or a one-line UserError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{path}: cannot read the YAML config ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config must be a mapping of settings")
+    return data
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides):
         """Defaults, then the YAML file (if any), then command-line values that are not None."""
-        data: dict = {}
-        if path is not None:
-            try:
-                data = yaml.safe_load(Path(path).read_text()) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise UserError(f"{path}: cannot read the YAML config ({exc})") from None
-            if not isinstance(data, dict):
-                raise UserError(f"{path}: the config must be a mapping of settings")
+        data = read_yaml_mapping(path) if path is not None else {}
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,14 +75,27 @@ class Embedder:
 
 def build_embedder(name: str = "lite0", input_size: int | None = None, device: str = "cpu",
                    pretrained: bool = True, optimize: str = "auto") -> Embedder:
-    """The embedder for ``name``: ``lite0`` (offline ImageNet EfficientNet-Lite0) or a timm name.
+    """The embedder for ``name``: ``lite0`` (offline ImageNet EfficientNet-Lite0), a timm name,
+    or a checkpoint folder written by ``fashionlens train``.
 
     ``input_size`` defaults to the model's own (224 for Lite0); 227 as in thesis A works too,
     any backbone here being fully convolutional with global pooling.
     """
+    from fashionlens.models.builder import EmbeddingOnly, is_checkpoint, load_checkpoint
+
+    if is_checkpoint(name):  # a model trained by `fashionlens train`
+        trained, model_cfg, _ = load_checkpoint(name, device)
+        model, cfg = EmbeddingOnly(trained), trained.data_config  # set by build_model
+        size = int(input_size or model_cfg.input_size or cfg["input_size"][-1])
+        canonical = f"checkpoint {Path(name).resolve()}"
+        return _finish(model, size, cfg, canonical, device, optimize)
     model, cfg = create_backbone(name, pretrained=pretrained)
     size = int(input_size or cfg["input_size"][-1])
     canonical = LITE0_TIMM_NAME + " (offline ImageNet weights)" if name.lower() in LITE0_ALIASES else name
+    return _finish(model, size, cfg, canonical, device, optimize)
+
+
+def _finish(model: nn.Module, size: int, cfg: dict, canonical: str, device: str, optimize: str) -> Embedder:
     model = model.to(memory_format=torch.channels_last)
     embedder = Embedder(model, Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"])), canonical, device)
     embedder.optimize(optimize)

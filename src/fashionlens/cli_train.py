@@ -1,0 +1,87 @@
+"""``fashionlens train CONFIG.yaml [--set a.b=value ...] [--out DIR] [--epochs N]``.
+
+Registered by ``fashionlens.cli`` (``app.command("train")(train_command)``). Under torchrun
+(``python -m torch.distributed.run --nproc_per_node 2 -m fashionlens train ...``) every
+process runs it; only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from fashionlens.training.config import TrainConfig
+
+
+class _RichTrainProgress:
+    """Progress bar per epoch and one line per finished epoch, on stderr."""
+
+    def __init__(self):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        kind = event["event"]
+        if kind == "start":
+            self.console.print(
+                f"[bold]training[/bold] epochs {event['start_epoch']}..{event['epochs']}, {event['batches']} batches each, "
+                f"{event['train_images']} images / {event['train_identities']} identities "
+                f"(validation {event['val_images']} / {event['val_identities']}), device {event['device']}"
+                + (f", {event['world_size']} processes" if event["world_size"] > 1 else ""))
+            dropped = {k: v for k, v in event["dropped"].items() if v}
+            if dropped:
+                self.console.print(f"[dim]dropped: {dropped}[/dim]")
+        elif kind == "step":
+            if self.bar is None:
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=self.console)
+                self.bar.start()
+                self.task = self.bar.add_task(f"epoch {event['epoch']}", total=event["batches"], loss="")
+            self.bar.update(self.task, completed=event["batch"], loss=f"{event['loss']:.4f}")
+        elif kind == "epoch":
+            self.stop()
+            fmt = lambda v: "-" if v in (None, "") else f"{float(v):.3f}"  # noqa: E731
+            self.console.print(
+                f"epoch {event['epoch']}: loss {fmt(event['loss'])} (triplet {fmt(event['triplet'])}, "
+                f"identity {fmt(event['identity'])}, positive triplets {fmt(event['positive_fraction'])}) "
+                f"val top-1 {fmt(event.get('val_top1'))} top-4 {fmt(event.get('val_top4'))} "
+                f"[dim]{event['seconds']:.0f} s, {fmt(event['images_per_second'])} img/s[/dim]")
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def train_command(
+    config: Annotated[Path, typer.Argument(help="YAML file with the training settings")],
+    set_: Annotated[list[str], typer.Option("--set", help="override a setting: --set model.neck.dim=128 (repeatable)")] = [],  # noqa: B006
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (overrides 'out')")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="total epochs (overrides 'epochs')")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="torch device (overrides 'device')")] = None,
+) -> None:
+    from fashionlens.training import load_train_config, train
+
+    cfg = load_train_config(config, list(set_), out=str(out) if out is not None else None, epochs=epochs, device=device)
+    progress = _RichTrainProgress() if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        row = train(cfg, progress=progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if progress is not None:
+        progress.console.print(f"run folder: {cfg.out} (metrics.csv, curves.png, last/, best/); "
+                               f"last epoch {row.get('epoch', '-')}")
+
+
+train_command.__doc__ = (
+    "Train a retrieval model with the batch-all triplet loss on P x K batches (thesis A), "
+    "validating top-1/top-4 hit rate on held-out identities every epoch. Resumes from OUT/last "
+    "when it exists.\n\nSettings (YAML keys; nested ones with --set a.b=value):\n\n" + TrainConfig.help_text())

@@ -1,0 +1,105 @@
+"""Training settings: :class:`TrainConfig`, loadable from YAML with ``--set a.b=value`` overrides."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field
+
+from fashionlens.config import Config, read_yaml_mapping
+from fashionlens.errors import UserError
+from fashionlens.models.builder import ModelConfig
+
+
+class TrainConfig(Config):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model to train (see ModelConfig); "
+                               "num_identities is set by the trainer when the identity loss is on")
+    # data
+    catalog: str = Field(..., description="catalog CSV / folder (open_catalog) with the identity columns")
+    identity_columns: list[str] = Field(["articleType", "baseColour", "gender"], min_length=1,
+                                        description="metadata columns whose values, joined with '|', make an identity")
+    min_images_per_identity: int = Field(2, ge=2, description="identities with fewer images are dropped")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of identities held out for validation")
+    max_val_images: int = Field(1000, ge=2, description="validation uses at most this many held-out images")
+    # sampler
+    p: int = Field(7, ge=2, description="identities per batch")
+    k: int = Field(10, ge=2, description="images per identity in a batch")
+    # optimisation
+    epochs: int = Field(10, ge=1, description="total epochs (a resumed run continues up to this number)")
+    lr: float = Field(3e-4, gt=0, description="learning rate")
+    weight_decay: float = Field(5e-4, ge=0, description="weight decay")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam = torch AdamW (decoupled weight decay); sgd = SGD with momentum 0.9")
+    batches_per_epoch: int | None = Field(None, ge=1, description="batches per epoch (per process); None = one pass over the identities")
+    # loss
+    triplet: float = Field(1.0, ge=0, description="weight of the batch-all triplet loss")
+    identity: float = Field(0.0, ge=0, description="weight of the identity (softmax) loss; > 0 adds an identity head")
+    margin: float = Field(0.2, ge=0, description="triplet margin (Euclidean distance on L2-normalised embeddings)")
+    reducer: Literal["all", "nonzero"] = Field("all", description="mean over all valid triplets (thesis) or the non-zero ones")
+    augment: dict | None = Field(None, description="AugmentConfig fields (None = thesis defaults)")
+    # run
+    out: str = Field("runs/train", description="run folder: metrics.csv, curves.png, config.yaml, last/, best/")
+    device: str = Field("cpu", description="torch device: cpu, cuda (DDP: cuda:LOCAL_RANK)")
+    amp: bool = Field(True, description="bfloat16 autocast (CUDA only)")
+    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    seed: int = Field(0, description="seed of the split, the sampler, the initialisation and augmentation")
+
+    @classmethod
+    def help_text(cls) -> str:
+        """The settings for ``--help``; the model's as ``model.<name>``, required ones marked."""
+        lines = []
+        for name, f in cls.model_fields.items():
+            if name == "model":
+                lines += [f"model.{n} = {mf.default!r}: {mf.description or ''}"
+                          for n, mf in ModelConfig.model_fields.items()]
+            else:
+                default = "(required)" if f.is_required() else repr(f.default)
+                lines.append(f"{name} = {default}: {f.description or ''}")
+        return "\n\n".join(lines)
+
+
+def _set_path(data: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    if not all(keys):
+        raise UserError(f"--set {dotted!r}: empty key")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif hasattr(child, "model_dump"):
+            child = node[key] = child.model_dump()
+        elif not isinstance(child, dict):
+            raise UserError(f"--set {dotted!r}: {key!r} is a value, not a group of settings")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """A copy of ``data`` with each ``"a.b.c=value"`` applied (value parsed by yaml.safe_load:
+    ``128`` -> int, ``true`` -> bool, ``[a, b]`` -> list, ``null`` -> None)."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. model.neck.dim=128")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {item!r}: cannot parse the value ({exc})") from None
+        _set_path(out, key.strip(), value)
+    return out
+
+
+def load_train_config(path: str | Path | None = None, sets: list[str] | None = None, **overrides) -> TrainConfig:
+    """Defaults -> YAML file (if any) -> ``--set`` overrides -> keyword overrides that are not None."""
+    data = read_yaml_mapping(path) if path is not None else {}
+    if isinstance(data.get("model", {}), dict):
+        # the model's defaults first, so that --set model.neck.dim=128 edits the default neck
+        # (a neck given in the YAML still replaces the default neck as a whole)
+        data["model"] = {**ModelConfig().model_dump(mode="json"), **(data.get("model") or {})}
+    data = apply_overrides(data, sets or [])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.load(None, **data)

@@ -1,0 +1,275 @@
+"""The training loop: P x K batches, batch-all triplet (+ identity) loss, per-epoch validation.
+
+Run folder ``cfg.out``: ``config.yaml`` (the run's settings), ``metrics.csv`` (one row per
+epoch), ``curves.png``, ``last/`` (every epoch) and ``best/`` (best ``val_top1``) checkpoints.
+A checkpoint is :func:`save_checkpoint`'s folder plus ``optimizer.safetensors`` (the
+optimizer state flattened to ``state.<param>.<name>`` tensors; ``param_groups`` go to the
+checkpoint's JSON ``extra``): no pickle anywhere.
+
+Resume: when ``out/last`` exists, training continues from the epoch after it (rows of later
+epochs in ``metrics.csv`` are dropped first). Every epoch reseeds torch with (seed, epoch,
+rank) and the sampler with (seed, epoch), so a resumed run draws what an uninterrupted
+one would.
+
+DDP: when ``torch.distributed`` is initialised, or ``WORLD_SIZE`` > 1 (torchrun), each
+process trains on its share of the batches (nccl on CUDA, gloo on CPU); rank 0 validates and
+writes every file. Logged losses are rank 0's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from fashionlens.data.augment import TrainPreprocess
+from fashionlens.data.sampler import PKSampler
+from fashionlens.data.transforms import Preprocess
+from fashionlens.errors import UserError
+from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
+from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
+from fashionlens.training.config import TrainConfig
+from fashionlens.training.data import IdentityDataset, make_split
+
+COLUMNS = ["epoch", "step", "loss", "triplet", "identity", "valid_triplets", "positive_fraction",
+           "val_top1", "val_top4", "seconds", "images_per_second"]
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool, str]:
+    """(rank, world_size, whether we initialised the group, device)."""
+    device, owned = cfg.device, False
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        owned = True
+    if not dist.is_initialized():
+        return 0, 1, False, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), owned, device
+
+
+def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def save_optimizer(folder: Path, opt: torch.optim.Optimizer) -> list:
+    """Write the optimizer's tensors to ``folder/optimizer.safetensors``; returns its param_groups."""
+    state = opt.state_dict()
+    tensors = {f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for idx, entry in state["state"].items() for name, v in entry.items() if v is not None}
+    tmp = folder / (OPTIMIZER_FILE + f".tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / OPTIMIZER_FILE)
+    return state["param_groups"]
+
+
+def load_optimizer(folder: Path, opt: torch.optim.Optimizer, param_groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(folder / OPTIMIZER_FILE)).items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+@torch.no_grad()
+def validate(model, dataset: IdentityDataset, device: str, batch_size: int = 64, ks=(1, 4)) -> dict:
+    """Top-k hit rate of every val image against the other val images (cosine, brute force)."""
+    if len(set(dataset.labels)) < 2:
+        return {f"val_top{k}": None for k in ks}
+    was_training = model.training
+    model.eval()
+    embs = [model.embed(x.to(device)).float().cpu() for x, _ in DataLoader(dataset, batch_size=batch_size)]
+    model.train(was_training)
+    e = torch.nn.functional.normalize(torch.cat(embs), dim=1)
+    labels = torch.as_tensor(dataset.labels)
+    sim = e @ e.T
+    sim.fill_diagonal_(float("-inf"))
+    top = sim.topk(min(max(ks), len(labels) - 1), dim=1).indices
+    hits = labels[top] == labels[:, None]
+    return {f"val_top{k}": round(float(hits[:, :k].any(1).float().mean()), 6) for k in ks}
+
+
+def _read_rows(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [row for row in csv.DictReader(fh) if int(row["epoch"]) <= upto_epoch]
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in COLUMNS} for r in rows)
+    os.replace(tmp, path)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(name):
+        pts = [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    for name in ("loss", "triplet", "identity"):
+        x, y = series(name)
+        if x:
+            ax1.plot(x, y, marker="o", label=name)
+    ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax1.legend()
+    for name in ("val_top1", "val_top4"):
+        x, y = series(name)
+        if x:
+            ax2.plot(x, y, marker="o", label=name)
+    ax2.set(xlabel="epoch", ylabel="hit rate", title="validation", ylim=(0, 1))
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def train(cfg: TrainConfig, progress=None) -> dict:
+    """Train (or resume) the run of ``cfg``; returns the last epoch's metrics row.
+
+    ``progress(event: dict)`` is called on rank 0 with ``{"event": "start", ...}``,
+    ``{"event": "step", "epoch", "batch", "batches", "loss"}`` and ``{"event": "epoch", **row}``.
+    """
+    rank, world, owned, device = _setup_distributed(cfg)
+    try:
+        return _train(cfg, progress if rank == 0 else None, rank, world, device)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> dict:
+    out = Path(cfg.out)
+    last_dir, best_dir = out / "last", out / "best"
+    emit = progress or (lambda event: None)
+    split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity,
+                       cfg.val_fraction, cfg.seed, cfg.max_val_images)
+    if len(split.train_identities) < cfg.p:
+        raise UserError(f"{len(split.train_identities)} training identities, fewer than p={cfg.p}")
+    model_cfg = cfg.model.model_copy(update={"num_identities": len(split.train_identities) if cfg.identity > 0 else None})
+
+    start_epoch, step, best, extra = 1, 0, float("-inf"), {}
+    torch.manual_seed(cfg.seed)
+    if is_checkpoint(last_dir):
+        model, saved_cfg, extra = load_checkpoint(last_dir)
+        mine = model_cfg.model_dump(exclude={"pretrained"})
+        if saved_cfg.model_dump(exclude={"pretrained"}) != mine:
+            raise UserError(f"{last_dir}: trained with a different model config; choose a new out folder")
+        start_epoch, step = int(extra["epoch"]) + 1, int(extra["step"])
+        best = float("-inf") if extra.get("best_top1") is None else float(extra["best_top1"])
+    else:
+        model, _ = build_model(model_cfg)
+    data_cfg = model.data_config
+    size, mean, std = int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"]
+    model.to(device).train()
+    optimizer = _optimizer(cfg, model)
+    if extra:
+        load_optimizer(last_dir, optimizer, extra["optimizer_param_groups"])
+    net = DistributedDataParallel(model) if world > 1 else model
+
+    train_ds = IdentityDataset(split.train, TrainPreprocess(size, mean, std, cfg.augment))
+    val_ds = IdentityDataset(split.val, Preprocess(size, mean, std))
+    sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, rank=rank, world_size=world)
+    loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=device.startswith("cuda"), persistent_workers=cfg.workers > 0)
+    triplet_loss = BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
+    id_loss, weighted = IdentityLoss(), WeightedSum({"triplet": cfg.triplet, "identity": cfg.identity})
+    use_amp = cfg.amp and device.startswith("cuda")
+
+    rows = _read_rows(out / "metrics.csv", start_epoch - 1)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    emit({"event": "start", "start_epoch": start_epoch, "epochs": cfg.epochs, "batches": len(sampler),
+          "train_images": len(train_ds), "train_identities": len(split.train_identities),
+          "val_images": len(val_ds), "val_identities": len(split.val_identities), "dropped": split.dropped,
+          "world_size": world, "device": device})
+    row: dict = rows[-1] if rows else {}
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
+        sampler.set_epoch(epoch)
+        sums = {"loss": 0.0, "triplet": 0.0, "identity": 0.0, "valid_triplets": 0.0, "positive_fraction": 0.0}
+        n_batches = n_images = 0
+        t0 = time.perf_counter()
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                outputs = net(images)
+            terms = {}
+            if cfg.triplet > 0:
+                terms["triplet"] = triplet_loss(outputs["embedding"].float(), labels)
+            if cfg.identity > 0:
+                terms["identity"] = id_loss(outputs["id_logits"].float(), labels)
+            loss, values = weighted(terms)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"epoch {epoch}: the loss is {float(loss)}; lower lr?")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n_batches += 1
+            n_images += len(labels) * world
+            sums["loss"] += values["total"]
+            for name in ("triplet", "identity"):
+                sums[name] += values.get(name, 0.0)
+            for name in ("valid_triplets", "positive_fraction"):
+                sums[name] += float(triplet_loss.last_stats.get(name, 0.0)) if cfg.triplet > 0 else 0.0
+            emit({"event": "step", "epoch": epoch, "batch": n_batches, "batches": len(sampler), "loss": values["total"]})
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "step": step, **{k: round(v / max(n_batches, 1), 6) for k, v in sums.items()},
+               "seconds": round(seconds, 3), "images_per_second": round(n_images / seconds, 2) if seconds else None}
+        if rank == 0:
+            row.update(validate(model, val_ds, device))
+            rows.append(row)
+            _write_rows(out / "metrics.csv", rows)
+            plot_curves(rows, out / "curves.png")
+            improved = row["val_top1"] is not None and row["val_top1"] > best
+            best = row["val_top1"] if improved else best
+            ckpt_extra = {"epoch": epoch, "step": step, "metrics": row, "best_top1": None if best == float("-inf") else best,
+                          "data_config": data_cfg, "train_identities": split.train_identities}
+            ckpt_extra["optimizer_param_groups"] = save_optimizer(last_dir.mkdir(parents=True, exist_ok=True) or last_dir, optimizer)
+            save_checkpoint(last_dir, model, model_cfg, ckpt_extra)
+            if improved:
+                save_checkpoint(best_dir, model, model_cfg, ckpt_extra)
+            emit({"event": "epoch", **row})
+        if world > 1:
+            dist.barrier()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fashionlens.training.trainer CONFIG.yaml [a.b=value ...]`` (also under torchrun)."""
+    import sys
+
+    from fashionlens.training.config import load_train_config
+
+    args = sys.argv[1:] if argv is None else argv
+    row = train(load_train_config(args[0], args[1:]))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
