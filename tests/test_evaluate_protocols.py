@@ -82,3 +82,14 @@ def test_label_mapping_reader(tmp_path):
     path.write_text("label,catalog_article_types\n")
     with pytest.raises(UserError, match="empty"):
         read_label_mapping(path)
+
+
+def test_interleave_by_category_keeps_every_query_once():
+    from fashionlens.data.records import Item
+    from fashionlens.evaluation.protocols import Relevance, interleave_by_category
+
+    items = [Item(f"{c}{i}", Path(f"{c}{i}.jpg"), {"label": c}) for c, n in (("a", 3), ("b", 1), ("c", 2))
+             for i in range(n)]
+    order = interleave_by_category(items, lambda it: Relevance(it.metadata["label"], "x", frozenset()))
+    assert [it.id for it in order] == ["a0", "b0", "c0", "a1", "c1", "a2"]
+    assert interleave_by_category([], lambda it: None) == []

@@ -52,6 +52,19 @@ def read_label_mapping(path: Path) -> dict[str, frozenset[str]]:
     return mapping
 
 
+def interleave_by_category(queries: Sequence[Item], relevance: Callable[[Item], Relevance]) -> list[Item]:
+    """Queries taken round-robin across categories, keeping each category's order.
+
+    Metrics do not depend on the order; the HTML page shows the first ``max_html`` queries,
+    which this way cover every category instead of the first few folders.
+    """
+    groups: dict[str, list[Item]] = {}
+    for q in queries:
+        groups.setdefault(relevance(q).category, []).append(q)
+    lists = list(groups.values())
+    return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
+
+
 def run_queries(index: CatalogIndex, embedder: Embedder, queries: Sequence[Item],
                 relevance: Callable[[Item], Relevance], out: Path, ks: Sequence[int], title: str,
                 batch_size: int = 16, workers: int = 1, max_html: int = 200,
@@ -63,6 +76,7 @@ def run_queries(index: CatalogIndex, embedder: Embedder, queries: Sequence[Item]
     html = HtmlReport(out / "report.html", title, max_queries=max_html)
     n_relevant_cache: dict[tuple[str, frozenset[str]], int] = {}
     unreadable = []
+    queries = interleave_by_category(queries, relevance)
     rows = [(i, str(q.path)) for i, q in enumerate(queries)]
     for batch in embed_rows(rows, embedder, batch_size, workers):
         unreadable += [(str(queries[i].path), err) for i, err in batch.errors]
