@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from _common import emit, percentile
 
+from fashionlens.data.catalog import open_catalog
 from fashionlens.index.catalog_index import CatalogIndex
 from fashionlens.index.pipeline import IndexReport, Progress, sync_catalog
 
@@ -51,7 +52,7 @@ def main() -> None:
                 w.writerow([f"sku{i:08d}", str(image), ("Tshirts", "Jeans", "Dresses")[i % 3], "Blue"])
         index = CatalogIndex(Path(tmp) / "idx", create=True)
         t0 = time.perf_counter()
-        sync_catalog(index, catalog, IndexReport(), Progress())
+        sync_catalog(index, open_catalog(catalog), IndexReport(), Progress())
         t_sync = time.perf_counter() - t0
         store = index.store
         store.set_meta("embedder", {"model": "random", "dim": args.dim, "letterbox": 0})

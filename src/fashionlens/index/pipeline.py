@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fashionlens.config import IndexConfig
-from fashionlens.data.catalog import Missing, open_catalog
+from fashionlens.data.catalog import CatalogSource, Missing, open_catalog
 from fashionlens.errors import UserError
 from fashionlens.index.catalog_index import CatalogIndex
 from fashionlens.index.embedding import embed_rows
@@ -52,8 +52,8 @@ class Progress:
     def stop(self) -> None: ...
 
 
-def sync_catalog(index: CatalogIndex, catalog_path: Path, report: IndexReport, progress: Progress) -> None:
-    source = open_catalog(catalog_path)  # checked again here: the caller may pass any path
+def sync_catalog(index: CatalogIndex, source: CatalogSource, report: IndexReport, progress: Progress) -> None:
+    """Stream the catalog into SQLite (idempotent): new items, changed paths, missing images."""
     run = index.store.new_run()
     progress.log(f"reading {source.describe()}")
     stream = iter(source)
@@ -67,7 +67,7 @@ def sync_catalog(index: CatalogIndex, catalog_path: Path, report: IndexReport, p
         report.changed += changed
         report.duplicates += dups
     if index.store.count() == 0 and report.missing == 0:
-        raise UserError(f"{catalog_path}: the catalog has no items")
+        raise UserError(f"{source.path}: the catalog has no items")
 
 
 def embed_pending(index: CatalogIndex, embedder: Embedder, cfg: IndexConfig, report: IndexReport,
@@ -121,12 +121,12 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
     """Index (or update, or resume indexing) ``catalog`` into the folder ``out``."""
     progress = progress or Progress()
     report = IndexReport()
-    open_catalog(catalog)  # a bad catalog path fails before any folder is made or model loaded
+    source = open_catalog(catalog)  # a bad catalog path fails before any folder is made or model loaded
     index = CatalogIndex(out, create=True)
     try:
         embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)
         index.check_embedder(embedder.describe())
-        sync_catalog(index, Path(catalog), report, progress)
+        sync_catalog(index, source, report, progress)
         store = index.store
         with store.db:
             store.set_meta("config", {"command": "index", "catalog": str(catalog), **cfg.model_dump()}, commit=False)
