@@ -165,21 +165,40 @@ def info(index_dir: Annotated[Path, typer.Argument(help="index folder")]):
 
 
 def _register_subcommands() -> None:
+    from fashionlens.cli_attention import attention_command
     from fashionlens.cli_evaluate import demo, evaluate_app
     from fashionlens.cli_train import train_command
 
     app.add_typer(evaluate_app, name="evaluate")
     app.command()(demo)
     app.command("train")(train_command)
+    app.command("attention")(attention_command)
 
 
 _register_subcommands()
 
 
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error classes, exit classes): click's own, and the copy of click that typer
+    >= 0.26 vendors as ``typer._click`` (its exceptions are not click's)."""
+    import importlib
+
+    errors, exits = [], [typer.Exit]
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        errors += [getattr(module, "ClickException", None)]
+        exits += [getattr(module, "Exit", None)]
+    return tuple(c for c in errors if c), tuple(c for c in exits if c)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    usage_errors, exits = _click_errors()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except UserError as exc:
         sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")  # one line, never wrapped
         sys.exit(2)
@@ -189,11 +208,13 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to resume")
         sys.exit(130)
-    except __import__("click").exceptions.ClickException as exc:
+    except usage_errors as exc:
         exc.show()
         sys.exit(2)
-    except __import__("click").exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    except exits as exc:
+        sys.exit(getattr(exc, "exit_code", 1))
+    if isinstance(rc, int) and rc:  # typer.Exit(n) with standalone_mode=False returns n
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,17 @@ class _RichTrainProgress:
             dropped = {k: v for k, v in event["dropped"].items() if v}
             if dropped:
                 self.console.print(f"[dim]dropped: {dropped}[/dim]")
+        elif kind == "cache":
+            self.console.print(f"feature cache: {event['images']} images needed")
+        elif kind == "cache_step":
+            if self.bar is None:
+                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeRemainingColumn(), console=self.console)
+                self.bar.start()
+                self.task = self.bar.add_task("caching feature maps", total=event["total"])
+            self.bar.update(self.task, completed=event["done"], total=event["total"])
+            if event["done"] >= event["total"]:
+                self.stop()
         elif kind == "step":
             if self.bar is None:
                 self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -52,6 +63,8 @@ class _RichTrainProgress:
                 f"epoch {event['epoch']}: loss {fmt(event['loss'])} (triplet {fmt(event['triplet'])}, "
                 f"identity {fmt(event['identity'])}, positive triplets {fmt(event['positive_fraction'])}) "
                 f"val top-1 {fmt(event.get('val_top1'))} top-4 {fmt(event.get('val_top4'))} "
+                + (f"queries top-1 {fmt(event['query_top1'])} top-4 {fmt(event['query_top4'])} "
+                   if event.get("query_top1") not in (None, "") else "") +
                 f"[dim]{event['seconds']:.0f} s, {fmt(event['images_per_second'])} img/s[/dim]")
 
     def stop(self) -> None:

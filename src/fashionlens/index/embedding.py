@@ -51,15 +51,23 @@ class EmbeddedBatch:
     errors: list[tuple[object, str]]
 
 
+def decode_batches(rows: Sequence[tuple[object, str]], preprocess, batch_size: int = 16,
+                   workers: int = 1, pin_memory: bool = False
+                   ) -> Iterator[tuple[list, torch.Tensor | None, list[tuple[object, str]]]]:
+    """``(keys, preprocessed batch or None, errors)`` for ``rows`` of (key, path), in order;
+    decoding runs in ``workers`` DataLoader processes (0 = in this process)."""
+    yield from DataLoader(
+        _Decode(rows, preprocess), batch_size=batch_size, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=4 if workers else None,
+        persistent_workers=False, pin_memory=pin_memory,
+    )
+
+
 def embed_rows(rows: Sequence[tuple[object, str]], embedder: Embedder, batch_size: int = 16,
                workers: int = 1) -> Iterator[EmbeddedBatch]:
     """Embed ``rows`` of (key, path) in order, ``batch_size`` at a time."""
-    loader = DataLoader(
-        _Decode(rows, embedder.preprocess), batch_size=batch_size, num_workers=workers,
-        collate_fn=_collate, prefetch_factor=4 if workers else None,
-        persistent_workers=False, pin_memory=embedder.device.type == "cuda",
-    )
-    for keys, batch, errors in loader:
+    pin = embedder.device.type == "cuda"
+    for keys, batch, errors in decode_batches(rows, embedder.preprocess, batch_size, workers, pin):
         if batch is None:
             vectors = np.zeros((0, embedder.dim), np.float32)
         else:

@@ -82,8 +82,10 @@ class RetrievalModel(nn.Module):
                              "feature map (N, C, H, W); use a convolutional backbone")
         return t
 
-    def forward(self, x: torch.Tensor, return_map: bool = False) -> dict:
-        t = self.feature_map(x)
+    def forward(self, x: torch.Tensor, return_map: bool = False, from_map: bool = False) -> dict:
+        """Outputs for images ``x``; with ``from_map=True`` ``x`` is already the backbone's
+        feature map (cached maps of a frozen backbone), and only the neck and heads run."""
+        t = x if from_map else self.feature_map(x)
         out = dict(self.neck(t))
         if self.id_head is not None:
             out["id_logits"] = self.id_head(out["embedding"])
@@ -109,6 +111,19 @@ class EmbeddingOnly(nn.Module):
         return self.model.embed(x)
 
 
+def _stripe_classes(neck: dict, num_identities: int | None) -> dict:
+    """The neck config with ``num_classes = num_identities`` given to every stripes neck
+    that does not set it (thesis A: each stripe has its own identity classifier)."""
+    if not num_identities:
+        return neck
+    neck = dict(neck)
+    if neck.get("type") == "stripes":
+        neck.setdefault("num_classes", num_identities)
+    elif neck.get("type") == "multi":
+        neck["necks"] = {name: _stripe_classes(sub, num_identities) for name, sub in neck.get("necks", {}).items()}
+    return neck
+
+
 def build_model(cfg: ModelConfig) -> tuple[RetrievalModel, dict]:
     """The model for ``cfg`` and timm's data config (input_size / mean / std ...) for it.
 
@@ -120,7 +135,7 @@ def build_model(cfg: ModelConfig) -> tuple[RetrievalModel, dict]:
     if cfg.input_size is not None:
         data_cfg["input_size"] = (3, cfg.input_size, cfg.input_size)
     try:
-        neck = build_neck(cfg.neck, int(backbone.num_features))
+        neck = build_neck(_stripe_classes(cfg.neck, cfg.num_identities), int(backbone.num_features))
     except (ValueError, TypeError) as exc:
         raise UserError(f"neck config {cfg.neck!r}: {exc}") from None
     dim = getattr(neck, "out_dim", None)

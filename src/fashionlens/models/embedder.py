@@ -55,14 +55,8 @@ class Embedder:
         size = self.preprocess.size
         probe = torch.randn(batch_size, 3, size, size, device=self.device).contiguous(
             memory_format=torch.channels_last)
-        try:
-            with torch.inference_mode(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                traced = torch.jit.freeze(torch.jit.trace(self.model, probe))
-                odd = probe[:3]  # another batch size than the traced one
-                if not torch.allclose(traced(odd), self.model(odd), atol=1e-3, rtol=1e-3):
-                    return "none"
-        except Exception:  # a model TorchScript cannot trace stays eager
+        traced = freeze_traced(self.model, probe)
+        if traced is None:
             return "none"
         self.model = traced
         return "jit"
@@ -71,6 +65,21 @@ class Embedder:
         """What an index records about the model that made its vectors."""
         return {"model": self.name, "dim": self.dim, "pooling": "gap", "normalise": "l2",
                 **self.preprocess.describe()}
+
+
+def freeze_traced(model: nn.Module, probe: torch.Tensor, atol: float = 1e-3) -> nn.Module | None:
+    """``model`` traced on ``probe`` and frozen with TorchScript, or None when it cannot be
+    traced or its outputs differ from the eager model's (checked on another batch size)."""
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.freeze(torch.jit.trace(model.eval(), probe))
+            odd = probe[:3]  # another batch size than the traced one
+            if not torch.allclose(traced(odd), model(odd), atol=atol, rtol=1e-3):
+                return None
+    except Exception:  # a model TorchScript cannot trace stays eager
+        return None
+    return traced
 
 
 def build_embedder(name: str = "lite0", input_size: int | None = None, device: str = "cpu",

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fashionlens.config import Config, read_yaml_mapping
 from fashionlens.errors import UserError
@@ -39,12 +39,36 @@ class TrainConfig(Config):
     margin: float = Field(0.2, ge=0, description="triplet margin (Euclidean distance on L2-normalised embeddings)")
     reducer: Literal["all", "nonzero"] = Field("all", description="mean over all valid triplets (thesis) or the non-zero ones")
     augment: dict | None = Field(None, description="AugmentConfig fields (None = thesis defaults)")
+    feature_cache: str | None = Field(None, description="folder of cached backbone feature maps: with "
+                                      "model.freeze_backbone, train the necks on maps computed once (built "
+                                      "on first use, reused by later runs); only hflip/rot180 act on maps")
+    # cross-domain validation (selects the best checkpoint when given)
+    val_queries: str | None = Field(None, description="labelled query photos (folder of <label>/ folders), "
+                                    "searched against the whole catalog each epoch, e.g. consumer/validation")
+    val_mapping: str | None = Field(None, description="CSV label -> catalog values that count as a hit "
+                                    "(consumer/catalog_types.csv); needed with val_queries")
+    val_field: str = Field("articleType", description="catalog metadata column the mapping's values refer to")
     # run
     out: str = Field("runs/train", description="run folder: metrics.csv, curves.png, config.yaml, last/, best/")
     device: str = Field("cpu", description="torch device: cpu, cuda (DDP: cuda:LOCAL_RANK)")
     amp: bool = Field(True, description="bfloat16 autocast (CUDA only)")
     workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
     seed: int = Field(0, description="seed of the split, the sampler, the initialisation and augmentation")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.feature_cache and not self.model.freeze_backbone:
+            raise ValueError("feature_cache needs model.freeze_backbone: true (cached maps are of the frozen backbone)")
+        if self.feature_cache and not self.model.pretrained:
+            raise ValueError("feature_cache needs model.pretrained: true (maps of random weights differ per run)")
+        if bool(self.val_queries) != bool(self.val_mapping):
+            raise ValueError("val_queries and val_mapping go together")
+        return self
+
+    @property
+    def best_metric(self) -> str:
+        """The validation column that picks ``best/``: query_top1 with val_queries, else val_top1."""
+        return "query_top1" if self.val_queries else "val_top1"
 
     @classmethod
     def help_text(cls) -> str:

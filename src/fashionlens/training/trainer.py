@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from fashionlens.data.augment import TrainPreprocess
+from fashionlens.data.augment import AugmentConfig, TrainPreprocess
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
@@ -39,9 +40,11 @@ from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, 
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, make_split
+from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment
+from fashionlens.training.validation import QueryValidation, identity_hit_rate
 
 COLUMNS = ["epoch", "step", "loss", "triplet", "identity", "valid_triplets", "positive_fraction",
-           "val_top1", "val_top4", "seconds", "images_per_second"]
+           "val_top1", "val_top4", "query_top1", "query_top4", "seconds", "images_per_second"]
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
@@ -66,6 +69,16 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def identity_terms(outputs: dict, labels: torch.Tensor, id_loss) -> torch.Tensor:
+    """Identity loss of the embedding's classifier plus the mean over the stripe classifiers
+    (each stripe of a stripes neck has one, thesis A chapter 4), when there are any."""
+    loss = id_loss(outputs["id_logits"].float(), labels)
+    stripe_logits = [t for key, value in outputs.items() if key.endswith("stripe_logits") for t in value]
+    if stripe_logits:
+        loss = loss + torch.stack([id_loss(t.float(), labels) for t in stripe_logits]).mean()
+    return loss
+
+
 def save_optimizer(folder: Path, opt: torch.optim.Optimizer) -> list:
     """Write the optimizer's tensors to ``folder/optimizer.safetensors``; returns its param_groups."""
     state = opt.state_dict()
@@ -85,22 +98,28 @@ def load_optimizer(folder: Path, opt: torch.optim.Optimizer, param_groups: list)
     opt.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-@torch.no_grad()
-def validate(model, dataset: IdentityDataset, device: str, batch_size: int = 64, ks=(1, 4)) -> dict:
-    """Top-k hit rate of every val image against the other val images (cosine, brute force)."""
-    if len(set(dataset.labels)) < 2:
-        return {f"val_top{k}": None for k in ks}
-    was_training = model.training
-    model.eval()
-    embs = [model.embed(x.to(device)).float().cpu() for x, _ in DataLoader(dataset, batch_size=batch_size)]
-    model.train(was_training)
-    e = torch.nn.functional.normalize(torch.cat(embs), dim=1)
-    labels = torch.as_tensor(dataset.labels)
-    sim = e @ e.T
-    sim.fill_diagonal_(float("-inf"))
-    top = sim.topk(min(max(ks), len(labels) - 1), dim=1).indices
-    hits = labels[top] == labels[:, None]
-    return {f"val_top{k}": round(float(hits[:, :k].any(1).float().mean()), 6) for k in ks}
+def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Preprocess | None,
+               batch_size: int = 64) -> Callable[[Sequence[Path]], torch.Tensor]:
+    """``embed(paths) -> (N, D)`` with ``model`` in eval mode: from cached maps or from images."""
+
+    @torch.no_grad()
+    def embed(paths: Sequence[Path]) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        outs = []
+        try:
+            if cache is not None:
+                for start in range(0, len(paths), 4 * batch_size):
+                    maps = cache.stack(paths[start:start + 4 * batch_size]).to(device)
+                    outs.append(model(maps, from_map=True)["embedding"].float().cpu())
+            else:
+                ds = IdentityDataset([(Path(p), 0) for p in paths], preprocess)
+                outs = [model.embed(x.to(device)).float().cpu() for x, _ in DataLoader(ds, batch_size=batch_size)]
+        finally:
+            model.train(was_training)
+        return torch.cat(outs) if outs else torch.zeros((0, model.embedding_dim or 0))
+
+    return embed
 
 
 def _read_rows(path: Path, upto_epoch: int) -> list[dict]:
@@ -136,7 +155,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             ax1.plot(x, y, marker="o", label=name)
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax1.legend()
-    for name in ("val_top1", "val_top4"):
+    for name in ("val_top1", "val_top4", "query_top1", "query_top4"):
         x, y = series(name)
         if x:
             ax2.plot(x, y, marker="o", label=name)
@@ -189,8 +208,24 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
         load_optimizer(last_dir, optimizer, extra["optimizer_param_groups"])
     net = DistributedDataParallel(model) if world > 1 else model
 
-    train_ds = IdentityDataset(split.train, TrainPreprocess(size, mean, std, cfg.augment))
-    val_ds = IdentityDataset(split.val, Preprocess(size, mean, std))
+    queries = (QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
+               if cfg.val_queries else None)
+    cache = None
+    if cfg.feature_cache:
+        cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
+        needed = [p for p, _ in split.train + split.val] + (queries.all_paths() if queries else [])
+        if rank == 0:
+            emit({"event": "cache", "images": len(needed)})
+            cache.ensure(needed, device=device, progress=lambda d, n: emit({"event": "cache_step", "done": d, "total": n}))
+        if world > 1:
+            dist.barrier()
+            cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
+        aug = AugmentConfig(**(cfg.augment or {}))
+        train_ds = CachedMapDataset(split.train, cache, MapAugment(aug.hflip, aug.rot180))
+    else:
+        train_ds = IdentityDataset(split.train, TrainPreprocess(size, mean, std, cfg.augment))
+    val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
+    embed = make_embed(model, device, cache, Preprocess(size, mean, std))
     sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, rank=rank, world_size=world)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=device.startswith("cuda"), persistent_workers=cfg.workers > 0)
@@ -204,7 +239,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     emit({"event": "start", "start_epoch": start_epoch, "epochs": cfg.epochs, "batches": len(sampler),
           "train_images": len(train_ds), "train_identities": len(split.train_identities),
-          "val_images": len(val_ds), "val_identities": len(split.val_identities), "dropped": split.dropped,
+          "val_images": len(val_samples), "val_identities": len(split.val_identities), "dropped": split.dropped,
           "world_size": world, "device": device})
     row: dict = rows[-1] if rows else {}
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -216,12 +251,12 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                outputs = net(images)
+                outputs = net(images, from_map=cache is not None)
             terms = {}
             if cfg.triplet > 0:
                 terms["triplet"] = triplet_loss(outputs["embedding"].float(), labels)
             if cfg.identity > 0:
-                terms["identity"] = id_loss(outputs["id_logits"].float(), labels)
+                terms["identity"] = identity_terms(outputs, labels, id_loss)
             loss, values = weighted(terms)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"epoch {epoch}: the loss is {float(loss)}; lower lr?")
@@ -241,12 +276,14 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
         row = {"epoch": epoch, "step": step, **{k: round(v / max(n_batches, 1), 6) for k, v in sums.items()},
                "seconds": round(seconds, 3), "images_per_second": round(n_images / seconds, 2) if seconds else None}
         if rank == 0:
-            row.update(validate(model, val_ds, device))
+            row.update(identity_hit_rate(embed([p for p, _ in val_samples]), [lab for _, lab in val_samples]))
+            if queries is not None:
+                row.update(queries.evaluate(embed))
             rows.append(row)
             _write_rows(out / "metrics.csv", rows)
             plot_curves(rows, out / "curves.png")
-            improved = row["val_top1"] is not None and row["val_top1"] > best
-            best = row["val_top1"] if improved else best
+            improved = row[cfg.best_metric] is not None and row[cfg.best_metric] > best
+            best = row[cfg.best_metric] if improved else best
             ckpt_extra = {"epoch": epoch, "step": step, "metrics": row, "best_top1": None if best == float("-inf") else best,
                           "data_config": data_cfg, "train_identities": split.train_identities}
             ckpt_extra["optimizer_param_groups"] = save_optimizer(last_dir.mkdir(parents=True, exist_ok=True) or last_dir, optimizer)

@@ -1,0 +1,173 @@
+"""Cached feature maps, query validation, and training the necks on cached maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fashionlens.data.images import open_image
+from fashionlens.data.transforms import Preprocess
+from fashionlens.errors import UserError
+from fashionlens.models.backbones import create_backbone
+from fashionlens.models.builder import load_checkpoint
+from fashionlens.training import TrainConfig, train
+from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment
+from fashionlens.training.validation import QueryValidation, identity_hit_rate
+from test_trainer import N_IDS, PER_ID, catalog, read_metrics, tiny_config  # noqa: F401 (fixture)
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def image_paths(catalog: Path) -> list[Path]:
+    return sorted((catalog.parent / "images").glob("*.png"))
+
+
+def reference_maps(paths) -> torch.Tensor:
+    """Eager backbone maps with the offline ImageNet weights, as the cache's."""
+    backbone, cfg = create_backbone("lite0", pretrained=True)
+    pre = Preprocess(SIZE, tuple(cfg["mean"]), tuple(cfg["std"]))
+    with torch.no_grad():
+        return backbone.eval().forward_features(torch.stack([pre(open_image(p)) for p in paths]))
+
+
+def new_cache(folder: Path) -> FeatureCache:
+    return FeatureCache(folder, "lite0", SIZE, pretrained=True)
+
+
+def test_cache_maps_equal_the_backbone_and_grow_and_resume(catalog, tmp_path):
+    paths = image_paths(catalog)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    cache = new_cache(tmp_path / "cache")
+    assert cache.ensure(paths[:5] + [bad], batch_size=4) == [str(bad.resolve())]
+    assert bad not in cache and all(p in cache for p in paths[:5])
+    # a second call adds only the missing paths, as a new part
+    cache.ensure(paths, batch_size=4)
+    parts = sorted(p.name for p in (tmp_path / "cache").glob("part-*"))
+    assert parts == ["part-0000", "part-0001"]
+    assert len((tmp_path / "cache" / "part-0001" / "paths.txt").read_text().split()) == len(paths) - 5
+    ref = reference_maps(paths)
+    got = cache.stack(paths)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=2e-2, rtol=1e-2)  # float16 storage, folded BatchNorms
+
+    # an interrupted part (done < rows) is finished on the next call; earlier rows untouched
+    state_path = tmp_path / "cache" / "part-0001" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["done"] = 3
+    state_path.write_text(json.dumps(state))
+    maps = np.load(tmp_path / "cache" / "part-0001" / "maps.npy", mmap_mode="r+")
+    maps[3:] = 0
+    maps.flush()
+    del maps
+    again = new_cache(tmp_path / "cache")
+    assert sum(p in again for p in paths) == 5 + 3
+    again.ensure(paths, batch_size=4)
+    assert torch.allclose(again.stack(paths), got)
+    # a cache of another backbone / size is refused
+    with pytest.raises(UserError, match="holds maps"):
+        FeatureCache(tmp_path / "cache", "lite0", 96, pretrained=True)
+    ds = CachedMapDataset([(p, 0) for p in paths] + [(bad, 1)], again)
+    assert len(ds) == len(paths) and ds[0][0].shape == ref.shape[1:]
+
+
+def test_map_augment_flips():
+    t = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    assert torch.equal(MapAugment(1.0, 0.0)(t), t.flip(-1))
+    assert torch.equal(MapAugment(0.0, 1.0)(t), torch.rot90(t, 2, (1, 2)))
+    assert torch.equal(MapAugment(0.0, 0.0)(t), t)
+
+
+def test_query_validation_equals_full_ranking():
+    rng = np.random.default_rng(0)
+    gallery = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(50, 8)), dtype=torch.float32), dim=1)
+    queries = torch.nn.functional.normalize(torch.tensor(rng.normal(size=(12, 8)), dtype=torch.float32), dim=1)
+    values = [f"t{i % 5}" for i in range(50)]
+    ok = [frozenset({f"t{i % 5}", f"t{(i + 1) % 5}"}) if i % 3 else frozenset({"t0"}) for i in range(12)]
+    table = {**{f"q{i}": queries[i] for i in range(12)}, **{f"g{i}": gallery[i] for i in range(50)}}
+    qv = QueryValidation([Path(f"q{i}") for i in range(12)], ok, [Path(f"g{i}") for i in range(50)], values)
+    got = qv.evaluate(lambda paths: torch.stack([table[str(p)] for p in paths]) * 3.0, ks=(1, 4, 10), chunk=7)
+    order = (queries @ gallery.T).argsort(dim=1, descending=True)
+    for k in (1, 4, 10):
+        expect = np.mean([any(values[j] in ok[q] for j in order[q, :k].tolist()) for q in range(12)])
+        assert got[f"query_top{k}"] == pytest.approx(expect)
+
+
+def test_identity_hit_rate_brute_force():
+    e = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.7, 0.7]])
+    labels = [0, 0, 1, 1, 1]
+    got = identity_hit_rate(e, labels, ks=(1,))
+    # nearest other row by cosine: 0->1, 1->0, 2->3, 3->2, 4->(1 or 3: 0.1,0.9 vs 0.9,0.1 tie) ...
+    e_n = torch.nn.functional.normalize(e, dim=1)
+    sim = e_n @ e_n.T
+    sim.fill_diagonal_(-2)
+    expect = np.mean([labels[int(sim[i].argmax())] == labels[i] for i in range(5)])
+    assert got["val_top1"] == pytest.approx(expect)
+
+
+def make_queries(catalog: Path, root: Path) -> tuple[Path, Path]:
+    """Query photos: each identity's image 0 recoloured slightly, under a label folder."""
+    for i in range(N_IDS):
+        arr = np.asarray(Image.open(catalog.parent / "images" / f"{i}_0.png")).astype(int) + 5
+        (root / f"label{i % 4}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(root / f"label{i % 4}" / f"q{i}.png")
+    mapping = root.parent / "mapping.csv"
+    mapping.write_text("label,types\n" + "".join(f"label{j},type{j}\n" for j in range(4)))
+    return root, mapping
+
+
+def test_train_necks_on_cached_maps(catalog, tmp_path):
+    queries, mapping = make_queries(catalog, tmp_path / "queries")
+    out = tmp_path / "run"
+    cfg = tiny_config(catalog, out, feature_cache=str(tmp_path / "cache"), val_queries=str(queries),
+                      val_mapping=str(mapping), epochs=2, batches_per_epoch=3, identity=1.0,
+                      model={"backbone": "lite0", "pretrained": True, "input_size": SIZE, "freeze_backbone": True,
+                             "neck": {"type": "multi", "necks": {"lan": {"type": "lan", "branches": 2, "dim": 16},
+                                                                 "stripes": {"type": "stripes", "parts": [2], "dim": 8}}}})
+    events = []
+    torch.manual_seed(0)
+    train(cfg, progress=events.append)
+    kinds = [e["event"] for e in events]
+    assert "cache" in kinds and "cache_step" in kinds
+    rows = read_metrics(out)
+    assert all(0 <= float(r["query_top1"]) <= float(r["query_top4"]) <= 1 for r in rows)
+    best = max(rows, key=lambda r: float(r["query_top1"]))
+    model, model_cfg, extra = load_checkpoint(out / "best")
+    assert extra["metrics"]["query_top1"] == pytest.approx(float(best["query_top1"]))
+    # stripes got their identity classifiers (thesis A, chapter 4)
+    assert model_cfg.num_identities == 6
+    assert len(model.neck.necks["stripes"].classifiers) == 4  # parts [2] x (h, v)
+    # the checkpoint, run on images, embeds as the neck did on the cached maps
+    paths = image_paths(catalog)[:6]
+    cache = new_cache(tmp_path / "cache")
+    pre = Preprocess(SIZE, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        from_images = model.embed(torch.stack([pre(open_image(p)) for p in paths]))
+        from_maps = model(cache.stack(paths), from_map=True)["embedding"]
+    assert torch.allclose(from_images, from_maps, atol=2e-2)
+    # the backbone was frozen: its weights are still the ImageNet ones
+    ref, _ = create_backbone("lite0", pretrained=True)
+    assert torch.equal(model.backbone.conv_stem.weight, ref.conv_stem.weight)
+
+
+def test_feature_cache_config_checks(catalog, tmp_path):
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        tiny_config(catalog, tmp_path, feature_cache=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="pretrained"):
+        tiny_config(catalog, tmp_path, feature_cache=str(tmp_path / "c"),
+                    model={"backbone": "lite0", "pretrained": False, "freeze_backbone": True})
+    with pytest.raises(ValueError, match="go together"):
+        tiny_config(catalog, tmp_path, val_queries=str(tmp_path))
