@@ -23,8 +23,9 @@ from pathlib import Path
 
 from _common import emit
 
-LAN = "model.neck={type: lan, branches: 4, dim: 256}"
 GAP_LAN = "model.neck={type: multi, necks: {gap: {type: gap}, lan: {type: lan, branches: 4, dim: 256}}}"
+GAP_HALF_LAN = ("model.neck={type: multi, necks: {gap: {type: gap}, lan: {type: lan, branches: 4, dim: 256}}, "
+                "weights: {lan: 0.5}}")
 
 
 def lan(k: int = 4, d: int = 256, spatial: bool = True, channel: bool = True) -> str:
@@ -59,6 +60,10 @@ VARIANTS: dict[str, list[str]] = {
                           "identity=1"],
     # the ImageNet pooled feature kept beside the learned branches
     "gap_plus_lan": [GAP_LAN],
+    # identities: articleType alone (what the consumer -> catalog measure asks for)
+    "ident_type": [lan(), "identity_columns=[articleType]", "val_fraction=0"],
+    # the recipe of configs/train-cpu.yaml on cached maps: GAP + 0.5 x LAN, articleType, triplet + ID
+    "recipe_gap_half_lan_type": [GAP_HALF_LAN, "identity_columns=[articleType]", "val_fraction=0", "identity=1"],
 }
 
 

@@ -194,3 +194,14 @@ def shared_data() -> Path:
     if not (SHARED / "catalog" / "styles.csv").is_file():
         pytest.skip(f"shared data not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny models, where threads only add overhead)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

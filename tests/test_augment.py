@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -113,3 +115,32 @@ def test_train_preprocess_matches_eval_layout():
     evaluation = Preprocess(32, mean, std)(img)
     assert train.shape == evaluation.shape == (3, 32, 32)
     assert torch.allclose(train, evaluation, atol=1e-5)
+
+
+def test_crop_box_bounds_and_area():
+    from fashionlens.data.augment import crop_box
+
+    torch.manual_seed(0)
+    areas = []
+    for _ in range(500):
+        left, top, right, bottom = crop_box(120, 80, 0.35)
+        assert 0 <= left < right <= 120 and 0 <= top < bottom <= 80
+        areas.append((right - left) * (bottom - top) / (120 * 80))
+    # the aspect clip can only shrink a box a little below the drawn area
+    assert min(areas) > 0.25 and max(areas) <= 1.0 and np.mean(areas) > 0.55
+
+
+def test_train_preprocess_crop_zooms_in():
+    """A photo whose left half is red and right half blue: a crop changes the colour balance,
+    no crop keeps it exactly (the other augmentations off)."""
+    arr = np.zeros((64, 64, 3), np.uint8)
+    arr[:, :32] = (255, 0, 0)
+    arr[:, 32:] = (0, 0, 255)
+    img = Image.fromarray(arr)
+    off = {**OFF, "crop": 0.0}
+    base = TrainPreprocess(32, (0.0,) * 3, (1.0,) * 3, off)(img)
+    assert float(base[0].mean()) == pytest.approx(float(base[2].mean()), abs=1e-3)
+    torch.manual_seed(1)
+    pre = TrainPreprocess(32, (0.0,) * 3, (1.0,) * 3, {**OFF, "crop": 1.0, "crop_min": 0.1})
+    balance = [float(x[0].sum() - x[2].sum()) for x in (pre(img) for _ in range(20))]
+    assert max(abs(b) for b in balance) > 10

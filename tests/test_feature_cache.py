@@ -23,12 +23,7 @@ from test_trainer import N_IDS, PER_ID, catalog, read_metrics, tiny_config  # no
 SIZE = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add overhead
 
 
 def image_paths(catalog: Path) -> list[Path]:
@@ -89,6 +84,14 @@ def test_map_augment_flips():
     assert torch.equal(MapAugment(1.0, 0.0)(t), t.flip(-1))
     assert torch.equal(MapAugment(0.0, 1.0)(t), torch.rot90(t, 2, (1, 2)))
     assert torch.equal(MapAugment(0.0, 0.0)(t), t)
+    # a crop of the whole map (crop_min 1) is the map itself; a smaller one keeps the size
+    assert torch.allclose(MapAugment(0.0, 0.0, crop=1.0, crop_min=1.0)(t), t)
+    torch.manual_seed(0)
+    big = torch.arange(7 * 7, dtype=torch.float32).reshape(1, 7, 7)
+    out = [MapAugment(0.0, 0.0, crop=1.0, crop_min=0.2)(big) for _ in range(10)]
+    assert all(o.shape == big.shape for o in out) and any(not torch.allclose(o, big) for o in out)
+    # values stay inside the map's range (bilinear interpolation of a window)
+    assert all(float(o.min()) >= 0 and float(o.max()) <= 48 for o in out)
 
 
 def test_query_validation_equals_full_ranking():
@@ -171,3 +174,22 @@ def test_feature_cache_config_checks(catalog, tmp_path):
                     model={"backbone": "lite0", "pretrained": False, "freeze_backbone": True})
     with pytest.raises(ValueError, match="go together"):
         tiny_config(catalog, tmp_path, val_queries=str(tmp_path))
+
+
+def test_query_validation_from_images_picks_best(catalog, tmp_path):
+    """Without a cache the queries and the catalog are embedded from images each epoch."""
+    queries, mapping = make_queries(catalog, tmp_path / "queries")
+    out = tmp_path / "run"
+    train(tiny_config(catalog, out, val_queries=str(queries), val_mapping=str(mapping), epochs=2,
+                      batches_per_epoch=1))
+    rows = read_metrics(out)
+    assert all(r["query_top1"] != "" for r in rows)
+    model, _, extra = load_checkpoint(out / "best")
+    best = max(rows, key=lambda r: float(r["query_top1"]))  # first of equals, as the trainer keeps
+    assert extra["epoch"] == int(best["epoch"])
+    # the logged figure is what the saved model gives, recomputed here independently
+    qv = QueryValidation.load(queries, mapping, catalog, "articleType")
+    pre = Preprocess(64, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        got = qv.evaluate(lambda ps: model.embed(torch.stack([pre(open_image(p)) for p in ps])))
+    assert got["query_top1"] == pytest.approx(float(best["query_top1"]))

@@ -41,7 +41,7 @@ class TrainConfig(Config):
     augment: dict | None = Field(None, description="AugmentConfig fields (None = thesis defaults)")
     feature_cache: str | None = Field(None, description="folder of cached backbone feature maps: with "
                                       "model.freeze_backbone, train the necks on maps computed once (built "
-                                      "on first use, reused by later runs); only hflip/rot180 act on maps")
+                                      "on first use, reused by later runs); hflip, rot180 and crop act on the maps, the other augmentations not")
     # cross-domain validation (selects the best checkpoint when given)
     val_queries: str | None = Field(None, description="labelled query photos (folder of <label>/ folders), "
                                     "searched against the whole catalog each epoch, e.g. consumer/validation")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fashionlens.data.augment import crop_box
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.index.embedding import decode_batches
@@ -183,17 +184,25 @@ class FeatureCache:
 
 
 class MapAugment:
-    """Augmentations that act on a feature map: horizontal flip and 180 degree rotation,
-    each with its probability (torch's global generator)."""
+    """Augmentations that act on a feature map (torch's global generator): horizontal flip and
+    180 degree rotation, each with its probability, and - standing in for the image-level crop -
+    a random window of the map (area fraction in [crop_min, 1], as :func:`crop_box` draws it)
+    resized back to the map's size with bilinear interpolation."""
 
-    def __init__(self, hflip: float = 0.5, rot180: float = 0.1):
-        self.hflip, self.rot180 = hflip, rot180
+    def __init__(self, hflip: float = 0.5, rot180: float = 0.1, crop: float = 0.0, crop_min: float = 0.35):
+        self.hflip, self.rot180, self.crop, self.crop_min = hflip, rot180, crop, crop_min
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if self.hflip and torch.rand(()) < self.hflip:
             t = t.flip(-1)
         if self.rot180 and torch.rand(()) < self.rot180:
             t = t.flip(-1).flip(-2)
+        if self.crop and torch.rand(()) < self.crop:
+            h, w = t.shape[-2:]
+            left, top, right, bottom = crop_box(w, h, self.crop_min)
+            window = t[..., top:bottom, left:right]
+            t = torch.nn.functional.interpolate(window[None], size=(h, w), mode="bilinear",
+                                                align_corners=False)[0]
         return t
 
 

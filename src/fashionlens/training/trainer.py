@@ -221,7 +221,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
             dist.barrier()
             cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
         aug = AugmentConfig(**(cfg.augment or {}))
-        train_ds = CachedMapDataset(split.train, cache, MapAugment(aug.hflip, aug.rot180))
+        train_ds = CachedMapDataset(split.train, cache, MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min))
     else:
         train_ds = IdentityDataset(split.train, TrainPreprocess(size, mean, std, cfg.augment))
     val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
