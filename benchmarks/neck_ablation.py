@@ -64,6 +64,8 @@ VARIANTS: dict[str, list[str]] = {
     "ident_type": [lan(), "identity_columns=[articleType]", "val_fraction=0"],
     # the recipe of configs/train-cpu.yaml on cached maps: GAP + 0.5 x LAN, articleType, triplet + ID
     "recipe_gap_half_lan_type": [GAP_HALF_LAN, "identity_columns=[articleType]", "val_fraction=0", "identity=1"],
+    "recipe_crop": [GAP_HALF_LAN, "identity_columns=[articleType]", "val_fraction=0", "identity=1",
+                    "augment={crop: 0.5}"],
 }
 
 
@@ -81,17 +83,24 @@ def best_row(metrics: Path) -> dict:
 
 
 def untrained_gap(cfg) -> dict:
-    """GAP of the frozen, cached maps: the embedded default's embedding, nothing trained."""
+    """GAP of the frozen, cached maps: the embedded default's embedding, nothing trained; on the
+    consumer queries and on the held-out catalog identities of the same split as the runs."""
     import torch
 
+    from fashionlens.training.data import make_split
     from fashionlens.training.feature_cache import FeatureCache
-    from fashionlens.training.validation import QueryValidation
+    from fashionlens.training.validation import QueryValidation, identity_hit_rate
 
     q = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
+    split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity, cfg.val_fraction,
+                       cfg.seed, cfg.max_val_images)
     cache = FeatureCache(cfg.feature_cache, cfg.model.backbone, cfg.model.input_size or 224, cfg.model.pretrained)
-    cache.ensure(q.all_paths())
-    return q.evaluate(lambda paths: torch.cat([cache.stack(paths[i:i + 512]).mean(dim=(2, 3))
-                                               for i in range(0, len(paths), 512)]))
+    cache.ensure(q.all_paths() + [p for p, _ in split.val])
+
+    def gap(paths):
+        return torch.cat([cache.stack(paths[i:i + 512]).mean(dim=(2, 3)) for i in range(0, len(paths), 512)])
+
+    return {**q.evaluate(gap), **identity_hit_rate(gap([p for p, _ in split.val]), [lab for _, lab in split.val])}
 
 
 def main() -> None:

@@ -132,6 +132,23 @@ def test_freeze_backbone():
     assert torch.equal(bns[0].running_mean, stats)
 
 
+def test_freeze_batchnorm_keeps_statistics_but_trains_weights():
+    model, _ = build_model(ModelConfig(backbone="resnet18", pretrained=False, freeze_batchnorm=True,
+                                       neck={"type": "lan", "branches": 2, "dim": 8}))
+    model.train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.training for m in convs) and model.neck.training
+    stats = bns[0].running_mean.clone()
+    model(_x(64, 4))["embedding"].sum().backward()
+    assert torch.equal(bns[0].running_mean, stats)
+    assert bns[0].weight.grad is not None and convs[0].weight.grad is not None
+    model.eval()
+    model.train()  # and again after a round trip through eval()
+    assert all(not m.training for m in bns)
+
+
 def test_checkpoint_round_trip(tmp_path, headed):
     model, cfg, data_cfg = headed
     folder = save_checkpoint(tmp_path / "ckpt", model, cfg, {"epoch": 3, "metrics": {"top4": 0.5},

@@ -45,6 +45,9 @@ class ModelConfig(Config):
     num_identities: int | None = Field(None, ge=1, description="adds an identity (BNNeck softmax) head when set")
     attributes: dict[str, list[str]] | None = Field(None, description="attribute -> values; adds an attribute head")
     freeze_backbone: bool = Field(False, description="no gradients into the backbone, its BatchNorms kept in eval")
+    freeze_batchnorm: bool = Field(False, description="the backbone's BatchNorms keep their ImageNet running "
+                                   "statistics (eval mode) while everything trains; for small batches and "
+                                   "for a target domain other than the training photos")
 
     @field_validator("neck")
     @classmethod
@@ -58,13 +61,14 @@ class RetrievalModel(nn.Module):
     """Backbone used as a feature-map extractor (timm ``forward_features``) + neck + heads."""
 
     def __init__(self, backbone: nn.Module, neck: nn.Module, id_head: nn.Module | None = None,
-                 attr_head: nn.Module | None = None, freeze_backbone: bool = False):
+                 attr_head: nn.Module | None = None, freeze_backbone: bool = False,
+                 freeze_batchnorm: bool = False):
         super().__init__()
         self.backbone, self.neck = backbone, neck
         self.id_head, self.attr_head = id_head, attr_head
         self.embedding_dim = getattr(neck, "out_dim", None)
         self.data_config: dict = {}  # set by build_model: timm's input size / mean / std
-        self.freeze_backbone = freeze_backbone
+        self.freeze_backbone, self.freeze_batchnorm = freeze_backbone, freeze_batchnorm
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -73,6 +77,10 @@ class RetrievalModel(nn.Module):
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()  # frozen BatchNorm statistics stay frozen
+        elif self.freeze_batchnorm:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +154,7 @@ def build_model(cfg: ModelConfig) -> tuple[RetrievalModel, dict]:
         attr_head = AttributeHead(dim, cfg.attributes) if cfg.attributes else None
     except ValueError as exc:
         raise UserError(f"attributes: {exc}") from None
-    model = RetrievalModel(backbone, neck, id_head, attr_head, cfg.freeze_backbone)
+    model = RetrievalModel(backbone, neck, id_head, attr_head, cfg.freeze_backbone, cfg.freeze_batchnorm)
     model.data_config = data_cfg
     return model, data_cfg
 
