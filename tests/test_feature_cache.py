@@ -193,3 +193,17 @@ def test_query_validation_from_images_picks_best(catalog, tmp_path):
     with torch.no_grad():
         got = qv.evaluate(lambda ps: model.embed(torch.stack([pre(open_image(p)) for p in ps])))
     assert got["query_top1"] == pytest.approx(float(best["query_top1"]))
+
+
+def test_train_cli_reports_config_cross_checks(catalog, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"catalog": str(catalog), "feature_cache": str(tmp_path / "c")}))
+    proc = subprocess.run([sys.executable, "-m", "fashionlens", "train", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("error: config: feature_cache needs model.freeze_backbone: true "
+                                   "(cached maps are of the frozen backbone)")

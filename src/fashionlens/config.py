@@ -39,7 +39,8 @@ class Config(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise UserError(f"config setting {where!r}: {first['msg']}") from None
+            msg = first["msg"].removeprefix("Value error, ")
+            raise UserError(f"config setting {where!r}: {msg}" if where else f"config: {msg}") from None
 
     @classmethod
     def help_text(cls) -> str:
