@@ -94,13 +94,21 @@ def untrained_gap(cfg) -> dict:
     q = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
     split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity, cfg.val_fraction,
                        cfg.seed, cfg.max_val_images)
-    cache = FeatureCache(cfg.feature_cache, cfg.model.backbone, cfg.model.input_size or 224, cfg.model.pretrained)
+    cache = FeatureCache(cfg.feature_cache, cfg.model.backbone, cfg.model.input_size or 224,  # Lite0's size
+                         cfg.model.pretrained)
     cache.ensure(q.all_paths() + [p for p, _ in split.val])
 
-    def gap(paths):
-        return torch.cat([cache.stack(paths[i:i + 512]).mean(dim=(2, 3)) for i in range(0, len(paths), 512)])
+    def gap(paths):  # NaN rows for images the cache could not read (validation leaves them out)
+        out = torch.full((len(paths), cache.shape[0]), float("nan"))
+        rows = [i for i, p in enumerate(paths) if p in cache]
+        for start in range(0, len(rows), 512):
+            chunk = rows[start:start + 512]
+            out[chunk] = cache.stack([paths[i] for i in chunk]).mean(dim=(2, 3))
+        return out
 
-    return {**q.evaluate(gap), **identity_hit_rate(gap([p for p, _ in split.val]), [lab for _, lab in split.val])}
+    held_out = [p for p, _ in split.val]
+    ident = identity_hit_rate(gap(held_out), [lab for _, lab in split.val]) if held_out else {}
+    return {**q.evaluate(gap), **ident}
 
 
 def main() -> None:

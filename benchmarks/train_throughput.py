@@ -22,13 +22,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--set", dest="sets", action="append", default=[])
     args = parser.parse_args()
+    if args.batches < 1 or args.warmup < 0:
+        parser.error("--batches must be >= 1 and --warmup >= 0")
 
     import torch
     from torch.utils.data import DataLoader
 
     from fashionlens.data.augment import AugmentConfig, TrainPreprocess
     from fashionlens.data.sampler import PKSampler
-    from fashionlens.losses import BatchAllTripletLoss, IdentityLoss
+    from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero
     from fashionlens.models.builder import build_model
     from fashionlens.training import load_train_config
     from fashionlens.training.data import IdentityDataset, make_split
@@ -51,9 +53,10 @@ def main() -> None:
     sampler = PKSampler(dataset.labels, cfg.p, cfg.k, cfg.seed, args.batches + args.warmup)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers)
     optimizer = _optimizer(cfg, model)
-    triplet, id_loss = BatchAllTripletLoss(cfg.margin), IdentityLoss()
+    triplet = BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
+    id_loss = IdentityLoss()
     use_amp = cfg.amp and cfg.device.startswith("cuda")
-    n_images, t0 = 0, None
+    n_images, t0 = 0, time.perf_counter()
     for i, (x, labels) in enumerate(loader):
         if i == args.warmup:
             if cfg.device.startswith("cuda"):

@@ -207,3 +207,79 @@ def test_train_cli_reports_config_cross_checks(catalog, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("error: config: feature_cache needs model.freeze_backbone: true "
                                    "(cached maps are of the frozen backbone)")
+
+
+def test_query_validation_leaves_out_unembeddable_rows():
+    """NaN rows (unreadable photos): a query is left out, a gallery item is never ranked."""
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [float("nan"), float("nan")], [0.7, 0.7]])
+    queries = torch.tensor([[1.0, 0.1], [float("nan"), 0.0], [0.1, 1.0]])
+    table = {**{f"q{i}": queries[i] for i in range(3)}, **{f"g{i}": gallery[i] for i in range(4)}}
+    values = ["a", "b", "c", "d"]
+    # q0 wants c (only the NaN item has it): a miss at every k; q2 wants b: a hit at 1
+    qv = QueryValidation([Path("q0"), Path("q1"), Path("q2")], [frozenset("c"), frozenset("a"), frozenset("b")],
+                         [Path(f"g{i}") for i in range(4)], values)
+    got = qv.evaluate(lambda paths: torch.stack([table[str(p)] for p in paths]), ks=(1, 4), chunk=2)
+    assert got == {"query_top1": 0.5, "query_top4": 0.5}
+    assert identity_hit_rate(torch.cat([gallery, gallery]), [0, 1, 2, 3] * 2, ks=(1,))["val_top1"] == 1.0
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_training_validates_around_unreadable_photos(catalog, tmp_path, cached):
+    """An unreadable catalog photo and an unreadable buyer's photo are left out of validation
+    (and out of the cache) instead of ending the run or borrowing another photo's embedding."""
+    import shutil
+
+    root = tmp_path / "cat"
+    shutil.copytree(catalog.parent, root)
+    (root / "images" / "broken.png").write_bytes(b"not an image")
+    csv_text = (root / "styles.csv").read_text()
+    (root / "styles.csv").write_text(csv_text.rstrip("\n") + "\nbroken,images/broken.png,type1,colour1,Women\n")
+    queries, mapping = make_queries(catalog, tmp_path / "queries")
+    (queries / "label0" / "bad.png").write_bytes(b"nope")
+    events = []
+    extra = {"feature_cache": str(tmp_path / "cache"),
+             "model": {"backbone": "lite0", "pretrained": True, "input_size": SIZE, "freeze_backbone": True,
+                       "neck": {"type": "lan", "branches": 2, "dim": 16}}} if cached else {}
+    cfg = tiny_config(root / "styles.csv", tmp_path / "run", val_queries=str(queries), val_mapping=str(mapping),
+                      epochs=1, batches_per_epoch=1, **extra)
+    train(cfg, progress=events.append)
+    row = read_metrics(tmp_path / "run")[0]
+    assert row["query_top1"] != ""
+    model, _, _ = load_checkpoint(tmp_path / "run" / "last")
+    good = QueryValidation.load(queries, mapping, root / "styles.csv", "articleType")
+    good = QueryValidation([p for p in good.query_paths if p.name != "bad.png"],
+                           [ok for p, ok in zip(good.query_paths, good.query_ok) if p.name != "bad.png"],
+                           [p for p in good.gallery_paths if p.name != "broken.png"],
+                           [v for p, v in zip(good.gallery_paths, good.gallery_values) if p.name != "broken.png"])
+    pre = Preprocess(SIZE, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        expect = good.evaluate(lambda ps: model.embed(torch.stack([pre(open_image(p)) for p in ps])))
+    assert float(row["query_top1"]) == pytest.approx(expect["query_top1"], abs=1e-6 if not cached else 0.13)
+    if cached:
+        bad = [e for e in events if e["event"] == "cache_unreadable"][0]["images"]
+        assert sorted(Path(p).name for p in bad) == ["bad.png", "broken.png"]
+
+
+def test_damaged_cache_files_give_clear_errors(catalog, tmp_path):
+    paths = image_paths(catalog)[:3]
+    folder = tmp_path / "cache"
+    new_cache(folder).ensure(paths)
+    (folder / ".part-0001").mkdir()  # a part whose creation was interrupted: removed, not read
+    (folder / ".part-0001" / "paths.txt").write_text("x\n")
+    cache = new_cache(folder)
+    cache.ensure(image_paths(catalog)[:4])
+    assert not (folder / ".part-0001").exists() and sorted(p.name for p in folder.glob("part-*")) == [
+        "part-0000", "part-0001"]
+    maps = folder / "part-0001" / "maps.npy"
+    maps.write_bytes(maps.read_bytes()[:100])  # truncated
+    with pytest.raises(UserError, match="damaged feature cache part"):
+        new_cache(folder)
+    (folder / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="damaged feature cache file"):
+        new_cache(folder)
+
+
+def test_val_field_missing_from_the_catalog(catalog, tmp_path):
+    queries, mapping = make_queries(catalog, tmp_path / "queries")
+    with pytest.raises(UserError, match="no catalog item has a value in the column 'colour'"):
+        QueryValidation.load(queries, mapping, catalog, "colour")

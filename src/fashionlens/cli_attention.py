@@ -52,9 +52,15 @@ def attention_command(
                         "written by 'fashionlens train' (model.safetensors + config.json) with a 'lan' neck")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: exists and is not a folder")
-    net, _, _ = load_checkpoint(model, device)
+    try:
+        net, _, _ = load_checkpoint(model, device)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # e.g. --device cuda without a GPU
+        raise UserError(f"--device {device}: cannot put the model there ({' '.join(str(exc).split())[:200]})") from None
     size = int(net.data_config["input_size"][-1])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
     failed, used = [], set()
     for photo in photos:
         try:

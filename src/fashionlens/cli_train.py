@@ -40,6 +40,9 @@ class _RichTrainProgress:
                 self.console.print(f"[dim]dropped: {dropped}[/dim]")
         elif kind == "cache":
             self.console.print(f"feature cache: {event['images']} images needed")
+        elif kind == "cache_unreadable":
+            shown = ", ".join(event["images"][:3]) + (" ..." if len(event["images"]) > 3 else "")
+            self.console.print(f"[yellow]{len(event['images'])} image(s) cannot be read and are left out: {shown}[/yellow]")
         elif kind == "cache_step":
             if self.bar is None:
                 self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -8,7 +8,6 @@ old or the new generation complete, and an index whose file is gone is rebuilt f
 
 from __future__ import annotations
 
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from fashionlens.index.vectors import (
     ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, sample_for_training,
     supports_remove,
 )
+from fashionlens.locks import exclusive_lock
 
 DB_NAME = "catalog.sqlite"
 
@@ -59,14 +59,7 @@ class CatalogIndex:
         self._spec: IndexSpec | None = None
 
     def _acquire_lock(self):
-        fh = open(self.folder / ".lock", "w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise UserError(f"{self.folder}: another fashionlens process is writing this index; "
-                            "wait for it to finish") from None
-        return fh
+        return exclusive_lock(self.folder, "index")
 
     def close(self) -> None:
         self.store.close()

@@ -120,13 +120,13 @@ class EmbeddingOnly(nn.Module):
 
 
 def _stripe_classes(neck: dict, num_identities: int | None) -> dict:
-    """The neck config with ``num_classes = num_identities`` given to every stripes neck
-    that does not set it (thesis A: each stripe has its own identity classifier)."""
+    """The neck config with ``num_classes = num_identities`` for every stripes neck (thesis A:
+    each stripe has its own identity classifier, over the same identities as the model's)."""
     if not num_identities:
         return neck
     neck = dict(neck)
     if neck.get("type") == "stripes":
-        neck.setdefault("num_classes", num_identities)
+        neck["num_classes"] = num_identities
     elif neck.get("type") == "multi":
         neck["necks"] = {name: _stripe_classes(sub, num_identities) for name, sub in neck.get("necks", {}).items()}
     return neck

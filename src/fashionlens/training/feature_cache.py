@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from fashionlens.data.augment import crop_box
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.index.embedding import decode_batches
+from fashionlens.locks import exclusive_lock
 from fashionlens.models.backbones import create_backbone
 from fashionlens.models.embedder import freeze_traced
 
@@ -40,6 +42,13 @@ def _write_json(path: Path, doc: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: damaged feature cache file ({exc}); delete {path.parent} and run again") from None
 
 
 class _Backbone(torch.nn.Module):
@@ -61,7 +70,7 @@ class FeatureCache:
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"{self.folder}: the feature cache must be a folder")
         if meta_path.is_file():
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = _read_json(meta_path)
             saved = {k: self.meta.get(k) for k in self.key}
             if saved != self.key:
                 raise UserError(f"{self.folder}: this feature cache holds maps of {saved}, not {self.key}; "
@@ -75,16 +84,20 @@ class FeatureCache:
 
     # -- reading ---------------------------------------------------------------------------
     def _parts(self) -> list[Path]:
-        return sorted(self.folder.glob("part-*")) if self.folder.is_dir() else []
+        """Complete part folders (a part is renamed into place only once its files exist)."""
+        return sorted(self.folder.glob("part-[0-9]*")) if self.folder.is_dir() else []
 
     def _load_parts(self) -> None:
         self._rows.clear()
         self._maps = []
         for p_idx, part in enumerate(self._parts()):
-            state = json.loads((part / "state.json").read_text())
+            state = _read_json(part / "state.json")
             bad = set(state.get("unreadable", {}))
-            paths = (part / "paths.txt").read_text().splitlines()[: state["done"]]
-            self._maps.append(np.load(part / "maps.npy", mmap_mode="r"))
+            try:
+                paths = (part / "paths.txt").read_text().splitlines()[: state["done"]]
+                self._maps.append(np.load(part / "maps.npy", mmap_mode="r"))
+            except (OSError, ValueError, KeyError) as exc:
+                raise UserError(f"{part}: damaged feature cache part ({exc}); delete it and run again") from None
             for row, path in enumerate(paths):
                 if path not in bad:
                     self._rows[path] = (p_idx, row)
@@ -127,42 +140,60 @@ class FeatureCache:
         part's state). ``progress(done, total)`` is called after each batch.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
+        lock = exclusive_lock(self.folder, "feature cache")
+        try:
+            return self._ensure(paths, device, batch_size, workers, progress)
+        finally:
+            lock.close()
+
+    def _ensure(self, paths, device, batch_size, workers, progress) -> list[str]:
         unreadable: list[str] = []
+        for stale in self.folder.glob(".part-*"):  # a part whose creation was interrupted
+            shutil.rmtree(stale, ignore_errors=True)
         for part in self._parts():  # resume an interrupted part first
-            state = json.loads((part / "state.json").read_text())
+            state = _read_json(part / "state.json")
             paths_in_part = (part / "paths.txt").read_text().splitlines()
             if state["done"] < len(paths_in_part):
                 unreadable += self._fill(part, paths_in_part, state, device, batch_size, workers, progress)
         self._load_parts()
         known = set(self._rows) | {b for part in self._parts()
-                                  for b in json.loads((part / "state.json").read_text()).get("unreadable", {})}
+                                  for b in _read_json(part / "state.json").get("unreadable", {})}
         todo = list(dict.fromkeys(str(Path(p).resolve()) for p in paths))
         todo = [p for p in todo if p not in known]
         if todo:
-            part = self.folder / f"part-{len(self._parts()):04d}"
-            part.mkdir()
-            (part / "paths.txt").write_text("\n".join(todo) + "\n")
+            # the part's files are made in a hidden folder and renamed into place together
+            name = f"part-{len(self._parts()):04d}"
+            tmp, part = self.folder / f".{name}", self.folder / name
+            tmp.mkdir()
+            (tmp / "paths.txt").write_text("\n".join(todo) + "\n")
             state = {"done": 0, "unreadable": {}}
-            _write_json(part / "state.json", state)
+            _write_json(tmp / "state.json", state)
+            self._shape(device)
+            np.lib.format.open_memmap(tmp / "maps.npy", mode="w+", dtype=np.float16,
+                                      shape=(len(todo), *self.meta["shape"]))
+            os.replace(tmp, part)
             unreadable += self._fill(part, todo, state, device, batch_size, workers, progress)
             self._load_parts()
         return unreadable
 
-    def _fill(self, part: Path, paths: list[str], state: dict, device: str, batch_size: int, workers: int,
-              progress) -> list[str]:
-        model, preprocess = self._backbone(device)
+    def _shape(self, device: str) -> None:
+        """The map shape and preprocessing into meta.json (computed with a probe, once)."""
         if "shape" not in self.meta:
+            model, preprocess = self._backbone(device)
             with torch.inference_mode():
                 probe = torch.zeros(1, 3, preprocess.size, preprocess.size, device=device)
                 self.meta["shape"] = list(model(probe).shape[1:])
             self.meta.update(preprocess.describe())
             _write_json(self.folder / META, self.meta)
-        maps_path = part / "maps.npy"
-        if maps_path.is_file():
-            maps = np.load(maps_path, mmap_mode="r+")
-        else:
-            maps = np.lib.format.open_memmap(maps_path, mode="w+", dtype=np.float16,
-                                             shape=(len(paths), *self.meta["shape"]))
+
+    def _fill(self, part: Path, paths: list[str], state: dict, device: str, batch_size: int, workers: int,
+              progress) -> list[str]:
+        model, preprocess = self._backbone(device)
+        self._shape(device)
+        try:
+            maps = np.load(part / "maps.npy", mmap_mode="r+")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{part}: damaged feature cache part ({exc}); delete it and run again") from None
         start = state["done"]
         rows = list(enumerate(paths))[start:]
         for keys, batch, errors in decode_batches(rows, preprocess, batch_size, workers, device.startswith("cuda")):

@@ -36,6 +36,7 @@ from fashionlens.data.augment import AugmentConfig, TrainPreprocess
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
+from fashionlens.index.embedding import decode_batches
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
@@ -99,25 +100,34 @@ def load_optimizer(folder: Path, opt: torch.optim.Optimizer, param_groups: list)
 
 
 def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Preprocess | None,
-               batch_size: int = 64) -> Callable[[Sequence[Path]], torch.Tensor]:
-    """``embed(paths) -> (N, D)`` with ``model`` in eval mode: from cached maps or from images."""
+               batch_size: int = 64, workers: int = 0) -> Callable[[Sequence[Path]], torch.Tensor]:
+    """``embed(paths) -> (N, D)`` with ``model`` in eval mode, from cached maps or from images
+    (decoded in ``workers`` processes). The row of an image that is not in the cache or cannot
+    be decoded is NaN, so that validation can leave it out instead of mixing it up with another."""
+
+    def nan_rows(n: int) -> torch.Tensor:
+        return torch.full((n, model.embedding_dim or 0), float("nan"))
 
     @torch.no_grad()
     def embed(paths: Sequence[Path]) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        outs = []
+        out = nan_rows(len(paths))
         try:
             if cache is not None:
-                for start in range(0, len(paths), 4 * batch_size):
-                    maps = cache.stack(paths[start:start + 4 * batch_size]).to(device)
-                    outs.append(model(maps, from_map=True)["embedding"].float().cpu())
+                rows = [i for i, p in enumerate(paths) if p in cache]
+                for start in range(0, len(rows), 4 * batch_size):
+                    chunk = rows[start:start + 4 * batch_size]
+                    maps = cache.stack([paths[i] for i in chunk]).to(device)
+                    out[chunk] = model(maps, from_map=True)["embedding"].float().cpu()
             else:
-                ds = IdentityDataset([(Path(p), 0) for p in paths], preprocess)
-                outs = [model.embed(x.to(device)).float().cpu() for x, _ in DataLoader(ds, batch_size=batch_size)]
+                pairs = [(i, str(p)) for i, p in enumerate(paths)]
+                for keys, batch, _errors in decode_batches(pairs, preprocess, batch_size, workers):
+                    if batch is not None:
+                        out[keys] = model.embed(batch.to(device)).float().cpu()
         finally:
             model.train(was_training)
-        return torch.cat(outs) if outs else torch.zeros((0, model.embedding_dim or 0))
+        return out
 
     return embed
 
@@ -212,20 +222,24 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
                if cfg.val_queries else None)
     cache = None
     if cfg.feature_cache:
-        cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
         needed = [p for p, _ in split.train + split.val] + (queries.all_paths() if queries else [])
-        if rank == 0:
+        if rank == 0:  # only rank 0 writes the cache; the others open it once it is complete
+            cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
             emit({"event": "cache", "images": len(needed)})
-            cache.ensure(needed, device=device, progress=lambda d, n: emit({"event": "cache_step", "done": d, "total": n}))
+            unreadable = cache.ensure(needed, device=device, workers=cfg.workers,
+                                      progress=lambda d, n: emit({"event": "cache_step", "done": d, "total": n}))
+            if unreadable:
+                emit({"event": "cache_unreadable", "images": unreadable})
         if world > 1:
             dist.barrier()
+        if rank != 0:
             cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
         aug = AugmentConfig(**(cfg.augment or {}))
         train_ds = CachedMapDataset(split.train, cache, MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min))
     else:
         train_ds = IdentityDataset(split.train, TrainPreprocess(size, mean, std, cfg.augment))
     val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
-    embed = make_embed(model, device, cache, Preprocess(size, mean, std))
+    embed = make_embed(model, device, cache, Preprocess(size, mean, std), workers=cfg.workers)
     sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, rank=rank, world_size=world)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=device.startswith("cuda"), persistent_workers=cfg.workers > 0)

@@ -6,7 +6,8 @@
   mapping lists for the query's label: the cross-domain measure the issue asks to improve.
   Scored gallery chunk by gallery chunk (running top-k), never as one query x gallery matrix.
 
-``embed(paths) -> (N, D) tensor`` is given by the trainer: from images, or from cached maps.
+``embed(paths) -> (N, D) tensor`` is given by the trainer: from images, or from cached maps; a
+NaN row marks an image that could not be embedded (a query left out, a gallery item never ranked).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ Embed = Callable[[Sequence[Path]], torch.Tensor]
 
 def identity_hit_rate(embeddings: torch.Tensor, labels: Sequence[int], ks=(1, 4), prefix: str = "val") -> dict:
     """Top-k hit rate of every row against the other rows (cosine), labels as identities."""
+    ok = ~torch.isnan(embeddings).any(dim=1)  # NaN rows: images that could not be embedded
+    embeddings, labels = embeddings[ok], [lab for lab, keep in zip(labels, ok.tolist()) if keep]
     if len(set(labels)) < 2:
         return {f"{prefix}_top{k}": None for k in ks}
     e = torch.nn.functional.normalize(embeddings.float(), dim=1)
@@ -53,6 +56,8 @@ class QueryValidation:
         if not q_items:
             raise UserError(f"{queries}: no query images")
         g_items = [it for it in open_catalog(Path(gallery)) if not isinstance(it, Missing)]
+        if not any(str(it.metadata.get(field, "") or "").strip() for it in g_items):
+            raise UserError(f"{gallery}: no catalog item has a value in the column {field!r} (val_field)")
         return cls([Path(it.path) for it in q_items], [rel(it).values for it in q_items],
                    [Path(it.path) for it in g_items], [str(it.metadata.get(field, "")) for it in g_items])
 
@@ -61,16 +66,25 @@ class QueryValidation:
 
     @torch.no_grad()
     def evaluate(self, embed: Embed, ks=(1, 4), chunk: int = 2048, prefix: str = "query") -> dict:
-        q = torch.nn.functional.normalize(embed(self.query_paths).float(), dim=1)
+        q = embed(self.query_paths).float()
+        q_ok = ~torch.isnan(q).any(dim=1)  # queries that could not be embedded are left out
+        q = torch.nn.functional.normalize(q[q_ok], dim=1)
+        query_ok = [ok for ok, keep in zip(self.query_ok, q_ok.tolist()) if keep]
         k_max = min(max(ks), len(self.gallery_paths))
         best_s = torch.full((len(q), 0), float("-inf"))
         best_i = torch.zeros((len(q), 0), dtype=torch.long)
         for start in range(0, len(self.gallery_paths), chunk):
-            g = torch.nn.functional.normalize(embed(self.gallery_paths[start:start + chunk]).float(), dim=1)
-            s = torch.cat([best_s, q @ g.T], dim=1)
+            g = embed(self.gallery_paths[start:start + chunk]).float()
+            g_bad = torch.isnan(g).any(dim=1)  # never ranked
+            scores = q @ torch.nn.functional.normalize(g.nan_to_num(0.0), dim=1).T
+            scores[:, g_bad] = float("-inf")
+            s = torch.cat([best_s, scores], dim=1)
             i = torch.cat([best_i, torch.arange(start, start + len(g)).expand(len(q), -1)], dim=1)
             best_s, pick = s.topk(min(k_max, s.shape[1]), dim=1)
             best_i = i.gather(1, pick)
-        hits = torch.tensor([[self.gallery_values[j] in ok for j in row] for row, ok in
-                             zip(best_i.tolist(), self.query_ok)], dtype=torch.bool)
+        if not len(q):
+            return {f"{prefix}_top{k}": None for k in ks}
+        hits = torch.tensor([[self.gallery_values[j] in ok and s > float("-inf") for j, s in zip(row, srow)]
+                             for row, srow, ok in zip(best_i.tolist(), best_s.tolist(), query_ok)],
+                            dtype=torch.bool).reshape(len(q), -1)
         return {f"{prefix}_top{k}": round(float(hits[:, :k].any(1).float().mean()), 6) for k in ks}
