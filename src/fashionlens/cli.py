@@ -212,7 +212,10 @@ def main() -> None:
         exc.show()
         sys.exit(2)
     except exits as exc:
-        sys.exit(getattr(exc, "exit_code", 1))
+        code = getattr(exc, "exit_code", 1)
+        if code == 130 and isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130)
+            console.print("interrupted; run the same command again to resume")
+        sys.exit(code)
     if isinstance(rc, int) and rc:  # typer.Exit(n) with standalone_mode=False returns n
         sys.exit(rc)
 
