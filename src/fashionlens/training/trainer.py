@@ -1,7 +1,9 @@
 """The training loop: P x K batches, batch-all triplet (+ identity) loss, per-epoch validation.
 
 Run folder ``cfg.out``: ``config.yaml`` (the run's settings), ``metrics.csv`` (one row per
-epoch), ``curves.png``, ``last/`` (every epoch) and ``best/`` (best ``val_top1``) checkpoints.
+epoch), ``curves.png``, ``last/`` (every epoch) and ``best/`` checkpoints. ``best/`` is the
+epoch with the best ``query_top1`` (labelled query photos, e.g. buyers', against the whole
+catalog: ``val_queries``) when queries are given, else the best ``val_top1`` (held-out identities).
 A checkpoint is :func:`save_checkpoint`'s folder plus ``optimizer.safetensors`` (the
 optimizer state flattened to ``state.<param>.<name>`` tensors; ``param_groups`` go to the
 checkpoint's JSON ``extra``): no pickle anywhere.
@@ -14,6 +16,10 @@ one would.
 DDP: when ``torch.distributed`` is initialised, or ``WORLD_SIZE`` > 1 (torchrun), each
 process trains on its share of the batches (nccl on CUDA, gloo on CPU); rank 0 validates and
 writes every file. Logged losses are rank 0's.
+
+Cached maps: with ``model.freeze_backbone`` and ``feature_cache``, rank 0 first computes the
+backbone's maps of every training, validation and query image (:mod:`feature_cache`); training
+and validation then run the neck and heads on the maps (``model(maps, from_map=True)``).
 """
 
 from __future__ import annotations
