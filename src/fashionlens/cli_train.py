@@ -99,5 +99,7 @@ def train_command(
 
 train_command.__doc__ = (
     "Train a retrieval model with the batch-all triplet loss on P x K batches (thesis A), "
-    "validating top-1/top-4 hit rate on held-out identities every epoch. Resumes from OUT/last "
-    "when it exists.\n\nSettings (YAML keys; nested ones with --set a.b=value):\n\n" + TrainConfig.help_text())
+    "validating top-1/top-4 hit rate on held-out identities every epoch (and, with val_queries, on "
+    "labelled query photos against the whole catalog, which then picks OUT/best). With "
+    "model.freeze_backbone and feature_cache the necks train on cached backbone maps. Resumes from "
+    "OUT/last when it exists.\n\nSettings (YAML keys; nested ones with --set a.b=value):\n\n" + TrainConfig.help_text())
