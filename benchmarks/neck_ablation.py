@@ -85,27 +85,19 @@ def best_row(metrics: Path) -> dict:
 def untrained_gap(cfg) -> dict:
     """GAP of the frozen, cached maps: the embedded default's embedding, nothing trained; on the
     consumer queries and on the held-out catalog identities of the same split as the runs."""
-    import torch
-
+    from fashionlens.models.builder import build_model
     from fashionlens.training.data import make_split
     from fashionlens.training.feature_cache import FeatureCache
+    from fashionlens.training.trainer import make_embed
     from fashionlens.training.validation import QueryValidation, identity_hit_rate
 
     q = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
     split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity, cfg.val_fraction,
                        cfg.seed, cfg.max_val_images)
-    cache = FeatureCache(cfg.feature_cache, cfg.model.backbone, cfg.model.input_size or 224,  # Lite0's size
-                         cfg.model.pretrained)
+    model, data_cfg = build_model(cfg.model.model_copy(update={"neck": {"type": "gap"}, "num_identities": None}))
+    cache = FeatureCache(cfg.feature_cache, cfg.model.backbone, int(data_cfg["input_size"][-1]), cfg.model.pretrained)
     cache.ensure(q.all_paths() + [p for p, _ in split.val])
-
-    def gap(paths):  # NaN rows for images the cache could not read (validation leaves them out)
-        out = torch.full((len(paths), cache.shape[0]), float("nan"))
-        rows = [i for i, p in enumerate(paths) if p in cache]
-        for start in range(0, len(rows), 512):
-            chunk = rows[start:start + 512]
-            out[chunk] = cache.stack([paths[i] for i in chunk]).mean(dim=(2, 3))
-        return out
-
+    gap = make_embed(model, "cpu", cache, None)  # NaN rows for images the cache could not read
     held_out = [p for p, _ in split.val]
     ident = identity_hit_rate(gap(held_out), [lab for _, lab in split.val]) if held_out else {}
     return {**q.evaluate(gap), **ident}

@@ -28,14 +28,13 @@ def main() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from fashionlens.data.augment import AugmentConfig, TrainPreprocess
     from fashionlens.data.sampler import PKSampler
     from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero
     from fashionlens.models.builder import build_model
     from fashionlens.training import load_train_config
-    from fashionlens.training.data import IdentityDataset, make_split
-    from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment
-    from fashionlens.training.trainer import _optimizer, identity_terms
+    from fashionlens.training.data import make_split
+    from fashionlens.training.feature_cache import FeatureCache
+    from fashionlens.training.trainer import _optimizer, identity_terms, train_dataset
 
     cfg = load_train_config(args.config, args.sets)
     split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity, 0.0, cfg.seed)
@@ -44,12 +43,8 @@ def main() -> None:
     size = int(data_cfg["input_size"][-1])
     model.to(cfg.device).train()
     cached = cfg.feature_cache is not None
-    if cached:
-        aug = AugmentConfig(**(cfg.augment or {}))
-        dataset = CachedMapDataset(split.train, FeatureCache(cfg.feature_cache, model_cfg.backbone, size),
-                                   MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min))
-    else:
-        dataset = IdentityDataset(split.train, TrainPreprocess(size, data_cfg["mean"], data_cfg["std"], cfg.augment))
+    cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size) if cached else None
+    dataset = train_dataset(cfg, split.train, cache, size, data_cfg["mean"], data_cfg["std"])
     sampler = PKSampler(dataset.labels, cfg.p, cfg.k, cfg.seed, args.batches + args.warmup)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers)
     optimizer = _optimizer(cfg, model)

@@ -138,11 +138,14 @@ class TrainPreprocess:
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.augment = augment if callable(augment) else build_train_augment(augment)
         # the crop acts on the photo before the letterbox; a callable ``augment`` has none
-        cfg = None if callable(augment) else (
-            augment if isinstance(augment, AugmentConfig) else AugmentConfig(**(augment or {})))
-        self.crop, self.crop_min = (cfg.crop, cfg.crop_min) if cfg else (0.0, 1.0)
+        self.crop, self.crop_min = 0.0, 1.0
+        if callable(augment):
+            self.augment = augment
+        else:
+            cfg = augment if isinstance(augment, AugmentConfig) else AugmentConfig(**(augment or {}))
+            self.augment = build_train_augment(cfg)
+            self.crop, self.crop_min = cfg.crop, cfg.crop_min
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.crop > 0 and float(torch.rand(())) < self.crop:

@@ -79,6 +79,7 @@ class FeatureCache:
             self.meta = dict(self.key)
         self._model = None
         self._rows: dict[str, tuple[int, int]] = {}  # path -> (part, row)
+        self._unreadable: set[str] = set()  # paths a part could not decode
         self._maps: list[np.ndarray] = []
         self._load_parts()
 
@@ -89,10 +90,12 @@ class FeatureCache:
 
     def _load_parts(self) -> None:
         self._rows.clear()
+        self._unreadable.clear()
         self._maps = []
         for p_idx, part in enumerate(self._parts()):
             state = _read_json(part / "state.json")
             bad = set(state.get("unreadable", {}))
+            self._unreadable |= bad
             try:
                 paths = (part / "paths.txt").read_text().splitlines()[: state["done"]]
                 self._maps.append(np.load(part / "maps.npy", mmap_mode="r"))
@@ -106,16 +109,24 @@ class FeatureCache:
     def shape(self) -> tuple[int, int, int] | None:
         return tuple(self.meta["shape"]) if "shape" in self.meta else None
 
+    def locate(self, path: str | Path) -> tuple[int, int] | None:
+        """Where the map of ``path`` is stored (part, row), or None when it is not cached."""
+        return self._rows.get(str(Path(path).resolve()))
+
     def __contains__(self, path: str | Path) -> bool:
-        return str(Path(path).resolve()) in self._rows
+        return self.locate(path) is not None
+
+    def load(self, location: tuple[int, int]) -> torch.Tensor:
+        """The (C, H, W) float32 map stored at a :meth:`locate` location."""
+        part, row = location
+        return torch.from_numpy(np.asarray(self._maps[part][row], dtype=np.float32))
 
     def get(self, path: str | Path) -> torch.Tensor:
         """The (C, H, W) float32 map of one image."""
-        key = str(Path(path).resolve())
-        if key not in self._rows:
+        location = self.locate(path)
+        if location is None:
             raise KeyError(f"{path} is not in the feature cache {self.folder}")
-        part, row = self._rows[key]
-        return torch.from_numpy(np.asarray(self._maps[part][row], dtype=np.float32))
+        return self.load(location)
 
     def stack(self, paths: Sequence[str | Path]) -> torch.Tensor:
         return torch.stack([self.get(p) for p in paths]) if paths else torch.zeros((0, *(self.shape or (0, 0, 0))))
@@ -156,8 +167,7 @@ class FeatureCache:
             if state["done"] < len(paths_in_part):
                 unreadable += self._fill(part, paths_in_part, state, device, batch_size, workers, progress)
         self._load_parts()
-        known = set(self._rows) | {b for part in self._parts()
-                                  for b in _read_json(part / "state.json").get("unreadable", {})}
+        known = set(self._rows) | self._unreadable
         todo = list(dict.fromkeys(str(Path(p).resolve()) for p in paths))
         todo = [p for p in todo if p not in known]
         if todo:
@@ -242,7 +252,8 @@ class CachedMapDataset(Dataset):
 
     def __init__(self, samples: Sequence[tuple[Path, int]], cache: FeatureCache,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.samples = [(p, label) for p, label in samples if p in cache]
+        located = [(cache.locate(p), label) for p, label in samples]  # paths resolved once, here
+        self.samples = [(loc, label) for loc, label in located if loc is not None]
         self.labels = [label for _, label in self.samples]
         self.cache, self.augment = cache, augment
 
@@ -250,6 +261,6 @@ class CachedMapDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        t = self.cache.get(path)
+        location, label = self.samples[index]
+        t = self.cache.load(location)
         return (self.augment(t) if self.augment else t), label

@@ -105,27 +105,33 @@ def load_optimizer(folder: Path, opt: torch.optim.Optimizer, param_groups: list)
     opt.load_state_dict({"state": state, "param_groups": param_groups})
 
 
+def train_dataset(cfg: TrainConfig, samples, cache: FeatureCache | None, size: int, mean, std):
+    """The training set with its augmentations: cached maps (flip, 180 degree rotation, crop on
+    the map) when ``cache`` is given, else decoded photos (every augmentation of ``cfg.augment``)."""
+    aug = AugmentConfig(**(cfg.augment or {}))
+    if cache is not None:
+        return CachedMapDataset(samples, cache, MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min))
+    return IdentityDataset(samples, TrainPreprocess(size, mean, std, aug))
+
+
 def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Preprocess | None,
                batch_size: int = 64, workers: int = 0) -> Callable[[Sequence[Path]], torch.Tensor]:
     """``embed(paths) -> (N, D)`` with ``model`` in eval mode, from cached maps or from images
     (decoded in ``workers`` processes). The row of an image that is not in the cache or cannot
     be decoded is NaN, so that validation can leave it out instead of mixing it up with another."""
 
-    def nan_rows(n: int) -> torch.Tensor:
-        return torch.full((n, model.embedding_dim or 0), float("nan"))
-
     @torch.no_grad()
     def embed(paths: Sequence[Path]) -> torch.Tensor:
         was_training = model.training
         model.eval()
-        out = nan_rows(len(paths))
+        out = torch.full((len(paths), model.embedding_dim or 0), float("nan"))
         try:
             if cache is not None:
-                rows = [i for i, p in enumerate(paths) if p in cache]
-                for start in range(0, len(rows), 4 * batch_size):
-                    chunk = rows[start:start + 4 * batch_size]
-                    maps = cache.stack([paths[i] for i in chunk]).to(device)
-                    out[chunk] = model(maps, from_map=True)["embedding"].float().cpu()
+                located = [(i, loc) for i, loc in enumerate(map(cache.locate, paths)) if loc is not None]
+                for start in range(0, len(located), 4 * batch_size):
+                    chunk = located[start:start + 4 * batch_size]
+                    maps = torch.stack([cache.load(loc) for _, loc in chunk]).to(device)
+                    out[[i for i, _ in chunk]] = model(maps, from_map=True)["embedding"].float().cpu()
             else:
                 pairs = [(i, str(p)) for i, p in enumerate(paths)]
                 for keys, batch, _errors in decode_batches(pairs, preprocess, batch_size, workers):
@@ -240,10 +246,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
             dist.barrier()
         if rank != 0:
             cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
-        aug = AugmentConfig(**(cfg.augment or {}))
-        train_ds = CachedMapDataset(split.train, cache, MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min))
-    else:
-        train_ds = IdentityDataset(split.train, TrainPreprocess(size, mean, std, cfg.augment))
+    train_ds = train_dataset(cfg, split.train, cache, size, mean, std)
     val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
     embed = make_embed(model, device, cache, Preprocess(size, mean, std), workers=cfg.workers)
     sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, rank=rank, world_size=world)
