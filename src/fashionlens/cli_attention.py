@@ -72,10 +72,11 @@ def attention_command(
         boxed, masks = attention_masks(net, image)  # no masks at all: UserError, exit 2
         stem = _stem(photo, used)
         written = [out_dir / f"{stem}-attention.png"]
-        attention_sheet(boxed, masks, normalize).save(written[0])
-        for key, branch_masks in masks.items():
+        images = {key: masked_images(boxed, branch_masks, normalize) for key, branch_masks in masks.items()}
+        attention_sheet(boxed, masks, normalize, images=images).save(written[0])
+        for key, branch_images in images.items():
             tag = file_tag(key, len(masks) > 1)
-            for i, img in enumerate(masked_images(boxed, branch_masks, normalize), 1):
+            for i, img in enumerate(branch_images, 1):
                 written.append(out_dir / f"{stem}-{tag}branch{i}.png")
                 img.save(written[-1])
         for path in written:

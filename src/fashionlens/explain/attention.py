@@ -128,11 +128,13 @@ def file_tag(key: str, several: bool) -> str:
 
 
 def attention_sheet(image: Image.Image, masks_by_name: Mapping[str, np.ndarray], normalize: bool = False,
-                    gap: int = 4) -> Image.Image:
+                    gap: int = 4, images: Mapping[str, list[Image.Image]] | None = None) -> Image.Image:
     """One RGB image: the input, then every branch's masked image, side by side on white, each
-    captioned below ("input"; "branch i" and the raw mask's range "mask lo-hi")."""
+    captioned below ("input"; "branch i" and the raw mask's range "mask lo-hi"). ``images``:
+    the :func:`masked_images` of each key when the caller already has them."""
     image = image.convert("RGB")
-    images = {key: masked_images(image, masks, normalize) for key, masks in masks_by_name.items()}
+    if images is None:
+        images = {key: masked_images(image, masks, normalize) for key, masks in masks_by_name.items()}
     tiles = [(image, "input", "")]
     for key, i, caption in branch_labels(masks_by_name):
         m = masks_by_name[key][i]
