@@ -165,6 +165,7 @@ def info(index_dir: Annotated[Path, typer.Argument(help="index folder")]):
 
 
 def _register_subcommands() -> None:
+    from fashionlens.cli_adapt import adapt_command
     from fashionlens.cli_attention import attention_command
     from fashionlens.cli_evaluate import demo, evaluate_app
     from fashionlens.cli_train import train_command
@@ -173,6 +174,7 @@ def _register_subcommands() -> None:
     app.command()(demo)
     app.command("train")(train_command)
     app.command("attention")(attention_command)
+    app.command("adapt")(adapt_command)
 
 
 _register_subcommands()

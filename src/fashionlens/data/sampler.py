@@ -20,6 +20,9 @@ Choices
 * An epoch is a shuffled pass over the eligible identities cut into groups of P (the
   remainder dropped): the P identities of a batch are always distinct. More batches than one
   pass gives (``batches_per_epoch``) start further shuffled passes.
+* ``identity_weights`` (identity -> weight >= 0): instead of shuffled passes, every batch
+  draws its P distinct identities with probability proportional to the weight (e.g. to give
+  mined target identities a fixed share of each batch beside the source ones).
 * Randomness comes from ``numpy.random.default_rng((seed, epoch))``: the same (seed, epoch)
   gives the same batches, on any machine.
 * DDP: all ranks build the same global list of ``len(self) * world_size`` batches and rank r
@@ -35,7 +38,9 @@ are the P identities' images, identity by identity (K each); the positions after
 extras. ``anchor_mask(len(batch))`` / ``is_extra_position(i)`` give this; give the extras a
 label distinct from every identity (e.g. -1) before the triplet loss. The same dataset index
 may be a regular image of one identity and an extra of another, so the flag is a property
-of the position in the batch, not of the dataset index.
+of the position in the batch, not of the dataset index. Integer labels below 0 are never
+drawn as identities: a dataset keeps its pool of mined negatives under label -1, reachable
+only as extras.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class PKSampler(Sampler[list[int]]):
         extra_negatives: Mapping[Hashable, Sequence[int]] | None = None,
         rank: int = 0,
         world_size: int = 1,
+        identity_weights: Mapping[Hashable, float] | None = None,
     ):
         if p < 1 or k < 1:
             raise ValueError(f"p and k must be >= 1, got p={p}, k={k}")
@@ -71,6 +77,8 @@ class PKSampler(Sampler[list[int]]):
             labels = labels.tolist()
         groups: dict[Hashable, list[int]] = {}
         for i, label in enumerate(labels):
+            if isinstance(label, (int, np.integer)) and label < 0:
+                continue  # pool of mined negatives: reachable only through extra_negatives
             groups.setdefault(label, []).append(i)
         self.identities: list[Hashable] = [c for c, idx in groups.items() if len(idx) >= 2]
         self.excluded_ids: list[Hashable] = [c for c, idx in groups.items() if len(idx) < 2]
@@ -94,6 +102,13 @@ class PKSampler(Sampler[list[int]]):
             if ident in position and arr.size:
                 self._extras[position[ident]] = arr
 
+        self._weights: np.ndarray | None = None
+        if identity_weights is not None:
+            w = np.asarray([float(identity_weights.get(c, 0.0)) for c in self.identities])
+            if not np.all(np.isfinite(w)) or (w < 0).any() or (w > 0).sum() < self.p:
+                raise ValueError(f"identity_weights: need finite weights >= 0, at least p={self.p} of them > 0")
+            self._weights = w / w.sum()
+
         per_pass = len(self.identities) // self.p
         if batches_per_epoch is None:
             batches_per_epoch = max(1, per_pass // self.world_size)
@@ -115,6 +130,12 @@ class PKSampler(Sampler[list[int]]):
         needed = self.batches_per_epoch * self.world_size
         made = 0
         while made < needed:
+            if self._weights is not None:  # weighted: P distinct identities per batch, drawn by weight
+                batch = self._batch(rng.choice(n_ids, self.p, replace=False, p=self._weights), rng)
+                if made % self.world_size == self.rank:
+                    yield batch
+                made += 1
+                continue
             order = rng.permutation(n_ids)
             for b in range(min(per_pass, needed - made)):
                 chosen = order[b * self.p:(b + 1) * self.p]
@@ -157,6 +178,13 @@ class PKSampler(Sampler[list[int]]):
         """Bool ``(batch_len,)``: True for the P x K regular positions (may be anchor/positive),
         False for the appended mined negatives. Pass it to ``BatchAllTripletLoss``."""
         return torch.arange(batch_len, device=device) < self.regular_size
+
+    def mark_extras(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels with every extra position set to -1, anchor mask) for a yielded batch's labels:
+        what ``BatchAllTripletLoss(embeddings, labels, anchor_mask=mask)`` needs so that the
+        mined negatives ("M+N") are negatives of every anchor and never anchor or positive."""
+        anchors = self.anchor_mask(len(labels), device=labels.device)
+        return labels.masked_fill(~anchors, -1), anchors
 
     def __repr__(self) -> str:
         return (

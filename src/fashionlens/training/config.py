@@ -117,13 +117,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def with_model_defaults(data: dict) -> dict:
+    """``data`` with the model's defaults under its own ``model`` settings, so that
+    ``--set model.neck.dim=128`` edits the default neck (a neck given in the YAML still
+    replaces the default neck as a whole)."""
+    data = dict(data)
+    if isinstance(data.get("model", {}), dict):
+        data["model"] = {**ModelConfig().model_dump(mode="json"), **(data.get("model") or {})}
+    return data
+
+
 def load_train_config(path: str | Path | None = None, sets: list[str] | None = None, **overrides) -> TrainConfig:
     """Defaults -> YAML file (if any) -> ``--set`` overrides -> keyword overrides that are not None."""
-    data = read_yaml_mapping(path) if path is not None else {}
-    if isinstance(data.get("model", {}), dict):
-        # the model's defaults first, so that --set model.neck.dim=128 edits the default neck
-        # (a neck given in the YAML still replaces the default neck as a whole)
-        data["model"] = {**ModelConfig().model_dump(mode="json"), **(data.get("model") or {})}
+    data = with_model_defaults(read_yaml_mapping(path) if path is not None else {})
     data = apply_overrides(data, sets or [])
     data.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.load(None, **data)

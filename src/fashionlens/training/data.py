@@ -117,3 +117,47 @@ class IdentityDataset(Dataset):
                 continue
             return self.transform(img), label
         raise UserError(f"no image of identity {label} can be read (first: {path})")
+
+
+@dataclass
+class MinedIdentities:
+    """Pseudo-identities mined on unlabeled target photos (thesis A, 3.2.4): identity ``q`` is
+    ``positives[q]`` (its query and the query's ranks 1..m), and ``negatives[q]`` (ranks i..j)
+    join a batch that draws it as negatives that never act as anchor or positive."""
+
+    positives: list[list[Path]]
+    negatives: list[list[Path]]
+
+    def __len__(self) -> int:
+        return len(self.positives)
+
+    def paths(self) -> list[Path]:
+        return [p for group in self.positives + self.negatives for p in group]
+
+
+def with_mined(source: Sequence[tuple[Path, int]], n_source: int, mined: MinedIdentities
+               ) -> tuple[list[tuple[Path, int]], dict[int, list[int]]]:
+    """Training samples of source + mined identities, and each mined identity's negatives.
+
+    Mined identity ``q`` gets label ``n_source + q`` (left out when it has fewer than two photos). Every negative photo is added once more
+    under label -1 (the PKSampler never draws label -1; it only joins batches as an extra of
+    the identities that list it), so the returned mapping is label -> sample indices."""
+    samples = list(source)
+    usable = [len(group) >= 2 for group in mined.positives]  # a single photo gives no positive pair
+    for q, group in enumerate(mined.positives):
+        if usable[q]:
+            samples += [(Path(p), n_source + q) for p in group]
+    pool: dict[Path, int] = {}
+    extras: dict[int, list[int]] = {}
+    for q, group in enumerate(mined.negatives):
+        if not usable[q]:
+            continue
+        indices = []
+        for p in map(Path, group):
+            if p not in pool:
+                pool[p] = len(samples)
+                samples.append((p, -1))
+            indices.append(pool[p])
+        if indices:
+            extras[n_source + q] = indices
+    return samples, extras

@@ -46,7 +46,7 @@ from fashionlens.index.embedding import decode_batches
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
-from fashionlens.training.data import IdentityDataset, make_split
+from fashionlens.training.data import IdentityDataset, MinedIdentities, make_split, with_mined
 from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment
 from fashionlens.training.validation import QueryValidation, identity_hit_rate
 
@@ -76,9 +76,21 @@ def _optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimize
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def identity_terms(outputs: dict, labels: torch.Tensor, id_loss) -> torch.Tensor:
+def identity_terms(outputs: dict, labels: torch.Tensor, id_loss, num_classes: int | None = None) -> torch.Tensor:
     """Identity loss of the embedding's classifier plus the mean over the stripe classifiers
-    (each stripe of a stripes neck has one, thesis A chapter 4), when there are any."""
+    (each stripe of a stripes neck has one, thesis A chapter 4), when there are any.
+
+    With ``num_classes``, only samples labelled 0..num_classes-1 count (mined target identities
+    and their negatives have no classifier); 0, attached to the graph, when the batch has none."""
+    if num_classes is not None:
+        keep = (labels >= 0) & (labels < num_classes)
+        if not bool(keep.any()):
+            return outputs["id_logits"].sum() * 0.0
+        if not bool(keep.all()):
+            outputs = {key: (value[keep] if key == "id_logits" else
+                             [t[keep] for t in value] if key.endswith("stripe_logits") else value)
+                       for key, value in outputs.items()}
+            labels = labels[keep]
     loss = id_loss(outputs["id_logits"].float(), labels)
     stripe_logits = [t for key, value in outputs.items() if key.endswith("stripe_logits") for t in value]
     if stripe_logits:
@@ -187,21 +199,52 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def train(cfg: TrainConfig, progress=None) -> dict:
+def train(cfg: TrainConfig, progress=None, init: str | Path | None = None,
+          mined: MinedIdentities | None = None, mined_share: float | None = None) -> dict:
     """Train (or resume) the run of ``cfg``; returns the last epoch's metrics row.
+
+    ``init``: a checkpoint whose weights start a new run (same model config; its identity
+    classifier is kept when it was trained on the same identities). ``mined``: pseudo-identities
+    of target photos trained beside the source identities (cross-domain mining); their negatives
+    join the batches as negatives only. ``mined_share``: the share of a batch's P identities
+    drawn from the mined ones on average (None: all identities alike, as the thesis).
 
     ``progress(event: dict)`` is called on rank 0 with ``{"event": "start", ...}``,
     ``{"event": "step", "epoch", "batch", "batches", "loss"}`` and ``{"event": "epoch", **row}``.
     """
     rank, world, owned, device = _setup_distributed(cfg)
     try:
-        return _train(cfg, progress if rank == 0 else None, rank, world, device)
+        return _train(cfg, progress if rank == 0 else None, rank, world, device, init, mined, mined_share)
     finally:
         if owned:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> dict:
+def _is_classifier(key: str) -> bool:
+    """Identity classifiers: the id head and the stripes' classifiers (one class per identity)."""
+    return key.startswith("id_head.") or ".classifiers." in key
+
+
+def _init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities: list[str]) -> None:
+    """Copy the weights of checkpoint ``init`` into ``model`` (see :func:`train`)."""
+    if not is_checkpoint(init):
+        raise UserError(f"{init}: not a checkpoint folder (no config.json + model.safetensors)")
+    source, source_cfg, extra = load_checkpoint(init)
+    skip = {"pretrained", "num_identities"}
+    if source_cfg.model_dump(exclude=skip) != model_cfg.model_dump(exclude=skip):
+        raise UserError(f"{init}: its model config differs from this run's model; "
+                        f"set the run's model to the checkpoint's ({source_cfg.model_dump(exclude=skip)})")
+    state = source.state_dict()
+    if extra.get("train_identities") != identities or source_cfg.num_identities != model_cfg.num_identities:
+        state = {k: v for k, v in state.items() if not _is_classifier(k)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_classifier(k)]
+    if missing or unexpected:
+        raise UserError(f"{init}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=None,
+           mined: MinedIdentities | None = None, mined_share: float | None = None) -> dict:
     out = Path(cfg.out)
     last_dir, best_dir = out / "last", out / "best"
     emit = progress or (lambda event: None)
@@ -222,6 +265,8 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
         best = float("-inf") if extra.get("best_top1") is None else float(extra["best_top1"])
     else:
         model, _ = build_model(model_cfg)
+        if init is not None:
+            _init_weights(model, init, model_cfg, split.train_identities)
     data_cfg = model.data_config
     size, mean, std = int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"]
     model.to(device).train()
@@ -234,7 +279,8 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
                if cfg.val_queries else None)
     cache = None
     if cfg.feature_cache:
-        needed = [p for p, _ in split.train + split.val] + (queries.all_paths() if queries else [])
+        needed = ([p for p, _ in split.train + split.val] + (queries.all_paths() if queries else [])
+                  + (mined.paths() if mined else []))
         if rank == 0:  # only rank 0 writes the cache; the others open it once it is complete
             cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
             emit({"event": "cache", "images": len(needed)})
@@ -246,10 +292,22 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
             dist.barrier()
         if rank != 0:
             cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
-    train_ds = train_dataset(cfg, split.train, cache, size, mean, std)
+    n_source = len(split.train_identities)
+    samples, extras, weights = split.train, None, None
+    if mined is not None:
+        if cache is not None:  # unreadable photos are not in the cache: leave them out first
+            mined = MinedIdentities([[p for p in g if p in cache] for g in mined.positives],
+                                    [[p for p in g if p in cache] for g in mined.negatives])
+        source = [(p, label) for p, label in split.train if cache is None or p in cache]
+        samples, extras = with_mined(source, n_source, mined)
+        if mined_share is not None and len(mined):
+            weights = {label: (mined_share / len(mined) if label >= n_source else (1 - mined_share) / n_source)
+                       for label in range(n_source + len(mined))}
+    train_ds = train_dataset(cfg, samples, cache, size, mean, std)
     val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
     embed = make_embed(model, device, cache, Preprocess(size, mean, std), workers=cfg.workers)
-    sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, rank=rank, world_size=world)
+    sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, extra_negatives=extras,
+                        rank=rank, world_size=world, identity_weights=weights)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=device.startswith("cuda"), persistent_workers=cfg.workers > 0)
     triplet_loss = BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
@@ -262,6 +320,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     emit({"event": "start", "start_epoch": start_epoch, "epochs": cfg.epochs, "batches": len(sampler),
           "train_images": len(train_ds), "train_identities": len(split.train_identities),
+          "mined_identities": len(mined) if mined is not None else 0,
           "val_images": len(val_samples), "val_identities": len(split.val_identities), "dropped": split.dropped,
           "world_size": world, "device": device})
     row: dict = rows[-1] if rows else {}
@@ -276,10 +335,13 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str) -> di
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 outputs = net(images, from_map=cache is not None)
             terms = {}
+            anchors = None
+            if extras:  # mined negatives at the batch's end: negatives only ("M+N")
+                labels, anchors = sampler.mark_extras(labels)
             if cfg.triplet > 0:
-                terms["triplet"] = triplet_loss(outputs["embedding"].float(), labels)
+                terms["triplet"] = triplet_loss(outputs["embedding"].float(), labels, anchor_mask=anchors)
             if cfg.identity > 0:
-                terms["identity"] = identity_terms(outputs, labels, id_loss)
+                terms["identity"] = identity_terms(outputs, labels, id_loss, n_source)
             loss, values = weighted(terms)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"epoch {epoch}: the loss is {float(loss)}; lower lr?")

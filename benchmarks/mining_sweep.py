@@ -1,0 +1,73 @@
+"""Cross-domain mining, first round: a sweep of m, i, j (thesis A, figure 3.13) and other
+settings, each variant one ``fashionlens adapt CONFIG --rounds 1 --set ...`` run; JSON out.
+
+Every row reports the round's validation (the run's ``train.val_queries``, e.g. consumer
+``validation/`` -> catalog) at its best epoch, round 0's for comparison, and the mining's
+pseudo-label precision when ``target_labels`` is on. Runs resume (an interrupted sweep is
+continued by running the same command again).
+
+    python benchmarks/mining_sweep.py configs/adapt-cpu.yaml --runs runs/mining-sweep \
+        [--only NAME ...] [--set key=value ...]      # extra overrides for every variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from _common import emit
+
+VARIANTS: dict[str, list[str]] = {
+    # the thesis' choice
+    "m10_i30_j40": [],
+    # m: how many top ranks become positives
+    "m5_i30_j40": ["m=5"],
+    "m20_i30_j40": ["m=20"],
+    # i..j: where the negatives come from (consumer categories hold ~300 photos each here)
+    "m10_i100_j110": ["i=100", "j=110"],
+    "m10_i300_j310": ["i=300", "j=310"],
+    "m10_i1000_j1010": ["i=1000", "j=1010"],
+    # how much of a batch the mined identities take (None: all identities alike, as the thesis)
+    "m10_i30_j40_share30": ["mined_share=0.3"],
+    "m10_i300_j310_share30": ["i=300", "j=310", "mined_share=0.3"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--runs", default="runs/mining-sweep")
+    parser.add_argument("--only", nargs="*", help="variant names (default: all)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every variant")
+    args = parser.parse_args()
+
+    from fashionlens.training.adapt import adapt, load_adapt_config
+
+    names = args.only or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    rows = {}
+    for name in names:
+        sets = VARIANTS[name] + args.sets
+        out = Path(args.runs) / name
+        cfg = load_adapt_config(args.config, sets, out=str(out), rounds=1, patience=1)
+        t0 = time.time()
+        result = adapt(cfg)
+        mining = json.loads((out / "round-1" / "mining.json").read_text())
+        rows[name] = {
+            "round0": {k: result[0].get(k) for k in ("query_top1", "query_top4")},
+            "round1": {k: result[1].get(k) for k in ("query_top1", "query_top4", "epoch")},
+            **{k: mining.get(k) for k in ("positive_precision", "negative_same_label")},
+            "wall_seconds": round(time.time() - t0, 1),
+            "command": f"fashionlens adapt {args.config} --rounds 1 " + " ".join(f"--set '{s}'" for s in sets)
+            + f" --out {out}"}
+        print(name, rows[name], file=sys.stderr, flush=True)
+    emit({"benchmark": "mining_sweep", "config": args.config, "variants": rows})
+
+
+if __name__ == "__main__":
+    main()

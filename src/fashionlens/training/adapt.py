@@ -1,0 +1,268 @@
+"""``fashionlens adapt``: cross-domain mining rounds (thesis A, 3.2.4).
+
+From a trained model (round 0), each round r = 1..R:
+
+1. mine pseudo-identities on the unlabeled target photos with the model of round r-1
+   (:mod:`fashionlens.training.mining`): ``round-r/mined.csv``, ``round-r/mining.json``;
+2. retrain, starting from round r-1's weights, on the source identities + the mined ones
+   (mined negatives join the batches as negatives only): ``round-r/train/`` is an ordinary
+   training run folder (metrics.csv, curves.png, last/, best/ chosen on validation);
+3. record the round's best validation row in ``round-r/round.json`` and ``rounds.csv``.
+
+It stops after ``rounds`` rounds, or earlier when the validation metric (``query_top1`` with
+``train.val_queries``, else ``val_top1``) has not improved on the best earlier round for
+``patience`` rounds. An interrupted run continues: finished rounds (``round.json``) are kept,
+a round with its ``mined.csv`` is not mined again, and its training resumes from ``last/``.
+The best round's model is ``round-<best>/train/best`` (or ``init`` when no round beat it),
+named in ``rounds.csv`` and ``best.json``.
+
+Scaling m, i, j (thesis: m = 10, i = 30, j = 40, on a target of many items with few photos
+each): ranks 1..m should hold photos of the query's own identity, and ranks i..j should lie
+just *beyond* them (hard negatives). With a target of T photos in which an identity has about
+n photos, take m < n and i a little above n; when identities are coarse (a category with
+hundreds of photos), ranks 30..40 are mostly the query's own category and act as false
+negatives: raise i and j (or measure ``negative_same_label`` with ``target_labels``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+from pydantic import Field, model_validator
+
+from fashionlens.config import Config, read_yaml_mapping
+from fashionlens.data.transforms import Preprocess
+from fashionlens.errors import UserError
+from fashionlens.models.builder import is_checkpoint, load_checkpoint
+from fashionlens.training.config import TrainConfig, apply_overrides, with_model_defaults
+from fashionlens.training.data import make_split
+from fashionlens.training.feature_cache import FeatureCache
+from fashionlens.training.mining import (TargetPhotos, label_precision, mine, read_mined_csv, to_identities,
+                                         write_mined_csv)
+from fashionlens.training.trainer import _setup_distributed, make_embed, train
+from fashionlens.training.validation import QueryValidation, identity_hit_rate
+
+ROUND_COLUMNS = ["round", "query_top1", "query_top4", "val_top1", "val_top4", "epoch", "mined_identities",
+                 "positive_precision", "negative_same_label", "model"]
+
+
+class AdaptConfig(Config):
+    train: TrainConfig = Field(..., description="the retraining of each round (a mapping, or the path of a "
+                               "train YAML): model, source catalog and identities, validation, loss, "
+                               "epochs and batches per round; its 'out' is replaced by OUT/round-N/train")
+    init: str = Field(..., description="round 0: a trained checkpoint folder with the same model config")
+    target: str = Field(..., description="folder of unlabeled target-domain photos (e.g. buyers' photos)")
+    target_labels: bool = Field(False, description="measurement only: each target photo's sub-folder is its "
+                                "label; report each round's pseudo-label precision (never used to train)")
+    queries: int = Field(1000, ge=1, description="target photos drawn as queries per round (the rest is the gallery)")
+    m: int = Field(10, ge=1, description="ranks 1..m of a query are its pseudo-positives")
+    i: int = Field(30, ge=2, description="ranks i..j of a query are its identity's negatives")
+    j: int = Field(40, ge=2, description="last rank of the negatives")
+    rounds: int = Field(4, ge=1, description="mining rounds after round 0")
+    patience: int = Field(1, ge=1, description="stop after this many rounds without a better validation metric")
+    mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
+                                      "drawn from the mined ones (None: all identities alike, as the thesis)")
+    index_type: str = Field("auto", pattern="^(auto|flat|hnsw|ivfpq)$", description="target index (auto: exact "
+                            "up to flat_max photos, IVF-PQ above)")
+    flat_max: int = Field(100_000, ge=1, description="largest target gallery searched exactly when auto")
+    out: str = Field("runs/adapt", description="run folder: rounds.csv, best.json, round-N/")
+    seed: int = Field(0, description="seed of the query draws (round r draws with seed + r)")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptConfig:
+        if not self.m < self.i <= self.j:
+            raise ValueError(f"need m < i <= j, got m={self.m}, i={self.i}, j={self.j}")
+        if not self.train.val_queries and self.train.val_fraction == 0:
+            raise ValueError("the rounds need a validation metric: set train.val_queries (+ val_mapping) "
+                             "or train.val_fraction > 0")
+        return self
+
+    @classmethod
+    def help_text(cls) -> str:
+        lines = [f"{n} = {'(required)' if f.is_required() else repr(f.default)}: {f.description or ''}"
+                 for n, f in cls.model_fields.items() if n != "train"]
+        return "\n\n".join(lines + ["train.<setting>: every setting of `fashionlens train --help`"])
+
+
+def load_adapt_config(path: str | Path | None = None, sets: list[str] | None = None, **overrides) -> AdaptConfig:
+    """Defaults -> YAML -> ``--set`` overrides (``train.lr=1e-4``) -> keyword overrides not None.
+    ``train`` may be a mapping or the path of a training YAML."""
+    data = read_yaml_mapping(path) if path is not None else {}
+    if isinstance(data.get("train"), str):
+        data["train"] = read_yaml_mapping(Path(data["train"]))
+    if isinstance(data.get("train"), dict):
+        data["train"] = with_model_defaults(data["train"])
+    data = apply_overrides(data, sets or [])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return AdaptConfig.load(None, **data)
+
+
+def _round_dir(cfg: AdaptConfig, r: int) -> Path:
+    return Path(cfg.out) / f"round-{r}"
+
+
+def _embedder(cfg: AdaptConfig, checkpoint: Path, device: str, extra_paths: list[Path], progress):
+    """embed(paths) with the model of ``checkpoint`` (on cached maps when the run uses a cache)."""
+    model, _, _ = load_checkpoint(checkpoint, device)
+    model.to(device).eval()
+    data_cfg = model.data_config
+    size = int(data_cfg["input_size"][-1])
+    cache = None
+    if cfg.train.feature_cache:
+        cache = FeatureCache(cfg.train.feature_cache, cfg.train.model.backbone, size, cfg.train.model.pretrained)
+        progress({"event": "cache", "images": len(extra_paths)})
+        cache.ensure(extra_paths, device=device, workers=cfg.train.workers,
+                     progress=lambda d, n: progress({"event": "cache_step", "done": d, "total": n}))
+    return make_embed(model, device, cache, Preprocess(size, data_cfg["mean"], data_cfg["std"]),
+                      workers=cfg.train.workers)
+
+
+def evaluate_checkpoint(cfg: AdaptConfig, checkpoint: Path, device: str, progress) -> dict:
+    """The validation row of round 0 (the ``init`` model), as the trainer computes it each epoch."""
+    t = cfg.train
+    queries = QueryValidation.load(t.val_queries, t.val_mapping, t.catalog, t.val_field) if t.val_queries else None
+    split = make_split(t.catalog, t.identity_columns, t.min_images_per_identity, t.val_fraction, t.seed,
+                       t.max_val_images)
+    paths = [p for p, _ in split.val] + (queries.all_paths() if queries else [])
+    embed = _embedder(cfg, checkpoint, device, paths, progress)
+    row = identity_hit_rate(embed([p for p, _ in split.val]), [lab for _, lab in split.val])
+    if queries is not None:
+        row.update(queries.evaluate(embed))
+    return row
+
+
+def _best_row(metrics_csv: Path, metric: str) -> dict:
+    with open(metrics_csv, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get(metric) not in (None, "")]
+    if not rows:
+        raise UserError(f"{metrics_csv}: no epoch has {metric}")
+    return max(rows, key=lambda r: float(r[metric]))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _write_rounds(cfg: AdaptConfig, rows: list[dict], best: dict) -> None:
+    out = Path(cfg.out)
+    tmp = out / "rounds.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in ROUND_COLUMNS} for r in rows)
+    os.replace(tmp, out / "rounds.csv")
+    _write_json(out / "best.json", best)
+
+
+def adapt(cfg: AdaptConfig, progress=None) -> list[dict]:
+    """Run (or continue) the mining rounds of ``cfg``; returns one row per round, 0 first."""
+    rank, world, owned, device = _setup_distributed(cfg.train)
+    emit = (progress or (lambda event: None)) if rank == 0 else (lambda event: None)
+    try:
+        return _adapt(cfg, emit, rank, world, device)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def _adapt(cfg: AdaptConfig, emit, rank: int, world: int, device: str) -> list[dict]:
+    if not is_checkpoint(cfg.init):
+        raise UserError(f"init {cfg.init}: not a checkpoint folder (config.json + model.safetensors)")
+    target = TargetPhotos.read(cfg.target)
+    if cfg.target_labels and not any(target.labels):
+        raise UserError(f"target_labels: the photos of {cfg.target} lie in no sub-folders (no labels)")
+    out, metric = Path(cfg.out), cfg.train.best_metric
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    rows: list[dict] = []
+    zero = _round_dir(cfg, 0)
+    if (zero / "round.json").is_file():
+        rows.append(json.loads((zero / "round.json").read_text()))
+    else:
+        emit({"event": "round", "round": 0, "what": "evaluating the initial model"})
+        if rank == 0:
+            zero.mkdir(parents=True, exist_ok=True)
+            row = {"round": 0, **evaluate_checkpoint(cfg, Path(cfg.init), device, emit), "model": str(cfg.init)}
+            _write_json(zero / "round.json", row)
+        if world > 1:
+            dist.barrier()
+        rows.append(json.loads((zero / "round.json").read_text()))
+    best = {"round": 0, metric: rows[0].get(metric), "model": str(cfg.init)}
+    stale = 0
+    emit({"event": "round_done", **rows[0]})
+
+    for r in range(1, cfg.rounds + 1):
+        folder, previous = _round_dir(cfg, r), Path(rows[-1]["model"])
+        if (folder / "round.json").is_file():
+            row = json.loads((folder / "round.json").read_text())
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            mined_csv = folder / "mined.csv"
+            if not mined_csv.is_file() and rank == 0:
+                emit({"event": "round", "round": r, "what": f"mining with {previous}"})
+                embed = _embedder(cfg, previous, device, target.paths, emit)
+                found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.m, cfg.i, cfg.j,
+                             seed=cfg.seed + r, index_type=cfg.index_type, flat_max=cfg.flat_max,
+                             progress=lambda d, n: emit({"event": "mine_step", "done": d, "total": n}))
+                info = {"round": r, "queries": len(found.queries), "index": found.index, "model": str(previous)}
+                if cfg.target_labels:
+                    info.update(label_precision(found, target.labels))
+                _write_json(folder / "mining.json", info)
+                write_mined_csv(mined_csv, found, target, with_labels=cfg.target_labels)
+            if world > 1:
+                dist.barrier()
+            mined = read_mined_csv(mined_csv)
+            info = json.loads((folder / "mining.json").read_text()) if (folder / "mining.json").is_file() else {}
+            emit({"event": "round", "round": r, "what": f"training on the source + {len(mined)} mined identities",
+                  **{k: info.get(k) for k in ("positive_precision", "negative_same_label")}})
+            train_cfg = cfg.train.model_copy(update={"out": str(folder / "train")})
+            train(train_cfg, progress=emit, init=previous, mined=mined, mined_share=cfg.mined_share)
+            best_epoch = _best_row(folder / "train" / "metrics.csv", metric)
+            row = {"round": r, "mined_identities": len(mined), "model": str(folder / "train" / "best"),
+                   "positive_precision": info.get("positive_precision"),
+                   "negative_same_label": info.get("negative_same_label"),
+                   **{k: (float(v) if v not in (None, "") else None) for k, v in best_epoch.items()
+                      if k in ("query_top1", "query_top4", "val_top1", "val_top4")},
+                   "epoch": int(best_epoch["epoch"])}
+            if rank == 0:
+                _write_json(folder / "round.json", row)
+            if world > 1:
+                dist.barrier()
+        rows.append(row)
+        value = row.get(metric)
+        if value is not None and (best[metric] is None or value > best[metric]):
+            best, stale = {"round": r, metric: value, "model": row["model"]}, 0
+        else:
+            stale += 1
+        if rank == 0:
+            _write_rounds(cfg, rows, best)
+        emit({"event": "round_done", **row})
+        if stale >= cfg.patience:
+            emit({"event": "stopped", "round": r, "best": best})
+            break
+    if rank == 0:
+        _write_rounds(cfg, rows, best)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fashionlens.training.adapt CONFIG.yaml [a.b=value ...]`` (also under torchrun)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    rows = adapt(load_adapt_config(args[0], args[1:]))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(rows[-1]))
+
+
+if __name__ == "__main__":
+    main()
