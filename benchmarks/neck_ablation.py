@@ -95,7 +95,7 @@ def untrained_gap(cfg) -> dict:
     split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity, cfg.val_fraction,
                        cfg.seed, cfg.max_val_images)
     model, data_cfg = build_model(cfg.model.model_copy(update={"neck": {"type": "gap"}, "num_identities": None}))
-    cache = FeatureCache(cfg.feature_cache, cfg.model.backbone, int(data_cfg["input_size"][-1]), cfg.model.pretrained)
+    cache = FeatureCache.for_model(cfg.feature_cache, cfg.model, int(data_cfg["input_size"][-1]))
     cache.ensure(q.all_paths() + [p for p, _ in split.val])
     gap = make_embed(model, "cpu", cache, None)  # NaN rows for images the cache could not read
     held_out = [p for p, _ in split.val]

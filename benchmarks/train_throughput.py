@@ -43,7 +43,7 @@ def main() -> None:
     size = int(data_cfg["input_size"][-1])
     model.to(cfg.device).train()
     cached = cfg.feature_cache is not None
-    cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size) if cached else None
+    cache = FeatureCache.for_model(cfg.feature_cache, model_cfg, size) if cached else None
     dataset = train_dataset(cfg, split.train, cache, size, data_cfg["mean"], data_cfg["std"])
     sampler = PKSampler(dataset.labels, cfg.p, cfg.k, cfg.seed, args.batches + args.warmup)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers)

@@ -132,6 +132,42 @@ def test_freeze_backbone():
     assert torch.equal(bns[0].running_mean, stats)
 
 
+@pytest.mark.parametrize("backbone,stage", [("lite0", "blocks.6"), ("resnet18", "layer4")])
+def test_trainable_from_trains_only_the_tail(backbone, stage):
+    from fashionlens.models.backbones import backbone_stages
+
+    model, _ = build_model(ModelConfig(backbone=backbone, pretrained=False, freeze_backbone=True, trainable_from=stage,
+                                       input_size=64, neck={"type": "gap"}, num_identities=3))
+    names = [n for n, _ in backbone_stages(model.backbone)]
+    tail = {id(p) for _, m in backbone_stages(model.backbone)[names.index(stage):] for p in m.parameters()}
+    model.train()
+    for module_name, module in model.backbone.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            assert module.training == any(id(p) in tail for p in module.parameters()), module_name
+    x = _x(64, 4)
+    out = model(x)
+    (out["id_logits"].sum() + out["embedding"].sum()).backward()
+    for name, p in model.backbone.named_parameters():
+        assert (p.grad is not None) == (id(p) in tail), name
+    # the frozen stages' output (what a cache stores) + the tail = the whole model
+    model.eval()
+    with torch.no_grad():
+        whole = model(x)["embedding"]
+        via_map = model(model.cached_map(x), from_map=True)["embedding"]
+        assert torch.allclose(whole, via_map, atol=1e-5)
+        assert torch.allclose(model.backbone.forward_features(x), model.feature_map(x), atol=1e-5)
+    # the state_dict keeps the backbone's names, once
+    assert all(not k.startswith("_split") for k in model.state_dict())
+    assert len(model.state_dict()) == len(set(model.state_dict()))
+
+
+def test_trainable_from_errors():
+    with pytest.raises(UserError, match="stages: conv_stem, bn1, blocks.0"):
+        build_model(ModelConfig(freeze_backbone=True, trainable_from="blocks.99", pretrained=False, neck={"type": "gap"}))
+    with pytest.raises(UserError, match="trainable_from needs freeze_backbone"):
+        ModelConfig.load(None, trainable_from="blocks.6")
+
+
 def test_freeze_batchnorm_keeps_statistics_but_trains_weights():
     model, _ = build_model(ModelConfig(backbone="resnet18", pretrained=False, freeze_batchnorm=True,
                                        neck={"type": "lan", "branches": 2, "dim": 8}))

@@ -166,6 +166,30 @@ def test_train_necks_on_cached_maps(catalog, tmp_path):
     assert torch.equal(model.backbone.conv_stem.weight, ref.conv_stem.weight)
 
 
+def test_cache_of_the_frozen_stages_trains_the_tail(catalog, tmp_path):
+    out = tmp_path / "run"
+    model_section = {"backbone": "lite0", "pretrained": True, "input_size": SIZE, "freeze_backbone": True,
+                     "trainable_from": "blocks.6", "neck": {"type": "lan", "branches": 2, "dim": 16}}
+    cfg = tiny_config(catalog, out, feature_cache=str(tmp_path / "cache"), epochs=1, model=model_section)
+    train(cfg)
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["stage"] == "blocks.6" and meta["shape"][0] == 192  # lite0's 6th stage output, not 1280
+    model, _, _ = load_checkpoint(out / "last")
+    ref, _ = create_backbone("lite0", pretrained=True)
+    assert torch.equal(model.backbone.blocks[5][0].conv_pw.weight, ref.blocks[5][0].conv_pw.weight)
+    assert not torch.equal(model.backbone.conv_head.weight, ref.conv_head.weight)  # the tail trained
+    paths = image_paths(catalog)[:6]
+    cache = FeatureCache.for_model(tmp_path / "cache", cfg.model, SIZE)
+    pre = Preprocess(SIZE, (0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        from_images = model.embed(torch.stack([pre(open_image(p)) for p in paths]))
+        from_maps = model(cache.stack(paths), from_map=True)["embedding"]
+    assert torch.allclose(from_images, from_maps, atol=2e-2)
+    # the full-map cache of the same backbone is another cache
+    with pytest.raises(UserError, match="holds maps of"):
+        new_cache(tmp_path / "cache")
+
+
 def test_feature_cache_config_checks(catalog, tmp_path):
     with pytest.raises(ValueError, match="freeze_backbone"):
         tiny_config(catalog, tmp_path, feature_cache=str(tmp_path / "c"))

@@ -80,3 +80,48 @@ def create_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict
     model.reset_classifier(0)  # keeps global average pooling, drops the ImageNet head
     data_cfg = timm.data.resolve_data_config({}, model=model)
     return model, data_cfg
+
+
+# Written by hand: timm has no API to run a model's forward_features from a middle stage on.
+_HEAD_MODULES = {"global_pool", "classifier", "fc", "head", "head_drop", "pre_logits"}
+
+
+def backbone_stages(backbone: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``forward_features`` as an ordered list of (name, module): the backbone's children in
+    order, without its pooling/classifier, with a ``blocks`` Sequential (EfficientNet,
+    MobileNet ...) opened into ``blocks.0``, ``blocks.1`` ... (a ResNet gives conv1, bn1, act1,
+    maxpool, layer1 ... layer4). :func:`split_backbone` checks that it reproduces the model."""
+    stages = []
+    for name, child in backbone.named_children():
+        if name in _HEAD_MODULES:
+            continue
+        if name == "blocks" and isinstance(child, nn.Sequential):
+            stages += [(f"blocks.{i}", block) for i, block in enumerate(child)]
+        else:
+            stages.append((name, child))
+    return stages
+
+
+@torch.no_grad()
+def split_backbone(backbone: nn.Module, at: str, input_size: int = 64) -> tuple[nn.Sequential, nn.Sequential]:
+    """(stages before ``at``, stages from ``at`` on) of the backbone's feature extractor; running
+    one after the other equals ``forward_features`` (checked on a random probe in eval mode)."""
+    stages = backbone_stages(backbone)
+    names = [name for name, _ in stages]
+    if at not in names[1:]:
+        raise UserError(f"trainable_from {at!r}: not a stage of this backbone after its first; "
+                        f"stages: {', '.join(names)}")
+    cut = names.index(at)
+    prefix = nn.Sequential(*[m for _, m in stages[:cut]])
+    tail = nn.Sequential(*[m for _, m in stages[cut:]])
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        probe = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+        probe = probe.to(next(backbone.parameters()).device)
+        if not torch.allclose(tail(prefix(probe)), backbone.forward_features(probe), atol=1e-4, rtol=1e-4):
+            raise UserError(f"this backbone's forward_features is not its stages run in order; "
+                            f"trainable_from cannot split it (stages: {', '.join(names)})")
+    finally:
+        backbone.train(was_training)
+    return prefix, tail

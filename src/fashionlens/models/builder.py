@@ -21,14 +21,14 @@ import uuid
 from pathlib import Path
 
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from fashionlens.config import Config
 from fashionlens.errors import UserError
-from fashionlens.models.backbones import create_backbone
+from fashionlens.models.backbones import create_backbone, split_backbone
 from fashionlens.models.heads import AttributeHead, IdentityHead
 from fashionlens.models.necks import NECK_TYPES, build_neck
 
@@ -48,6 +48,15 @@ class ModelConfig(Config):
     freeze_batchnorm: bool = Field(False, description="the backbone's BatchNorms keep their ImageNet running "
                                    "statistics (eval mode) while everything trains; for small batches and "
                                    "for a target domain other than the training photos")
+    trainable_from: str | None = Field(None, description="with freeze_backbone: the backbone stage from which "
+                                       "it trains again (e.g. blocks.6 for lite0, layer4 for a ResNet); the "
+                                       "stages before stay frozen, and feature_cache stores their output")
+
+    @model_validator(mode="after")
+    def _trainable_from_needs_freeze(self) -> ModelConfig:
+        if self.trainable_from and not self.freeze_backbone:
+            raise ValueError("trainable_from needs freeze_backbone: true (the stages before it are the frozen part)")
+        return self
 
     @field_validator("neck")
     @classmethod
@@ -62,29 +71,51 @@ class RetrievalModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, neck: nn.Module, id_head: nn.Module | None = None,
                  attr_head: nn.Module | None = None, freeze_backbone: bool = False,
-                 freeze_batchnorm: bool = False):
+                 freeze_batchnorm: bool = False, trainable_from: str | None = None, input_size: int = 64):
         super().__init__()
         self.backbone, self.neck = backbone, neck
         self.id_head, self.attr_head = id_head, attr_head
         self.embedding_dim = getattr(neck, "out_dim", None)
         self.data_config: dict = {}  # set by build_model: timm's input size / mean / std
         self.freeze_backbone, self.freeze_batchnorm = freeze_backbone, freeze_batchnorm
+        # (frozen stages, trainable stages) of the backbone when it is split; a plain tuple, so
+        # that the modules are not registered twice (the state_dict keeps the backbone's names)
+        self._split: tuple[nn.Sequential, nn.Sequential] | None = None
+        if trainable_from:
+            self._split = split_backbone(backbone, trainable_from, input_size)
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
+            if self._split is not None:
+                self._split[1].requires_grad_(True)
+                self._train_tail(True)
+
+    def _train_tail(self, mode: bool) -> None:
+        tail = self._split[1]
+        tail.train(mode)
+        if self.freeze_batchnorm:
+            for module in tail.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def train(self, mode: bool = True) -> RetrievalModel:
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()  # frozen BatchNorm statistics stay frozen
+            if self._split is not None:
+                self._train_tail(mode)
         elif self.freeze_batchnorm:
             for module in self.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
 
+    def cached_map(self, x: torch.Tensor) -> torch.Tensor:
+        """What a feature cache stores for images ``x``: the frozen stages' output."""
+        return self._split[0](x) if self._split is not None else self.feature_map(x)
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.backbone.forward_features(x)
+        t = self._split[1](self._split[0](x)) if self._split is not None else self.backbone.forward_features(x)
         if t.dim() != 4:
             raise ValueError(f"the backbone gives features of shape {tuple(t.shape)}, not a CNN "
                              "feature map (N, C, H, W); use a convolutional backbone")
@@ -93,7 +124,10 @@ class RetrievalModel(nn.Module):
     def forward(self, x: torch.Tensor, return_map: bool = False, from_map: bool = False) -> dict:
         """Outputs for images ``x``; with ``from_map=True`` ``x`` is already the backbone's
         feature map (cached maps of a frozen backbone), and only the neck and heads run."""
-        t = x if from_map else self.feature_map(x)
+        if from_map:  # a cached map: the frozen stages' output
+            t = self._split[1](x) if self._split is not None else x
+        else:
+            t = self.feature_map(x)
         out = dict(self.neck(t))
         if self.id_head is not None:
             out["id_logits"] = self.id_head(out["embedding"])
@@ -154,7 +188,8 @@ def build_model(cfg: ModelConfig) -> tuple[RetrievalModel, dict]:
         attr_head = AttributeHead(dim, cfg.attributes) if cfg.attributes else None
     except ValueError as exc:
         raise UserError(f"attributes: {exc}") from None
-    model = RetrievalModel(backbone, neck, id_head, attr_head, cfg.freeze_backbone, cfg.freeze_batchnorm)
+    model = RetrievalModel(backbone, neck, id_head, attr_head, cfg.freeze_backbone, cfg.freeze_batchnorm,
+                           cfg.trainable_from, int(data_cfg["input_size"][-1]))
     model.data_config = data_cfg
     return model, data_cfg
 

@@ -114,7 +114,7 @@ def _embedder(cfg: AdaptConfig, checkpoint: Path, device: str, extra_paths: list
     size = int(data_cfg["input_size"][-1])
     cache = None
     if cfg.train.feature_cache:
-        cache = FeatureCache(cfg.train.feature_cache, cfg.train.model.backbone, size, cfg.train.model.pretrained)
+        cache = FeatureCache.for_model(cfg.train.feature_cache, cfg.train.model, size)
         progress({"event": "cache", "images": len(extra_paths)})
         cache.ensure(extra_paths, device=device, workers=cfg.train.workers,
                      progress=lambda d, n: progress({"event": "cache_step", "done": d, "total": n}))

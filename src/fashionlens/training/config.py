@@ -40,7 +40,7 @@ class TrainConfig(Config):
     reducer: Literal["all", "nonzero"] = Field("all", description="mean over all valid triplets (thesis) or the non-zero ones")
     augment: dict | None = Field(None, description="AugmentConfig fields (None = thesis defaults)")
     feature_cache: str | None = Field(None, description="folder of cached backbone feature maps: with "
-                                      "model.freeze_backbone, train the necks on maps computed once (built "
+                                      "model.freeze_backbone, train the necks (and the stages from model.trainable_from) on maps computed once (built "
                                       "on first use, reused by later runs); hflip, rot180 and crop act on the maps, the other augmentations not")
     # cross-domain validation (selects the best checkpoint when given)
     val_queries: str | None = Field(None, description="labelled query photos (folder of <label>/ folders), "

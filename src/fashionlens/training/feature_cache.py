@@ -32,7 +32,7 @@ from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.index.embedding import decode_batches
 from fashionlens.locks import exclusive_lock
-from fashionlens.models.backbones import create_backbone
+from fashionlens.models.backbones import create_backbone, split_backbone
 from fashionlens.models.embedder import freeze_traced
 
 META = "meta.json"
@@ -52,26 +52,31 @@ def _read_json(path: Path) -> dict:
 
 
 class _Backbone(torch.nn.Module):
-    def __init__(self, backbone: torch.nn.Module):
+    """The backbone's feature map, or with ``stage`` the output of the stages before it."""
+
+    def __init__(self, backbone: torch.nn.Module, stage: str | None = None, input_size: int = 64):
         super().__init__()
         self.backbone = backbone
+        self.prefix = split_backbone(backbone, stage, input_size)[0] if stage else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)
+        return self.prefix(x) if self.prefix is not None else self.backbone.forward_features(x)
 
 
 class FeatureCache:
     """Feature maps of ``backbone`` at ``input_size`` for a growing set of image paths."""
 
-    def __init__(self, folder: str | Path, backbone: str, input_size: int, pretrained: bool = True):
+    def __init__(self, folder: str | Path, backbone: str, input_size: int, pretrained: bool = True,
+                 stage: str | None = None):
         self.folder = Path(folder)
-        self.key = {"backbone": backbone, "pretrained": bool(pretrained), "input_size": int(input_size)}
+        self.key = {"backbone": backbone, "pretrained": bool(pretrained), "input_size": int(input_size),
+                    "stage": stage}
         meta_path = self.folder / META
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"{self.folder}: the feature cache must be a folder")
         if meta_path.is_file():
             self.meta = _read_json(meta_path)
-            saved = {k: self.meta.get(k) for k in self.key}
+            saved = {k: self.meta.get(k) for k in self.key}  # caches made before "stage" existed: None
             if saved != self.key:
                 raise UserError(f"{self.folder}: this feature cache holds maps of {saved}, not {self.key}; "
                                 "use another feature_cache folder")
@@ -82,6 +87,11 @@ class FeatureCache:
         self._unreadable: set[str] = set()  # paths a part could not decode
         self._maps: list[np.ndarray] = []
         self._load_parts()
+
+    @classmethod
+    def for_model(cls, folder: str | Path, model_cfg, input_size: int) -> FeatureCache:
+        """The cache of the frozen part of the model of ``model_cfg`` (a ModelConfig)."""
+        return cls(folder, model_cfg.backbone, input_size, model_cfg.pretrained, model_cfg.trainable_from)
 
     # -- reading ---------------------------------------------------------------------------
     def _parts(self) -> list[Path]:
@@ -135,7 +145,7 @@ class FeatureCache:
     def _backbone(self, device: str):
         if self._model is None:
             backbone, data_cfg = create_backbone(self.key["backbone"], pretrained=self.key["pretrained"])
-            model = _Backbone(backbone).eval().to(device).to(memory_format=torch.channels_last)
+            model = _Backbone(backbone, self.key["stage"], self.key["input_size"]).eval().to(device).to(memory_format=torch.channels_last)
             size = self.key["input_size"]
             if device == "cpu":  # TorchScript-frozen, BatchNorms folded (as the indexer does)
                 model = freeze_traced(model, torch.randn(8, 3, size, size).contiguous(

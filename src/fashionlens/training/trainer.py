@@ -282,7 +282,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
         needed = ([p for p, _ in split.train + split.val] + (queries.all_paths() if queries else [])
                   + (mined.paths() if mined else []))
         if rank == 0:  # only rank 0 writes the cache; the others open it once it is complete
-            cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
+            cache = FeatureCache.for_model(cfg.feature_cache, model_cfg, size)
             emit({"event": "cache", "images": len(needed)})
             unreadable = cache.ensure(needed, device=device, workers=cfg.workers,
                                       progress=lambda d, n: emit({"event": "cache_step", "done": d, "total": n}))
@@ -291,7 +291,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
         if world > 1:
             dist.barrier()
         if rank != 0:
-            cache = FeatureCache(cfg.feature_cache, model_cfg.backbone, size, model_cfg.pretrained)
+            cache = FeatureCache.for_model(cfg.feature_cache, model_cfg, size)
     n_source = len(split.train_identities)
     samples, extras, weights = split.train, None, None
     if mined is not None:
