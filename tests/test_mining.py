@@ -341,3 +341,64 @@ def test_adapt_cli_bad_settings_give_clear_errors(domains, initial, tmp_path, mo
     rc, text = _run_cli(monkeypatch, capsys, cfg, "--set", "queries=30")
     assert rc != 0 and "too few" in text
     assert not (tmp_path / "adapt" / "round-1" / "round.json").exists()
+
+
+# --- groups voted onto source identities (assign=source) -----------------------------------------
+
+def test_vote_assigns_groups_by_the_majority_of_source_neighbours(tmp_path):
+    from fashionlens.training.mining import SourceVote
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(4, 8)).astype(np.float32)
+    target = centres[np.arange(80) % 4] + 0.3 * rng.normal(size=(80, 8)).astype(np.float32)
+    source = centres[np.arange(40) % 4] + 0.3 * rng.normal(size=(40, 8)).astype(np.float32)
+    names = [f"id{i % 4}" for i in range(40)]
+    names[:6] = ["mixed"] * 6  # some source photos under another identity: shares below 1
+    t_paths = [Path(f"/t/{i}.jpg") for i in range(80)]
+    s_paths = [Path(f"/s/{i}.jpg") for i in range(40)]
+    table = {**{p: target[i] for i, p in enumerate(t_paths)}, **{p: source[i] for i, p in enumerate(s_paths)}}
+
+    def embed(batch):
+        return torch.from_numpy(np.stack([table[p] for p in batch]))
+
+    vote = SourceVote(s_paths, names, k=7, min_share=0.6)
+    found = mine(t_paths, embed, tmp_path / "w", queries=10, m=3, i=5, j=6, seed=1, vote=vote)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    for q, pos, name, share in zip(found.queries, found.positives, found.assigned, found.assigned_share):
+        centroid = unit(unit(target[[q, *pos]]).mean(axis=0))
+        near = np.argsort(-(unit(source) @ centroid), kind="stable")[:7]
+        votes = [names[r] for r in near]
+        top = max(set(votes), key=votes.count)
+        assert share == pytest.approx(votes.count(top) / 7)
+        assert name == (top if share >= 0.6 else None)
+    assert any(a is not None for a in found.assigned)
+    target_photos = TargetPhotos(t_paths, [f"id{i % 4}" for i in range(80)])
+    write_mined_csv(tmp_path / "mined.csv", found, target_photos, with_labels=True)
+    back = read_mined_csv(tmp_path / "mined.csv")
+    assert back.source == found.assigned
+    from fashionlens.training.mining import assignment_precision
+    got = assignment_precision(found, target_photos.labels, lambda label, ident: label == ident)
+    groups = [[q, *p] for q, p, a in zip(found.queries, found.positives, found.assigned) if a is not None]
+    right = sum(target_photos.labels[r] == a for g, a in zip(groups, [a for a in found.assigned if a]) for r in g)
+    assert got["assignment_precision"] == pytest.approx(right / sum(len(g) for g in groups))
+
+
+def test_with_mined_source_mode():
+    source = [(Path(f"s{i}.jpg"), i % 3) for i in range(6)]
+    mined = MinedIdentities([[Path("t0.jpg"), Path("t1.jpg")], [Path("t2.jpg"), Path("t3.jpg")], [Path("t4.jpg")]],
+                            [[Path("t9.jpg")], [Path("t8.jpg")], []], ["b", None, "c"])
+    samples, extras = with_mined(source, 3, mined, {"a": 0, "b": 1, "c": 2})
+    assert extras == {}
+    assert samples[6:] == [(Path("t0.jpg"), 1), (Path("t1.jpg"), 1), (Path("t4.jpg"), 2)]
+    with pytest.raises(UserError, match="not a source identity"):
+        with_mined(source, 3, mined, {"a": 0, "b": 1})
+
+
+def test_adapt_with_source_assignment(domains, initial, tmp_path):
+    cfg = load_adapt_config(_adapt_yaml(domains, initial, tmp_path / "a.yaml", assign="source", rounds=1,
+                                        vote_k=2, vote_min_share=0.5))
+    rows = adapt(cfg)
+    assert [r["round"] for r in rows] == [0, 1]
+    mined = read_mined_csv(tmp_path / "adapt" / "round-1" / "mined.csv")
+    assert mined.source is not None and len(mined.source) == 4
+    assert all(name is None or name.startswith("type") for name in mined.source)

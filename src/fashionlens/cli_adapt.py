@@ -25,7 +25,10 @@ class _RichAdaptProgress(_RichTrainProgress):
             self.stop()
             extra = "" if event.get("positive_precision") is None else (
                 f" (pseudo-label precision {fmt(event['positive_precision'])}, negatives with the query's "
-                f"label {fmt(event.get('negative_same_label'))})")
+                f"label {fmt(event.get('negative_same_label'))}"
+                + ("" if event.get("assignment_precision") is None else
+                   f", groups given a source identity {fmt(event.get('assigned_groups'))} with precision "
+                   f"{fmt(event['assignment_precision'])}") + ")")
             self.console.print(f"[bold]round {event['round']}[/bold]: {event['what']}{extra}")
         elif kind == "mine_step":
             if self.bar is None:

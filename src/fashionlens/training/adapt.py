@@ -33,22 +33,26 @@ from pathlib import Path
 
 import torch.distributed as dist
 import yaml
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from fashionlens.config import Config, read_yaml_mapping
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
-from fashionlens.models.builder import is_checkpoint, load_checkpoint
+from fashionlens.models.builder import build_model, is_checkpoint
 from fashionlens.training.config import TrainConfig, apply_overrides, with_model_defaults
 from fashionlens.training.data import make_split
 from fashionlens.training.feature_cache import FeatureCache
-from fashionlens.training.mining import (TargetPhotos, label_precision, mine, read_mined_csv, to_identities,
-                                         write_mined_csv)
-from fashionlens.training.trainer import _setup_distributed, make_embed, train
+from fashionlens.evaluation.protocols import read_label_mapping
+from fashionlens.training.mining import (SourceVote, TargetPhotos, assignment_precision, label_precision, mine,
+                                         read_mined_csv, write_mined_csv)
+from fashionlens.training.trainer import _setup_distributed, init_weights, make_embed, train
 from fashionlens.training.validation import QueryValidation, identity_hit_rate
 
 ROUND_COLUMNS = ["round", "query_top1", "query_top4", "val_top1", "val_top4", "epoch", "mined_identities",
-                 "positive_precision", "negative_same_label", "model"]
+                 "positive_precision", "negative_same_label", "assigned_groups", "assignment_precision", "model"]
+MEASURES = ("positive_precision", "negative_same_label", "assigned_groups", "assignment_precision")
 
 
 class AdaptConfig(Config):
@@ -65,6 +69,12 @@ class AdaptConfig(Config):
     j: int = Field(40, ge=2, description="last rank of the negatives")
     rounds: int = Field(4, ge=1, description="mining rounds after round 0")
     patience: int = Field(1, ge=1, description="stop after this many rounds without a better validation metric")
+    assign: Literal["new", "source"] = Field("new", description="new: each mined group is a new identity with "
+                                             "its negatives (the thesis); source: a group joins the source identity "
+                                             "that most of its vote_k nearest source photos hold (at least "
+                                             "vote_min_share of them; other groups are left out), without negatives")
+    vote_k: int = Field(20, ge=1, description="assign=source: source photos searched per group")
+    vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source: smallest share of the vote")
     mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
                                       "drawn from the mined ones (None: all identities alike, as the thesis)")
     index_type: str = Field("auto", pattern="^(auto|flat|hnsw|ivfpq)$", description="target index (auto: exact "
@@ -108,7 +118,11 @@ def _round_dir(cfg: AdaptConfig, r: int) -> Path:
 
 def _embedder(cfg: AdaptConfig, checkpoint: Path, device: str, extra_paths: list[Path], progress):
     """embed(paths) with the model of ``checkpoint`` (on cached maps when the run uses a cache)."""
-    model, _, _ = load_checkpoint(checkpoint, device)
+    # the run's model (its frozen stages decide what the cache holds) with the checkpoint's weights;
+    # the checkpoint may come from a run with fewer trainable stages (e.g. the frozen round 0)
+    model_cfg = cfg.train.model.model_copy(update={"num_identities": None})
+    model, _ = build_model(model_cfg)
+    init_weights(model, checkpoint, model_cfg, None)
     model.to(device).eval()
     data_cfg = model.data_config
     size = int(data_cfg["input_size"][-1])
@@ -134,6 +148,25 @@ def evaluate_checkpoint(cfg: AdaptConfig, checkpoint: Path, device: str, progres
     if queries is not None:
         row.update(queries.evaluate(embed))
     return row
+
+
+def _source_vote(cfg: AdaptConfig) -> SourceVote:
+    t = cfg.train
+    split = make_split(t.catalog, t.identity_columns, t.min_images_per_identity, t.val_fraction, t.seed,
+                       t.max_val_images)
+    return SourceVote([p for p, _ in split.train], [split.train_identities[label] for _, label in split.train],
+                      cfg.vote_k, cfg.vote_min_share)
+
+
+def _assignment_check(cfg: AdaptConfig):
+    """correct(target label, source identity): the identity's ``val_field`` value is one the
+    label mapping allows for the label (measurement only; needs val_field among the identity columns)."""
+    t = cfg.train
+    mapping = read_label_mapping(Path(t.val_mapping))
+    if t.val_field not in t.identity_columns:
+        return lambda label, identity: False
+    at = t.identity_columns.index(t.val_field)
+    return lambda label, identity: identity.split("|")[at] in mapping.get(label, ())
 
 
 def _best_row(metrics_csv: Path, metric: str) -> dict:
@@ -209,13 +242,16 @@ def _adapt(cfg: AdaptConfig, emit, rank: int, world: int, device: str) -> list[d
             mined_csv = folder / "mined.csv"
             if not mined_csv.is_file() and rank == 0:
                 emit({"event": "round", "round": r, "what": f"mining with {previous}"})
-                embed = _embedder(cfg, previous, device, target.paths, emit)
+                vote = _source_vote(cfg) if cfg.assign == "source" else None
+                embed = _embedder(cfg, previous, device, target.paths + (vote.paths if vote else []), emit)
                 found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.m, cfg.i, cfg.j,
                              seed=cfg.seed + r, index_type=cfg.index_type, flat_max=cfg.flat_max,
-                             progress=lambda d, n: emit({"event": "mine_step", "done": d, "total": n}))
+                             progress=lambda d, n: emit({"event": "mine_step", "done": d, "total": n}), vote=vote)
                 info = {"round": r, "queries": len(found.queries), "index": found.index, "model": str(previous)}
                 if cfg.target_labels:
                     info.update(label_precision(found, target.labels))
+                    if vote is not None and cfg.train.val_mapping:
+                        info.update(assignment_precision(found, target.labels, _assignment_check(cfg)))
                 _write_json(folder / "mining.json", info)
                 write_mined_csv(mined_csv, found, target, with_labels=cfg.target_labels)
             if world > 1:
@@ -223,13 +259,12 @@ def _adapt(cfg: AdaptConfig, emit, rank: int, world: int, device: str) -> list[d
             mined = read_mined_csv(mined_csv)
             info = json.loads((folder / "mining.json").read_text()) if (folder / "mining.json").is_file() else {}
             emit({"event": "round", "round": r, "what": f"training on the source + {len(mined)} mined identities",
-                  **{k: info.get(k) for k in ("positive_precision", "negative_same_label")}})
+                  **{k: info.get(k) for k in MEASURES}})
             train_cfg = cfg.train.model_copy(update={"out": str(folder / "train")})
             train(train_cfg, progress=emit, init=previous, mined=mined, mined_share=cfg.mined_share)
             best_epoch = _best_row(folder / "train" / "metrics.csv", metric)
             row = {"round": r, "mined_identities": len(mined), "model": str(folder / "train" / "best"),
-                   "positive_precision": info.get("positive_precision"),
-                   "negative_same_label": info.get("negative_same_label"),
+                   **{k: info.get(k) for k in MEASURES},
                    **{k: (float(v) if v not in (None, "") else None) for k, v in best_epoch.items()
                       if k in ("query_top1", "query_top4", "val_top1", "val_top4")},
                    "epoch": int(best_epoch["epoch"])}

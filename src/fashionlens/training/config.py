@@ -17,6 +17,8 @@ from fashionlens.models.builder import ModelConfig
 class TrainConfig(Config):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model to train (see ModelConfig); "
                                "num_identities is set by the trainer when the identity loss is on")
+    init: str | None = Field(None, description="checkpoint folder whose weights start a new run (same backbone, "
+                             "input size and neck; e.g. a frozen-backbone run before training from trainable_from)")
     # data
     catalog: str = Field(..., description="catalog CSV / folder (open_catalog) with the identity columns")
     identity_columns: list[str] = Field(["articleType", "baseColour", "gender"], min_length=1,

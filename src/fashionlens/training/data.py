@@ -127,6 +127,8 @@ class MinedIdentities:
 
     positives: list[list[Path]]
     negatives: list[list[Path]]
+    # with a source vote: the source identity each group joins (None: left out of training)
+    source: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.positives)
@@ -135,14 +137,25 @@ class MinedIdentities:
         return [p for group in self.positives + self.negatives for p in group]
 
 
-def with_mined(source: Sequence[tuple[Path, int]], n_source: int, mined: MinedIdentities
-               ) -> tuple[list[tuple[Path, int]], dict[int, list[int]]]:
+def with_mined(source: Sequence[tuple[Path, int]], n_source: int, mined: MinedIdentities,
+               source_labels: dict[str, int] | None = None) -> tuple[list[tuple[Path, int]], dict[int, list[int]]]:
     """Training samples of source + mined identities, and each mined identity's negatives.
 
-    Mined identity ``q`` gets label ``n_source + q`` (left out when it has fewer than two photos). Every negative photo is added once more
+    Mined identity ``q`` gets label ``n_source + q`` (left out when it has fewer than two photos).
+    When the groups were voted onto source identities (``mined.source``), a group's photos get
+    its source identity's label from ``source_labels`` instead, without negatives, and groups
+    without one are left out. Every negative photo is added once more
     under label -1 (the PKSampler never draws label -1; it only joins batches as an extra of
     the identities that list it), so the returned mapping is label -> sample indices."""
     samples = list(source)
+    if mined.source is not None:
+        for group, name in zip(mined.positives, mined.source):
+            if name is None:
+                continue
+            if source_labels is None or name not in source_labels:
+                raise UserError(f"mined identities: {name!r} is not a source identity of this run")
+            samples += [(Path(p), source_labels[name]) for p in group]
+        return samples, {}
     usable = [len(group) >= 2 for group in mined.positives]  # a single photo gives no positive pair
     for q, group in enumerate(mined.positives):
         if usable[q]:

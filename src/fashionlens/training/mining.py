@@ -62,8 +62,22 @@ class TargetPhotos:
 
 
 @dataclass
+class SourceVote:
+    """Cross-domain assignment (an extension of the thesis' mining): each mined group (query +
+    ranks 1..m) is searched, by the mean of its embeddings, among the labelled ``paths`` of the
+    source; when at least ``min_share`` of its ``k`` nearest source photos belong to one source
+    identity, the group joins that identity instead of becoming a new one."""
+
+    paths: list[Path]
+    identities: list[str]  # the source identity of each path
+    k: int = 20
+    min_share: float = 0.5
+
+
+@dataclass
 class Mined:
-    """Per query: its target row, and the target rows and scores of ranks 1..m and i..j."""
+    """Per query: its target row, and the target rows and scores of ranks 1..m and i..j; with a
+    :class:`SourceVote`, the source identity each group joins (None: no majority) and its share."""
 
     queries: np.ndarray  # (Q,) target rows
     positives: list[np.ndarray]
@@ -72,6 +86,8 @@ class Mined:
     negative_scores: list[np.ndarray]
     negative_ranks: list[np.ndarray]
     index: dict  # the IndexSpec used
+    assigned: list[str | None] | None = None
+    assigned_share: list[float] | None = None
 
 
 def embed_to_chunks(paths: Sequence[Path], embed: Embed, folder: Path, chunk_size: int = 4096,
@@ -92,11 +108,64 @@ def embed_to_chunks(paths: Sequence[Path], embed: Embed, folder: Path, chunk_siz
     return files, numbers, dim
 
 
+def _build_index(files: ChunkFiles, numbers: list[int], dim: int, n: int, exclude: np.ndarray,
+                 index_type: str, flat_max: int, seed: int):
+    """A FAISS index (type chosen by size) over the chunks' rows that are not in ``exclude``."""
+    spec = choose_spec(n, dim, index_type, flat_max=flat_max)
+    index = new_index(spec)
+
+    def kept_chunks():
+        for c in numbers:
+            rows, vecs = files.read(c)
+            keep = ~np.isin(rows, exclude)
+            yield rows[keep], vecs[keep]
+
+    if not index.is_trained:
+        index.train(sample_for_training(kept_chunks(), n, 50_000, dim, seed))
+    for rows, vecs in kept_chunks():
+        index.add_with_ids(vecs, rows)
+    return index, spec
+
+
+def _rows_of(files: ChunkFiles, numbers: list[int], wanted: np.ndarray, dim: int) -> np.ndarray:
+    """The vectors of the sorted unique rows ``wanted``, read chunk by chunk."""
+    out = np.zeros((len(wanted), dim), np.float32)
+    for c in numbers:
+        rows, vecs = files.read(c)
+        hit = np.isin(rows, wanted)
+        out[np.searchsorted(wanted, rows[hit])] = vecs[hit]
+    return out
+
+
+def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: int, vote: SourceVote,
+          embed: Embed, work: Path, index_type: str, flat_max: int, seed: int, chunk_size: int
+          ) -> tuple[list[str | None], list[float]]:
+    wanted = np.unique(np.concatenate(groups))
+    vecs = _rows_of(files, numbers, wanted, dim)
+    centroids = np.stack([vecs[np.searchsorted(wanted, g)].mean(axis=0) for g in groups])
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    s_files, s_numbers, _ = embed_to_chunks(vote.paths, embed, work / "source", chunk_size)
+    n_source = sum(len(s_files.read(c)[0]) for c in s_numbers)
+    if n_source < vote.k:
+        raise UserError(f"{n_source} readable source photos: fewer than the vote's k={vote.k}")
+    index, _ = _build_index(s_files, s_numbers, dim, n_source, np.zeros(0, np.int64), index_type, flat_max, seed)
+    _, ids = index.search(centroids.astype(np.float32), vote.k)
+    assigned, shares = [], []
+    for row in ids:
+        names = [vote.identities[r] for r in row if r >= 0]
+        best = max(set(names), key=names.count) if names else None
+        share = names.count(best) / vote.k if names else 0.0
+        assigned.append(best if share >= vote.min_share else None)
+        shares.append(share)
+    return assigned, shares
+
+
 def mine(paths: Sequence[Path], embed: Embed, work: Path, queries: int, m: int, i: int, j: int,
          seed: int = 0, index_type: str = "auto", flat_max: int = 100_000, chunk_size: int = 4096,
-         progress: Callable[[int, int], None] | None = None) -> Mined:
+         progress: Callable[[int, int], None] | None = None, vote: SourceVote | None = None) -> Mined:
     """One mining step over the target photos ``paths`` (see the module docstring). ``work`` is
-    a scratch folder for the embedding chunks, removed at the end."""
+    a scratch folder for the embedding chunks, removed at the end. With ``vote``, each group is
+    also assigned to a source identity (:class:`SourceVote`)."""
     if not 0 < m < i <= j:
         raise UserError(f"mining needs 0 < m < i <= j, got m={m}, i={i}, j={j}")
     work = Path(work)
@@ -110,54 +179,47 @@ def mine(paths: Sequence[Path], embed: Embed, work: Path, queries: int, m: int, 
                             f"a gallery of at least j={j} (lower queries or i/j)")
         rng = np.random.default_rng(seed)
         query_rows = np.sort(rng.choice(readable, queries, replace=False))
-        spec = choose_spec(n_gallery, dim, index_type, flat_max=flat_max)
-        index = new_index(spec)
-
-        def gallery_chunks():
-            for c in numbers:
-                rows, vecs = files.read(c)
-                keep = ~np.isin(rows, query_rows)
-                yield rows[keep], vecs[keep]
-
-        if not index.is_trained:
-            index.train(sample_for_training(gallery_chunks(), n_gallery, 50_000, dim, seed))
-        q_vecs = np.zeros((queries, dim), np.float32)
-        for c in numbers:
-            rows, vecs = files.read(c)
-            hit = np.isin(rows, query_rows)
-            index.add_with_ids(vecs[~hit], rows[~hit])
-            q_vecs[np.searchsorted(query_rows, rows[hit])] = vecs[hit]
-        scores, ids = index.search(q_vecs, j)
+        index, spec = _build_index(files, numbers, dim, n_gallery, query_rows, index_type, flat_max, seed)
+        scores, ids = index.search(_rows_of(files, numbers, query_rows, dim), j)
+        del index
+        ranks = np.arange(1, j + 1)
+        pos, pos_s, neg, neg_s, neg_r = [], [], [], [], []
+        for s_row, i_row in zip(scores, ids):
+            found = i_row >= 0
+            take_p = found & (ranks <= m)
+            take_n = found & (ranks >= i)
+            pos.append(i_row[take_p]), pos_s.append(s_row[take_p])
+            neg.append(i_row[take_n]), neg_s.append(s_row[take_n]), neg_r.append(ranks[take_n])
+        mined = Mined(query_rows, pos, pos_s, neg, neg_s, neg_r, spec.to_dict())
+        if vote is not None:
+            groups = [np.concatenate([[q], p]) for q, p in zip(query_rows, pos)]
+            mined.assigned, mined.assigned_share = _vote(groups, files, numbers, dim, vote, embed, work,
+                                                         index_type, flat_max, seed, chunk_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ranks = np.arange(1, j + 1)
-    pos, pos_s, neg, neg_s, neg_r = [], [], [], [], []
-    for s_row, i_row in zip(scores, ids):
-        found = i_row >= 0
-        take_p = found & (ranks <= m)
-        take_n = found & (ranks >= i)
-        pos.append(i_row[take_p]), pos_s.append(s_row[take_p])
-        neg.append(i_row[take_n]), neg_s.append(s_row[take_n]), neg_r.append(ranks[take_n])
-    return Mined(query_rows, pos, pos_s, neg, neg_s, neg_r, spec.to_dict())
+    return mined
 
 
 def to_identities(mined: Mined, target: TargetPhotos) -> MinedIdentities:
     p = target.paths
     return MinedIdentities([[p[q]] + [p[r] for r in rows] for q, rows in zip(mined.queries, mined.positives)],
-                           [[p[r] for r in rows] for rows in mined.negatives])
+                           [[p[r] for r in rows] for rows in mined.negatives], mined.assigned)
 
 
 def write_mined_csv(path: Path, mined: Mined, target: TargetPhotos, with_labels: bool = False) -> None:
     """``mined.csv`` (see the module docstring), written to a temporary file and renamed."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    columns = ["identity", "role", "rank", "score", "path"] + (["label"] if with_labels else [])
+    voted = mined.assigned is not None
+    columns = (["identity", "role", "rank", "score", "path"] + (["label"] if with_labels else [])
+               + (["source_identity", "vote_share"] if voted else []))
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(columns)
 
         def row(ident, role, rank, score, r):
             writer.writerow([ident, role, rank, f"{float(score):.6f}", str(target.paths[r])]
-                            + ([target.labels[r]] if with_labels else []))
+                            + ([target.labels[r]] if with_labels else [])
+                            + ([mined.assigned[ident] or "", f"{mined.assigned_share[ident]:.3f}"] if voted else []))
 
         for ident, q in enumerate(mined.queries):
             row(ident, "query", 0, 1.0, q)
@@ -169,20 +231,45 @@ def write_mined_csv(path: Path, mined: Mined, target: TargetPhotos, with_labels:
 
 
 def read_mined_csv(path: Path) -> MinedIdentities:
-    """The identities of a ``mined.csv``: query + positives, and negatives."""
+    """The identities of a ``mined.csv``: query + positives, negatives, and (when the groups
+    were voted onto source identities) each one's source identity or None."""
     positives: dict[int, list[Path]] = {}
     negatives: dict[int, list[Path]] = {}
+    source: dict[int, str | None] = {}
     try:
         with open(path, newline="") as fh:
-            for line, row in enumerate(csv.DictReader(fh), start=2):
+            reader = csv.DictReader(fh)
+            voted = "source_identity" in (reader.fieldnames or [])
+            for row in reader:
                 ident, role = int(row["identity"]), row["role"]
                 if role not in ("query", "positive", "negative"):
                     raise ValueError(f"unknown role {role!r}")
                 (negatives if role == "negative" else positives).setdefault(ident, []).append(Path(row["path"]))
+                if voted:
+                    source[ident] = row["source_identity"] or None
     except (KeyError, ValueError, TypeError, csv.Error) as exc:
         raise UserError(f"{path}: not a mined-identities CSV ({exc})") from None
     order = sorted(set(positives) | set(negatives))
-    return MinedIdentities([positives.get(q, []) for q in order], [negatives.get(q, []) for q in order])
+    return MinedIdentities([positives.get(q, []) for q in order], [negatives.get(q, []) for q in order],
+                           [source.get(q) for q in order] if voted else None)
+
+
+def assignment_precision(mined: Mined, labels: Sequence[str], correct: Callable[[str, str], bool]) -> dict:
+    """Measurement only, for groups voted onto source identities: ``assigned_share`` = share of
+    groups with a source identity; ``assignment_precision`` = share of their photos (query and
+    positives) for which ``correct(photo's label, source identity)`` holds."""
+    if mined.assigned is None:
+        return {}
+    hits = total = 0
+    for q, rows, name in zip(mined.queries, mined.positives, mined.assigned):
+        if name is None:
+            continue
+        group = [q, *rows.tolist()]
+        hits += sum(correct(labels[r], name) for r in group)
+        total += len(group)
+    n_assigned = sum(a is not None for a in mined.assigned)
+    return {"assigned_groups": n_assigned / len(mined.assigned) if mined.assigned else None,
+            "assignment_precision": hits / total if total else None}
 
 
 def label_precision(mined: Mined, labels: Sequence[str]) -> dict:

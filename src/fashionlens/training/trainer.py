@@ -203,8 +203,8 @@ def train(cfg: TrainConfig, progress=None, init: str | Path | None = None,
           mined: MinedIdentities | None = None, mined_share: float | None = None) -> dict:
     """Train (or resume) the run of ``cfg``; returns the last epoch's metrics row.
 
-    ``init``: a checkpoint whose weights start a new run (same model config; its identity
-    classifier is kept when it was trained on the same identities). ``mined``: pseudo-identities
+    ``init``: a checkpoint whose weights start a new run (default ``cfg.init``; same backbone,
+    input size and neck; its identity classifier is kept when it was trained on the same identities). ``mined``: pseudo-identities
     of target photos trained beside the source identities (cross-domain mining); their negatives
     join the batches as negatives only. ``mined_share``: the share of a batch's P identities
     drawn from the mined ones on average (None: all identities alike, as the thesis).
@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, progress=None, init: str | Path | None = None,
     """
     rank, world, owned, device = _setup_distributed(cfg)
     try:
-        return _train(cfg, progress if rank == 0 else None, rank, world, device, init, mined, mined_share)
+        return _train(cfg, progress if rank == 0 else None, rank, world, device, init or cfg.init, mined, mined_share)
     finally:
         if owned:
             dist.destroy_process_group()
@@ -225,12 +225,13 @@ def _is_classifier(key: str) -> bool:
     return key.startswith("id_head.") or ".classifiers." in key
 
 
-def _init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities: list[str]) -> None:
+def init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities: list[str]) -> None:
     """Copy the weights of checkpoint ``init`` into ``model`` (see :func:`train`)."""
     if not is_checkpoint(init):
         raise UserError(f"{init}: not a checkpoint folder (no config.json + model.safetensors)")
     source, source_cfg, extra = load_checkpoint(init)
-    skip = {"pretrained", "num_identities"}
+    # settings that do not change the weights' shapes: a frozen run may start a partly trainable one
+    skip = {"pretrained", "num_identities", "freeze_backbone", "freeze_batchnorm", "trainable_from"}
     if source_cfg.model_dump(exclude=skip) != model_cfg.model_dump(exclude=skip):
         raise UserError(f"{init}: its model config differs from this run's model; "
                         f"set the run's model to the checkpoint's ({source_cfg.model_dump(exclude=skip)})")
@@ -266,7 +267,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     else:
         model, _ = build_model(model_cfg)
         if init is not None:
-            _init_weights(model, init, model_cfg, split.train_identities)
+            init_weights(model, init, model_cfg, split.train_identities)
     data_cfg = model.data_config
     size, mean, std = int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"]
     model.to(device).train()
@@ -297,10 +298,11 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     if mined is not None:
         if cache is not None:  # unreadable photos are not in the cache: leave them out first
             mined = MinedIdentities([[p for p in g if p in cache] for g in mined.positives],
-                                    [[p for p in g if p in cache] for g in mined.negatives])
+                                    [[p for p in g if p in cache] for g in mined.negatives], mined.source)
         source = [(p, label) for p, label in split.train if cache is None or p in cache]
-        samples, extras = with_mined(source, n_source, mined)
-        if mined_share is not None and len(mined):
+        samples, extras = with_mined(source, n_source, mined,
+                                     {name: label for label, name in enumerate(split.train_identities)})
+        if mined_share is not None and len(mined) and mined.source is None:
             weights = {label: (mined_share / len(mined) if label >= n_source else (1 - mined_share) / n_source)
                        for label in range(n_source + len(mined))}
     train_ds = train_dataset(cfg, samples, cache, size, mean, std)
