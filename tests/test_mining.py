@@ -99,7 +99,8 @@ def test_mined_batches_loss_matches_brute_force():
     samples, extras = with_mined(source, 4, mined)
     labels = torch.tensor([label for _, label in samples])
     # photo t3 is a negative of identity 4 *and* a positive of identity 5: its flag follows the position
-    sampler = PKSampler(labels, p=3, k=2, seed=3, batches_per_epoch=30, extra_negatives=extras)
+    photos = [str(p) for p, _ in samples]
+    sampler = PKSampler(labels, p=3, k=2, seed=3, batches_per_epoch=30, extra_negatives=extras, photo_keys=photos)
     loss_fn = BatchAllTripletLoss(margin=0.3)
     gen = torch.Generator().manual_seed(0)
     checked = 0
@@ -110,10 +111,33 @@ def test_mined_batches_loss_matches_brute_force():
         batch_labels, anchors = sampler.mark_extras(labels[batch])
         got = loss_fn(emb, batch_labels, anchor_mask=anchors)
         extra = [sampler.is_extra_position(i) for i in range(len(batch))]
+        # an extra is never a photo already in the batch (it would be its own identity's negative)
+        regular_photos = {photos[i] for i, e in zip(batch, extra) if not e}
+        extra_photos = [photos[i] for i, e in zip(batch, extra) if e]
+        assert not regular_photos & set(extra_photos) and len(set(extra_photos)) == len(extra_photos)
         want = _brute_force_thesis(emb, labels[batch].tolist(), extra, 0.3)
         torch.testing.assert_close(got, want)
         checked += 1
     assert checked > 5
+
+
+def test_extras_that_are_batch_members_are_left_out():
+    # identity 0's negative photo "x" is a member of identity 1: drawn together, "x" is not an extra
+    labels = [0, 0, 1, 1, -1]
+    photos = ["a", "b", "x", "c", "x"]
+    sampler = PKSampler(labels, p=2, k=2, seed=0, batches_per_epoch=3, extra_negatives={0: [4]}, photo_keys=photos)
+    assert all(len(batch) == 4 for batch in sampler)
+    without = PKSampler(labels, p=2, k=2, seed=0, batches_per_epoch=3, extra_negatives={0: [4]})
+    assert all(len(batch) == 5 for batch in without)
+
+
+def test_share_weights_count_only_drawable_identities():
+    from fashionlens.training.trainer import _share_weights
+
+    labels = [0, 0, 1, 1, 2, 3, 3, 4, 4, 4, 5, -1, -1]  # source 0..2 (2 has one photo), mined 3..5 (5 has one)
+    w = _share_weights(labels, 3, 0.6)
+    assert set(w) == {0, 1, 3, 4}
+    assert w[3] + w[4] == pytest.approx(0.6) and w[0] + w[1] == pytest.approx(0.4)
 
 
 def test_identity_terms_ignore_mined_labels():
@@ -122,8 +146,12 @@ def test_identity_terms_ignore_mined_labels():
     got = identity_terms({"id_logits": logits}, labels, IdentityLoss(), num_classes=4)
     want = torch.nn.functional.cross_entropy(logits[[0, 1, 4]], labels[[0, 1, 4]])
     torch.testing.assert_close(got, want)
-    none = identity_terms({"id_logits": logits}, torch.tensor([4, 5, -1, 6, 7, 8]), IdentityLoss(), num_classes=4)
+    stripes = [torch.randn(6, 4, requires_grad=True)]
+    none = identity_terms({"id_logits": logits, "stripe_logits": stripes}, torch.tensor([4, 5, -1, 6, 7, 8]),
+                          IdentityLoss(), num_classes=4)
     assert float(none.detach()) == 0.0 and none.requires_grad
+    none.backward()  # every classifier gets a (zero) gradient, as DDP expects
+    assert torch.equal(stripes[0].grad, torch.zeros(6, 4)) and torch.equal(logits.grad, torch.zeros(6, 4))
 
 
 # --- mining ------------------------------------------------------------------------------
@@ -285,9 +313,18 @@ def test_adapt_rounds_files_and_resume(domains, initial, tmp_path):
     with open(out / "rounds.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert [t["round"] for t in table] == ["0", "1", "2"] and table[1]["positive_precision"]
-    assert json.loads((out / "best.json").read_text())["round"] in (0, 1, 2)
+    best = json.loads((out / "best.json").read_text())
+    assert best["val_top1"] == max(r["val_top1"] for r in rows)
+    assert best["round"] == min(r["round"] for r in rows if r["val_top1"] == best["val_top1"])
     assert yaml.safe_load((out / "config.yaml").read_text())["m"] == 2
     assert any(e["event"] == "step" for e in events)  # the training progress goes through
+
+    # the mining's precision is what mined.csv's labels say
+    with open(out / "round-1" / "mined.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    query_label = {t["identity"]: t["label"] for t in table if t["role"] == "query"}
+    pos = [t["label"] == query_label[t["identity"]] for t in table if t["role"] == "positive"]
+    assert rows[1]["positive_precision"] == pytest.approx(np.mean(pos))
 
     # interrupted in round 2 (after its mining): a rerun keeps round 1 and round 2's mining
     mined_before = (out / "round-2" / "mined.csv").read_bytes()
@@ -309,6 +346,34 @@ def test_adapt_stops_when_validation_stalls(domains, initial, tmp_path):
     assert [r["round"] for r in rows] == [0, 1]
     assert events[-1]["event"] == "stopped" and events[-1]["best"]["round"] == 0
     assert not (tmp_path / "adapt" / "round-2").exists()
+
+
+def test_adapt_resume_needs_the_same_settings(domains, initial, tmp_path):
+    cfg = load_adapt_config(_adapt_yaml(domains, initial, tmp_path / "a.yaml", rounds=1))
+    first = adapt(cfg)
+    more = adapt(load_adapt_config(tmp_path / "a.yaml", ["rounds=2"]))  # going further is fine
+    assert more[:2] == first and len(more) == 3
+    with pytest.raises(UserError, match=r"other settings \(m\)"):
+        adapt(load_adapt_config(tmp_path / "a.yaml", ["m=1"]))
+    with pytest.raises(UserError, match="train"):
+        adapt(load_adapt_config(tmp_path / "a.yaml", ["train.lr=0.5"]))
+
+
+def test_cached_run_refuses_an_init_with_other_frozen_weights(domains, tmp_path):
+    from fashionlens.models.builder import ModelConfig, build_model, save_checkpoint
+
+    model_section = {"backbone": "lite0", "pretrained": True, "input_size": 48, "freeze_backbone": True,
+                     "trainable_from": "blocks.6", "neck": {"type": "gap"}}
+    tuned, _ = build_model(ModelConfig(**{**model_section, "freeze_backbone": False, "trainable_from": None}))
+    with torch.no_grad():
+        tuned.backbone.conv_stem.weight.add_(0.1)  # as a full fine-tune would leave it
+    save_checkpoint(tmp_path / "tuned", tuned, ModelConfig(**{**model_section, "freeze_backbone": False,
+                                                             "trainable_from": None}), {})
+    from fashionlens.training.config import load_train_config
+    section = {**_train_section(domains, tmp_path / "run"), "model": model_section,
+               "feature_cache": str(tmp_path / "cache"), "init": str(tmp_path / "tuned"), "identity": 0.0}
+    with pytest.raises(UserError, match="frozen backbone stages differ"):
+        train(load_train_config(None, [], **section))
 
 
 def test_adapt_refuses_a_checkpoint_of_another_model(domains, initial, tmp_path):
@@ -338,6 +403,8 @@ def test_adapt_cli_bad_settings_give_clear_errors(domains, initial, tmp_path, mo
     assert rc != 0 and "not a checkpoint" in text
     rc, text = _run_cli(monkeypatch, capsys, cfg, "--set", f"target={tmp_path / 'nowhere'}")
     assert rc != 0 and "not a folder" in text
+    rc, text = _run_cli(monkeypatch, capsys, cfg, "--set", "assign=source", "--set", "mined_share=0.3")
+    assert rc != 0 and "mined_share is for assign=new" in text
     rc, text = _run_cli(monkeypatch, capsys, cfg, "--set", "queries=30")
     assert rc != 0 and "too few" in text
     assert not (tmp_path / "adapt" / "round-1" / "round.json").exists()
@@ -368,7 +435,8 @@ def test_vote_assigns_groups_by_the_majority_of_source_neighbours(tmp_path):
         centroid = unit(unit(target[[q, *pos]]).mean(axis=0))
         near = np.argsort(-(unit(source) @ centroid), kind="stable")[:7]
         votes = [names[r] for r in near]
-        top = max(set(votes), key=votes.count)
+        counts = {v: votes.count(v) for v in votes}
+        top = next(v for v in votes if counts[v] == max(counts.values()))  # ties: the nearer photo wins
         assert share == pytest.approx(votes.count(top) / 7)
         assert name == (top if share >= 0.6 else None)
     assert any(a is not None for a in found.assigned)

@@ -40,7 +40,8 @@ label distinct from every identity (e.g. -1) before the triplet loss. The same d
 may be a regular image of one identity and an extra of another, so the flag is a property
 of the position in the batch, not of the dataset index. Integer labels below 0 are never
 drawn as identities: a dataset keeps its pool of mined negatives under label -1, reachable
-only as extras.
+only as extras. With ``photo_keys`` (one key per dataset index, e.g. the photo's path), an
+extra whose photo is already in the batch is left out.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class PKSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         identity_weights: Mapping[Hashable, float] | None = None,
+        photo_keys: Sequence[Hashable] | None = None,
     ):
         if p < 1 or k < 1:
             raise ValueError(f"p and k must be >= 1, got p={p}, k={k}")
@@ -91,6 +93,9 @@ class PKSampler(Sampler[list[int]]):
             )
 
         n_data = len(labels)
+        if photo_keys is not None and len(photo_keys) != n_data:
+            raise ValueError(f"photo_keys has {len(photo_keys)} entries for {n_data} labels")
+        self._photo = list(photo_keys) if photo_keys is not None else None
         self._extras: dict[int, np.ndarray] = {}
         position = {c: j for j, c in enumerate(self.identities)}
         for ident, indices in (extra_negatives or {}).items():
@@ -161,6 +166,16 @@ class PKSampler(Sampler[list[int]]):
                 if len(negatives) > self.k:
                     negatives = rng.choice(negatives, self.k, replace=False)
                 extra.extend(negatives.tolist())
+        if self._photo is not None and extra:
+            # a photo already in the batch (a member of a drawn identity, or another identity's
+            # extra) is not added again: it would be a negative of its own identity's anchors
+            seen = {self._photo[i] for i in regular}
+            kept = []
+            for i in extra:
+                if self._photo[i] not in seen:
+                    seen.add(self._photo[i])
+                    kept.append(i)
+            extra = kept
         return regular + extra
 
     # Layout helpers -------------------------------------------------------------------

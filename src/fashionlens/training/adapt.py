@@ -40,15 +40,16 @@ from pydantic import Field, model_validator
 from fashionlens.config import Config, read_yaml_mapping
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
+from fashionlens.files import atomic_write_csv, atomic_write_json, atomic_write_text
 from fashionlens.models.builder import build_model, is_checkpoint
 from fashionlens.training.config import TrainConfig, apply_overrides, with_model_defaults
-from fashionlens.training.data import make_split
+from fashionlens.training.data import split_for
 from fashionlens.training.feature_cache import FeatureCache
 from fashionlens.evaluation.protocols import read_label_mapping
 from fashionlens.training.mining import (SourceVote, TargetPhotos, assignment_precision, label_precision, mine,
                                          read_mined_csv, write_mined_csv)
 from fashionlens.training.trainer import _setup_distributed, init_weights, make_embed, train
-from fashionlens.training.validation import QueryValidation, identity_hit_rate
+from fashionlens.training.validation import QueryValidation, validation_row
 
 ROUND_COLUMNS = ["round", "query_top1", "query_top4", "val_top1", "val_top4", "epoch", "mined_identities",
                  "positive_precision", "negative_same_label", "assigned_groups", "assignment_precision", "model"]
@@ -87,6 +88,8 @@ class AdaptConfig(Config):
     def _check(self) -> AdaptConfig:
         if not self.m < self.i <= self.j:
             raise ValueError(f"need m < i <= j, got m={self.m}, i={self.i}, j={self.j}")
+        if self.assign == "source" and self.mined_share is not None:
+            raise ValueError("mined_share is for assign=new (with assign=source the groups join source identities)")
         if not self.train.val_queries and self.train.val_fraction == 0:
             raise ValueError("the rounds need a validation metric: set train.val_queries (+ val_mapping) "
                              "or train.val_fraction > 0")
@@ -122,7 +125,7 @@ def _embedder(cfg: AdaptConfig, checkpoint: Path, device: str, extra_paths: list
     # the checkpoint may come from a run with fewer trainable stages (e.g. the frozen round 0)
     model_cfg = cfg.train.model.model_copy(update={"num_identities": None})
     model, _ = build_model(model_cfg)
-    init_weights(model, checkpoint, model_cfg, None)
+    init_weights(model, checkpoint, model_cfg, None, cached=bool(cfg.train.feature_cache))
     model.to(device).eval()
     data_cfg = model.data_config
     size = int(data_cfg["input_size"][-1])
@@ -140,31 +143,26 @@ def evaluate_checkpoint(cfg: AdaptConfig, checkpoint: Path, device: str, progres
     """The validation row of round 0 (the ``init`` model), as the trainer computes it each epoch."""
     t = cfg.train
     queries = QueryValidation.load(t.val_queries, t.val_mapping, t.catalog, t.val_field) if t.val_queries else None
-    split = make_split(t.catalog, t.identity_columns, t.min_images_per_identity, t.val_fraction, t.seed,
-                       t.max_val_images)
-    paths = [p for p, _ in split.val] + (queries.all_paths() if queries else [])
-    embed = _embedder(cfg, checkpoint, device, paths, progress)
-    row = identity_hit_rate(embed([p for p, _ in split.val]), [lab for _, lab in split.val])
-    if queries is not None:
-        row.update(queries.evaluate(embed))
-    return row
+    split = split_for(t)
+    embed = _embedder(cfg, checkpoint, device, [p for p, _ in split.val] + (queries.all_paths() if queries else []),
+                      progress)
+    return validation_row(embed, split.val, queries)
 
 
 def _source_vote(cfg: AdaptConfig) -> SourceVote:
-    t = cfg.train
-    split = make_split(t.catalog, t.identity_columns, t.min_images_per_identity, t.val_fraction, t.seed,
-                       t.max_val_images)
+    split = split_for(cfg.train)
     return SourceVote([p for p, _ in split.train], [split.train_identities[label] for _, label in split.train],
                       cfg.vote_k, cfg.vote_min_share)
 
 
 def _assignment_check(cfg: AdaptConfig):
     """correct(target label, source identity): the identity's ``val_field`` value is one the
-    label mapping allows for the label (measurement only; needs val_field among the identity columns)."""
+    label mapping allows for the label (measurement only); None when it cannot be told (no
+    mapping, or val_field not among the identity columns)."""
     t = cfg.train
+    if not t.val_mapping or t.val_field not in t.identity_columns:
+        return None
     mapping = read_label_mapping(Path(t.val_mapping))
-    if t.val_field not in t.identity_columns:
-        return lambda label, identity: False
     at = t.identity_columns.index(t.val_field)
     return lambda label, identity: identity.split("|")[at] in mapping.get(label, ())
 
@@ -177,21 +175,50 @@ def _best_row(metrics_csv: Path, metric: str) -> dict:
     return max(rows, key=lambda r: float(r[metric]))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _write_rounds(cfg: AdaptConfig, rows: list[dict], best: dict) -> None:
     out = Path(cfg.out)
-    tmp = out / "rounds.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in ROUND_COLUMNS} for r in rows)
-    os.replace(tmp, out / "rounds.csv")
-    _write_json(out / "best.json", best)
+    atomic_write_csv(out / "rounds.csv", ROUND_COLUMNS, ([r.get(c) for c in ROUND_COLUMNS] for r in rows))
+    atomic_write_json(out / "best.json", best)
+
+
+# settings a continued run may change: how far it goes, not what a round does
+_RESUMABLE = {"rounds", "patience", "out"}
+
+
+def _check_resume(cfg: AdaptConfig) -> None:
+    """A run folder continues only with the settings that made its rounds."""
+    saved_path = Path(cfg.out) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = AdaptConfig(**yaml.safe_load(saved_path.read_text())).model_dump(mode="json", exclude=_RESUMABLE)
+    except Exception as exc:  # a damaged or foreign file: say so rather than guess
+        raise UserError(f"{saved_path}: cannot read the settings of this run ({exc}); use a new out folder") from None
+    mine = cfg.model_dump(mode="json", exclude=_RESUMABLE)
+    for settings in (mine, saved):  # train.out is replaced by round-N/train anyway
+        settings.get("train", {}).pop("out", None)
+    changed = sorted(k for k in mine if mine[k] != saved.get(k))
+    if changed:
+        raise UserError(f"{cfg.out}: its rounds were made with other settings ({', '.join(changed)}); "
+                        "use a new out folder, or the same settings to continue")
+
+
+def _on_rank0(world: int, fn):
+    """Run ``fn`` on rank 0 only and give its result (or its error) to every rank, so that
+    the other ranks never wait at a barrier for a rank that has failed."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = str(exc)
+    if world > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def adapt(cfg: AdaptConfig, progress=None) -> list[dict]:
@@ -199,94 +226,101 @@ def adapt(cfg: AdaptConfig, progress=None) -> list[dict]:
     rank, world, owned, device = _setup_distributed(cfg.train)
     emit = (progress or (lambda event: None)) if rank == 0 else (lambda event: None)
     try:
-        return _adapt(cfg, emit, rank, world, device)
+        return _adapt(cfg, emit, world, device)
     finally:
         if owned:
             dist.destroy_process_group()
 
 
-def _adapt(cfg: AdaptConfig, emit, rank: int, world: int, device: str) -> list[dict]:
+def _adapt(cfg: AdaptConfig, emit, world: int, device: str) -> list[dict]:
     if not is_checkpoint(cfg.init):
         raise UserError(f"init {cfg.init}: not a checkpoint folder (config.json + model.safetensors)")
     target = TargetPhotos.read(cfg.target)
     if cfg.target_labels and not any(target.labels):
         raise UserError(f"target_labels: the photos of {cfg.target} lie in no sub-folders (no labels)")
     out, metric = Path(cfg.out), cfg.train.best_metric
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
-    rows: list[dict] = []
-    zero = _round_dir(cfg, 0)
-    if (zero / "round.json").is_file():
-        rows.append(json.loads((zero / "round.json").read_text()))
-    else:
-        emit({"event": "round", "round": 0, "what": "evaluating the initial model"})
-        if rank == 0:
-            zero.mkdir(parents=True, exist_ok=True)
-            row = {"round": 0, **evaluate_checkpoint(cfg, Path(cfg.init), device, emit), "model": str(cfg.init)}
-            _write_json(zero / "round.json", row)
-        if world > 1:
-            dist.barrier()
-        rows.append(json.loads((zero / "round.json").read_text()))
+    def start():
+        _check_resume(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    _on_rank0(world, start)
+
+    def round_zero() -> dict:
+        path = _round_dir(cfg, 0) / "round.json"
+        if not path.is_file():
+            emit({"event": "round", "round": 0, "what": "evaluating the initial model"})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"round": 0, **evaluate_checkpoint(cfg, Path(cfg.init), device, emit),
+                                     "model": str(cfg.init)})
+        return json.loads(path.read_text())
+
+    rows = [_on_rank0(world, round_zero)]
     best = {"round": 0, metric: rows[0].get(metric), "model": str(cfg.init)}
     stale = 0
     emit({"event": "round_done", **rows[0]})
 
     for r in range(1, cfg.rounds + 1):
         folder, previous = _round_dir(cfg, r), Path(rows[-1]["model"])
-        if (folder / "round.json").is_file():
-            row = json.loads((folder / "round.json").read_text())
-        else:
-            folder.mkdir(parents=True, exist_ok=True)
-            mined_csv = folder / "mined.csv"
-            if not mined_csv.is_file() and rank == 0:
-                emit({"event": "round", "round": r, "what": f"mining with {previous}"})
-                vote = _source_vote(cfg) if cfg.assign == "source" else None
-                embed = _embedder(cfg, previous, device, target.paths + (vote.paths if vote else []), emit)
-                found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.m, cfg.i, cfg.j,
-                             seed=cfg.seed + r, index_type=cfg.index_type, flat_max=cfg.flat_max,
-                             progress=lambda d, n: emit({"event": "mine_step", "done": d, "total": n}), vote=vote)
-                info = {"round": r, "queries": len(found.queries), "index": found.index, "model": str(previous)}
-                if cfg.target_labels:
-                    info.update(label_precision(found, target.labels))
-                    if vote is not None and cfg.train.val_mapping:
-                        info.update(assignment_precision(found, target.labels, _assignment_check(cfg)))
-                _write_json(folder / "mining.json", info)
-                write_mined_csv(mined_csv, found, target, with_labels=cfg.target_labels)
-            if world > 1:
-                dist.barrier()
-            mined = read_mined_csv(mined_csv)
-            info = json.loads((folder / "mining.json").read_text()) if (folder / "mining.json").is_file() else {}
+        done = folder / "round.json"
+        row = _on_rank0(world, lambda: json.loads(done.read_text()) if done.is_file() else None)
+        if row is None:
+            info = _on_rank0(world, lambda: _mine_round(cfg, r, folder, previous, target, device, emit))
+            mined = read_mined_csv(folder / "mined.csv")
             emit({"event": "round", "round": r, "what": f"training on the source + {len(mined)} mined identities",
                   **{k: info.get(k) for k in MEASURES}})
             train_cfg = cfg.train.model_copy(update={"out": str(folder / "train")})
             train(train_cfg, progress=emit, init=previous, mined=mined, mined_share=cfg.mined_share)
-            best_epoch = _best_row(folder / "train" / "metrics.csv", metric)
-            row = {"round": r, "mined_identities": len(mined), "model": str(folder / "train" / "best"),
-                   **{k: info.get(k) for k in MEASURES},
-                   **{k: (float(v) if v not in (None, "") else None) for k, v in best_epoch.items()
-                      if k in ("query_top1", "query_top4", "val_top1", "val_top4")},
-                   "epoch": int(best_epoch["epoch"])}
-            if rank == 0:
-                _write_json(folder / "round.json", row)
-            if world > 1:
-                dist.barrier()
+
+            def finish() -> dict:
+                best_epoch = _best_row(folder / "train" / "metrics.csv", metric)
+                result = {"round": r, "mined_identities": len(mined), "model": str(folder / "train" / "best"),
+                          **{k: info.get(k) for k in MEASURES},
+                          **{k: (float(v) if v not in (None, "") else None) for k, v in best_epoch.items()
+                             if k in ("query_top1", "query_top4", "val_top1", "val_top4")},
+                          "epoch": int(best_epoch["epoch"])}
+                atomic_write_json(done, result)
+                return result
+
+            row = _on_rank0(world, finish)
         rows.append(row)
         value = row.get(metric)
         if value is not None and (best[metric] is None or value > best[metric]):
             best, stale = {"round": r, metric: value, "model": row["model"]}, 0
         else:
             stale += 1
-        if rank == 0:
-            _write_rounds(cfg, rows, best)
+        _on_rank0(world, lambda: _write_rounds(cfg, rows, best))
         emit({"event": "round_done", **row})
         if stale >= cfg.patience:
             emit({"event": "stopped", "round": r, "best": best})
             break
-    if rank == 0:
-        _write_rounds(cfg, rows, best)
     return rows
+
+
+def _mine_round(cfg: AdaptConfig, r: int, folder: Path, previous: Path, target: TargetPhotos, device: str,
+                emit) -> dict:
+    """Mine round ``r`` with the model ``previous`` into ``folder/mined.csv`` (unless a run
+    that was interrupted already did); returns what ``mining.json`` records."""
+    mined_csv, info_path = folder / "mined.csv", folder / "mining.json"
+    if mined_csv.is_file() and info_path.is_file():
+        return json.loads(info_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    emit({"event": "round", "round": r, "what": f"mining with {previous}"})
+    vote = _source_vote(cfg) if cfg.assign == "source" else None
+    embed = _embedder(cfg, previous, device, target.paths + (vote.paths if vote else []), emit)
+    found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.m, cfg.i, cfg.j,
+                 seed=cfg.seed + r, index_type=cfg.index_type, flat_max=cfg.flat_max,
+                 progress=lambda d, n: emit({"event": "mine_step", "done": d, "total": n}), vote=vote)
+    info = {"round": r, "queries": len(found.queries), "index": found.index, "model": str(previous)}
+    if cfg.target_labels:
+        info.update(label_precision(found, target.labels))
+        check = _assignment_check(cfg)
+        if vote is not None and check is not None:
+            info.update(assignment_precision(found, target.labels, check))
+    write_mined_csv(mined_csv, found, target, with_labels=cfg.target_labels)
+    atomic_write_json(info_path, info)  # last: its presence marks the mining as finished
+    return info
 
 
 def main(argv: list[str] | None = None) -> None:

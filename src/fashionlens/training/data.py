@@ -86,6 +86,12 @@ def make_split(catalog: str | Path, columns: Sequence[str], min_images: int, val
     return Split(samples(train_ids), samples(val_ids), train_ids, val_ids, dropped)
 
 
+def split_for(cfg) -> Split:
+    """The split of a :class:`~fashionlens.training.config.TrainConfig`'s catalog."""
+    return make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity, cfg.val_fraction,
+                      cfg.seed, cfg.max_val_images)
+
+
 class IdentityDataset(Dataset):
     """``ds[i]`` -> (image tensor, label). An image that cannot be decoded is replaced, with a
     warning, by another image of the same identity (an error only if none of them loads)."""

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from fashionlens.data.augment import crop_box
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
+from fashionlens.files import atomic_write_json
 from fashionlens.index.embedding import decode_batches
 from fashionlens.locks import exclusive_lock
 from fashionlens.models.backbones import create_backbone, split_backbone
@@ -39,9 +40,7 @@ META = "meta.json"
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, doc)
 
 
 def _read_json(path: Path) -> dict:

@@ -25,7 +25,6 @@ query's label. Labels are never used for mining or training.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.errors import UserError
+from fashionlens.files import atomic_write_csv
 from fashionlens.index.vectors import ChunkFiles, choose_spec, new_index, sample_for_training
 from fashionlens.training.data import MinedIdentities
 
@@ -153,7 +153,8 @@ def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: 
     assigned, shares = [], []
     for row in ids:
         names = [vote.identities[r] for r in row if r >= 0]
-        best = max(set(names), key=names.count) if names else None
+        # the most frequent identity; a tie goes to the one reached first (the nearer photo)
+        best = max(names, key=lambda name: (names.count(name), -names.index(name))) if names else None
         share = names.count(best) / vote.k if names else 0.0
         assigned.append(best if share >= vote.min_share else None)
         shares.append(share)
@@ -207,27 +208,25 @@ def to_identities(mined: Mined, target: TargetPhotos) -> MinedIdentities:
 
 
 def write_mined_csv(path: Path, mined: Mined, target: TargetPhotos, with_labels: bool = False) -> None:
-    """``mined.csv`` (see the module docstring), written to a temporary file and renamed."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    """``mined.csv`` (see the module docstring), written whole or not at all."""
     voted = mined.assigned is not None
     columns = (["identity", "role", "rank", "score", "path"] + (["label"] if with_labels else [])
                + (["source_identity", "vote_share"] if voted else []))
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
 
-        def row(ident, role, rank, score, r):
-            writer.writerow([ident, role, rank, f"{float(score):.6f}", str(target.paths[r])]
-                            + ([target.labels[r]] if with_labels else [])
-                            + ([mined.assigned[ident] or "", f"{mined.assigned_share[ident]:.3f}"] if voted else []))
+    def row(ident, role, rank, score, r):
+        return ([ident, role, rank, f"{float(score):.6f}", str(target.paths[r])]
+                + ([target.labels[r]] if with_labels else [])
+                + ([mined.assigned[ident] or "", f"{mined.assigned_share[ident]:.3f}"] if voted else []))
 
+    def rows():
         for ident, q in enumerate(mined.queries):
-            row(ident, "query", 0, 1.0, q)
+            yield row(ident, "query", 0, 1.0, q)
             for rank, (r, s) in enumerate(zip(mined.positives[ident], mined.positive_scores[ident]), start=1):
-                row(ident, "positive", rank, s, r)
+                yield row(ident, "positive", rank, s, r)
             for rank, r, s in zip(mined.negative_ranks[ident], mined.negatives[ident], mined.negative_scores[ident]):
-                row(ident, "negative", rank, s, r)
-    os.replace(tmp, path)
+                yield row(ident, "negative", rank, s, r)
+
+    atomic_write_csv(path, columns, rows())
 
 
 def read_mined_csv(path: Path) -> MinedIdentities:

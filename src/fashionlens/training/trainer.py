@@ -28,6 +28,7 @@ import csv
 import json
 import os
 import time
+from datetime import timedelta
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -42,13 +43,14 @@ from fashionlens.data.augment import AugmentConfig, TrainPreprocess
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
+from fashionlens.files import atomic_write_csv
 from fashionlens.index.embedding import decode_batches
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
-from fashionlens.training.data import IdentityDataset, MinedIdentities, make_split, with_mined
+from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
 from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment
-from fashionlens.training.validation import QueryValidation, identity_hit_rate
+from fashionlens.training.validation import QueryValidation, validation_row
 
 COLUMNS = ["epoch", "step", "loss", "triplet", "identity", "valid_triplets", "positive_fraction",
            "val_top1", "val_top4", "query_top1", "query_top4", "seconds", "images_per_second"]
@@ -59,7 +61,8 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool, str]:
     """(rank, world_size, whether we initialised the group, device)."""
     device, owned = cfg.device, False
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # a long timeout: rank 0 alone builds feature caches and mines targets while the others wait
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
         owned = True
     if not dist.is_initialized():
         return 0, 1, False, device
@@ -84,8 +87,9 @@ def identity_terms(outputs: dict, labels: torch.Tensor, id_loss, num_classes: in
     and their negatives have no classifier); 0, attached to the graph, when the batch has none."""
     if num_classes is not None:
         keep = (labels >= 0) & (labels < num_classes)
-        if not bool(keep.any()):
-            return outputs["id_logits"].sum() * 0.0
+        if not bool(keep.any()):  # 0, with every classifier in the graph (DDP expects their gradients)
+            stripes = [t.sum() for key, value in outputs.items() if key.endswith("stripe_logits") for t in value]
+            return (outputs["id_logits"].sum() + sum(stripes)) * 0.0
         if not bool(keep.all()):
             outputs = {key: (value[keep] if key == "id_logits" else
                              [t[keep] for t in value] if key.endswith("stripe_logits") else value)
@@ -164,12 +168,7 @@ def _read_rows(path: Path, upto_epoch: int) -> list[dict]:
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in COLUMNS} for r in rows)
-    os.replace(tmp, path)
+    atomic_write_csv(path, COLUMNS, ([r.get(c) for c in COLUMNS] for r in rows))
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
@@ -225,8 +224,26 @@ def _is_classifier(key: str) -> bool:
     return key.startswith("id_head.") or ".classifiers." in key
 
 
-def init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities: list[str]) -> None:
-    """Copy the weights of checkpoint ``init`` into ``model`` (see :func:`train`)."""
+def _share_weights(labels: list[int], n_source: int, share: float) -> dict[int, float]:
+    """Identity weights that give the mined identities (labels >= n_source) ``share`` of the
+    draws on average, counting only identities the sampler can draw (two photos or more)."""
+    counts: dict[int, int] = {}
+    for label in labels:
+        counts[label] = counts.get(label, 0) + 1
+    drawable = [label for label, n in counts.items() if label >= 0 and n >= 2]
+    mined = [label for label in drawable if label >= n_source]
+    source = [label for label in drawable if label < n_source]
+    if not mined or not source:
+        return {label: 1.0 for label in drawable}
+    return {**{label: share / len(mined) for label in mined}, **{label: (1 - share) / len(source) for label in source}}
+
+
+def init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities: list[str] | None,
+                 cached: bool = False) -> None:
+    """Copy the weights of checkpoint ``init`` into ``model`` (see :func:`train`). With ``cached``
+    (the frozen stages' maps come from a feature cache of the pretrained backbone), the
+    checkpoint's frozen stages must be those pretrained weights, or the cached maps would not be
+    what the saved model computes."""
     if not is_checkpoint(init):
         raise UserError(f"{init}: not a checkpoint folder (no config.json + model.safetensors)")
     source, source_cfg, extra = load_checkpoint(init)
@@ -238,6 +255,15 @@ def init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities
     state = source.state_dict()
     if extra.get("train_identities") != identities or source_cfg.num_identities != model_cfg.num_identities:
         state = {k: v for k, v in state.items() if not _is_classifier(k)}
+    if cached:
+        current = model.state_dict()
+        frozen = [name for name, p in model.named_parameters() if name.startswith("backbone.") and not p.requires_grad]
+        changed = [name for name in frozen if name in state and not torch.equal(state[name].to(current[name].device),
+                                                                                  current[name])]
+        if changed:
+            raise UserError(f"{init}: its frozen backbone stages differ from the pretrained weights the feature "
+                            f"cache holds (e.g. {changed[0]}); train without feature_cache, or start from a "
+                            "checkpoint whose backbone was frozen at least as far")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _is_classifier(k)]
     if missing or unexpected:
@@ -249,8 +275,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     out = Path(cfg.out)
     last_dir, best_dir = out / "last", out / "best"
     emit = progress or (lambda event: None)
-    split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity,
-                       cfg.val_fraction, cfg.seed, cfg.max_val_images)
+    split = split_for(cfg)
     if len(split.train_identities) < cfg.p:
         raise UserError(f"{len(split.train_identities)} training identities, fewer than p={cfg.p}")
     model_cfg = cfg.model.model_copy(update={"num_identities": len(split.train_identities) if cfg.identity > 0 else None})
@@ -267,7 +292,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     else:
         model, _ = build_model(model_cfg)
         if init is not None:
-            init_weights(model, init, model_cfg, split.train_identities)
+            init_weights(model, init, model_cfg, split.train_identities, cached=bool(cfg.feature_cache))
     data_cfg = model.data_config
     size, mean, std = int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"]
     model.to(device).train()
@@ -302,14 +327,14 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
         source = [(p, label) for p, label in split.train if cache is None or p in cache]
         samples, extras = with_mined(source, n_source, mined,
                                      {name: label for label, name in enumerate(split.train_identities)})
-        if mined_share is not None and len(mined) and mined.source is None:
-            weights = {label: (mined_share / len(mined) if label >= n_source else (1 - mined_share) / n_source)
-                       for label in range(n_source + len(mined))}
+        if mined_share is not None and extras:
+            weights = _share_weights([label for _, label in samples], n_source, mined_share)
     train_ds = train_dataset(cfg, samples, cache, size, mean, std)
     val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
     embed = make_embed(model, device, cache, Preprocess(size, mean, std), workers=cfg.workers)
     sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, extra_negatives=extras,
-                        rank=rank, world_size=world, identity_weights=weights)
+                        rank=rank, world_size=world, identity_weights=weights,
+                        photo_keys=[str(p) for p, _ in samples] if extras else None)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=device.startswith("cuda"), persistent_workers=cfg.workers > 0)
     triplet_loss = BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
@@ -363,9 +388,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
         row = {"epoch": epoch, "step": step, **{k: round(v / max(n_batches, 1), 6) for k, v in sums.items()},
                "seconds": round(seconds, 3), "images_per_second": round(n_images / seconds, 2) if seconds else None}
         if rank == 0:
-            row.update(identity_hit_rate(embed([p for p, _ in val_samples]), [lab for _, lab in val_samples]))
-            if queries is not None:
-                row.update(queries.evaluate(embed))
+            row.update(validation_row(embed, val_samples, queries))
             rows.append(row)
             _write_rows(out / "metrics.csv", rows)
             plot_curves(rows, out / "curves.png")

@@ -88,3 +88,12 @@ class QueryValidation:
                              for row, srow, ok in zip(best_i.tolist(), best_s.tolist(), query_ok)],
                             dtype=torch.bool).reshape(len(q), -1)
         return {f"{prefix}_top{k}": round(float(hits[:, :k].any(1).float().mean()), 6) for k in ks}
+
+
+def validation_row(embed: Embed, val_samples, queries: QueryValidation | None) -> dict:
+    """One epoch's validation: held-out identities (``val_top*``) and, with ``queries``, the
+    labelled query photos against the whole catalog (``query_top*``)."""
+    row = identity_hit_rate(embed([p for p, _ in val_samples]), [label for _, label in val_samples])
+    if queries is not None:
+        row.update(queries.evaluate(embed))
+    return row
