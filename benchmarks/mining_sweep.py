@@ -6,8 +6,10 @@ Every row reports the round's validation (the run's ``train.val_queries``, e.g. 
 pseudo-label precision when ``target_labels`` is on. Runs resume (an interrupted sweep is
 continued by running the same command again).
 
-    python benchmarks/mining_sweep.py configs/adapt-cpu.yaml --runs runs/mining-sweep \
+    python benchmarks/mining_sweep.py configs/adapt-frozen-cpu.yaml --runs runs/mining-sweep \
         [--only NAME ...] [--set key=value ...]      # extra overrides for every variant
+    python benchmarks/mining_sweep.py configs/adapt-cpu.yaml --runs runs/mining-sweep-tail \
+        --only source_m5 source_m10 source_m20 source_m10_share07
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ VARIANTS: dict[str, list[str]] = {
     # how much of a batch the mined identities take (None: all identities alike, as the thesis)
     "m10_i30_j40_share30": ["mined_share=0.3"],
     "m10_i300_j310_share30": ["i=300", "j=310", "mined_share=0.3"],
+    # assign=source (groups voted onto catalog identities; i..j unused): m and the vote
+    "source_m5": ["assign=source", "m=5"],
+    "source_m10": ["assign=source"],
+    "source_m20": ["assign=source", "m=20"],
+    "source_m10_share07": ["assign=source", "vote_min_share=0.7"],
 }
+# rows not named source_* run the thesis' own mining (assign=new), whatever the base config says
 
 
 def main() -> None:
@@ -52,7 +60,7 @@ def main() -> None:
         sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     rows = {}
     for name in names:
-        sets = VARIANTS[name] + args.sets
+        sets = (VARIANTS[name] if name.startswith("source_") else ["assign=new", *VARIANTS[name]]) + args.sets
         out = Path(args.runs) / name
         cfg = load_adapt_config(args.config, sets, out=str(out), rounds=1, patience=1)
         t0 = time.time()

@@ -308,6 +308,7 @@ def test_adapt_rounds_files_and_resume(domains, initial, tmp_path):
         with open(folder / "train" / "metrics.csv", newline="") as fh:
             assert len(list(csv.DictReader(fh))) == 1
         assert rows[r]["model"] == str(folder / "train" / "best")
+    assert rows[2]["trained_from"] == rows[2]["mined_with"] == str(out / "round-1" / "train" / "best")
     # round 2 mined with round 1's model
     assert json.loads((out / "round-2" / "mining.json").read_text())["model"] == str(out / "round-1" / "train" / "best")
     with open(out / "rounds.csv", newline="") as fh:
@@ -335,6 +336,13 @@ def test_adapt_rounds_files_and_resume(domains, initial, tmp_path):
     assert not [e for e in events if e["event"] == "round" and "mining" in e["what"]]
     assert (out / "round-2" / "mined.csv").read_bytes() == mined_before
     assert again[2]["val_top1"] == rows[2]["val_top1"] and again[2]["epoch"] == rows[2]["epoch"]
+
+
+def test_adapt_restart_from_init(domains, initial, tmp_path):
+    cfg = load_adapt_config(_adapt_yaml(domains, initial, tmp_path / "a.yaml", restart="init"))
+    rows = adapt(cfg)
+    assert [r["trained_from"] for r in rows[1:]] == [str(initial)] * 2
+    assert rows[2]["mined_with"] == rows[1]["model"]
 
 
 def test_adapt_stops_when_validation_stalls(domains, initial, tmp_path):

@@ -74,6 +74,9 @@ class AdaptConfig(Config):
                                              "its negatives (the thesis); source: a group joins the source identity "
                                              "that most of its vote_k nearest source photos hold (at least "
                                              "vote_min_share of them; other groups are left out), without negatives")
+    restart: Literal["previous", "init"] = Field("previous", description="what each round's training starts "
+                                                 "from: the previous round's model, or init every round (the "
+                                                 "latest model still mines)")
     vote_k: int = Field(20, ge=1, description="assign=source: source photos searched per group")
     vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source: smallest share of the vote")
     mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
@@ -271,11 +274,13 @@ def _adapt(cfg: AdaptConfig, emit, world: int, device: str) -> list[dict]:
             emit({"event": "round", "round": r, "what": f"training on the source + {len(mined)} mined identities",
                   **{k: info.get(k) for k in MEASURES}})
             train_cfg = cfg.train.model_copy(update={"out": str(folder / "train")})
-            train(train_cfg, progress=emit, init=previous, mined=mined, mined_share=cfg.mined_share)
+            start_from = Path(cfg.init) if cfg.restart == "init" else previous
+            train(train_cfg, progress=emit, init=start_from, mined=mined, mined_share=cfg.mined_share)
 
             def finish() -> dict:
                 best_epoch = _best_row(folder / "train" / "metrics.csv", metric)
                 result = {"round": r, "mined_identities": len(mined), "model": str(folder / "train" / "best"),
+                          "trained_from": str(start_from), "mined_with": str(previous),
                           **{k: info.get(k) for k in MEASURES},
                           **{k: (float(v) if v not in (None, "") else None) for k, v in best_epoch.items()
                              if k in ("query_top1", "query_top4", "val_top1", "val_top4")},
