@@ -478,3 +478,26 @@ def test_adapt_with_source_assignment(domains, initial, tmp_path):
     mined = read_mined_csv(tmp_path / "adapt" / "round-1" / "mined.csv")
     assert mined.source is not None and len(mined.source) == 4
     assert all(name is None or name.startswith("type") for name in mined.source)
+
+
+def _torchrun_adapt(config: Path) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fashionlens.training.adapt", str(config)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_adapt_under_two_process_ddp(domains, initial, tmp_path):
+    proc = _torchrun_adapt(_adapt_yaml(domains, initial, tmp_path / "a.yaml", rounds=1))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "adapt"
+    assert json.loads((out / "round-1" / "round.json").read_text())["round"] == 1
+    assert len(read_mined_csv(out / "round-1" / "mined.csv")) == 4
+    # a failure on rank 0 (too few target photos to mine) ends both processes with its message
+    (tmp_path / "b").mkdir()
+    proc = _torchrun_adapt(_adapt_yaml(domains, initial, tmp_path / "b" / "b.yaml", queries=30))
+    assert proc.returncode != 0 and "too few" in proc.stderr
