@@ -501,3 +501,11 @@ def test_adapt_under_two_process_ddp(domains, initial, tmp_path):
     (tmp_path / "b").mkdir()
     proc = _torchrun_adapt(_adapt_yaml(domains, initial, tmp_path / "b" / "b.yaml", queries=30))
     assert proc.returncode != 0 and "too few" in proc.stderr
+
+
+def test_adapt_cli_runs_and_reports_rounds(domains, initial, tmp_path, monkeypatch, capsys):
+    cfg = _adapt_yaml(domains, initial, tmp_path / "a.yaml", rounds=1)
+    rc, text = _run_cli(monkeypatch, capsys, cfg, "--out", tmp_path / "via-cli")
+    assert rc == 0, text
+    assert "round 1 done" in text and "pseudo-label precision" in text
+    assert (tmp_path / "via-cli" / "rounds.csv").is_file()
