@@ -36,3 +36,15 @@ def emit(result: dict) -> None:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def sweep_args(doc: str, default_runs: str):
+    """The arguments of a sweep script: CONFIG, --runs DIR, --only NAME..., --set key=value."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--runs", default=default_runs)
+    parser.add_argument("--only", nargs="*", help="variant names (default: all)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every variant")
+    return parser.parse_args()

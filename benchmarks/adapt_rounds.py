@@ -45,6 +45,8 @@ def main() -> None:
                       "test_top1": result["query_top1"], "test_top4": result["query_top4"],
                       "positive_precision": row.get("positive_precision"),
                       "negative_same_label": row.get("negative_same_label"),
+                      "assigned_groups": row.get("assigned_groups"),
+                      "assignment_precision": row.get("assignment_precision"),
                       "best_epoch": row.get("epoch"), "model": row["model"]})
     emit({"benchmark": "adapt_rounds", "config": args.config, "test": args.test, "wall_seconds": wall,
           "rounds": table, "run": f"fashionlens adapt {args.config} --out {args.out} "

@@ -14,13 +14,12 @@ continued by running the same command again).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from _common import emit
+from _common import emit, sweep_args
 
 VARIANTS: dict[str, list[str]] = {
     # the thesis' choice
@@ -45,12 +44,7 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("--runs", default="runs/mining-sweep")
-    parser.add_argument("--only", nargs="*", help="variant names (default: all)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every variant")
-    args = parser.parse_args()
+    args = sweep_args(__doc__, "runs/mining-sweep")
 
     from fashionlens.training.adapt import adapt, load_adapt_config
 

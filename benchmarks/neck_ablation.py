@@ -15,13 +15,12 @@ row ``gap_untrained``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import time
 from pathlib import Path
 
-from _common import emit
+from _common import emit, sweep_args
 
 GAP_LAN = "model.neck={type: multi, necks: {gap: {type: gap}, lan: {type: lan, branches: 4, dim: 256}}}"
 GAP_HALF_LAN = ("model.neck={type: multi, necks: {gap: {type: gap}, lan: {type: lan, branches: 4, dim: 256}}, "
@@ -104,12 +103,7 @@ def untrained_gap(cfg) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("--runs", default="runs/ablation")
-    parser.add_argument("--only", nargs="*", help="variant names (default: all)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every variant")
-    args = parser.parse_args()
+    args = sweep_args(__doc__, "runs/ablation")
 
     from fashionlens.training import load_train_config, train
 

@@ -205,3 +205,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_cli_inprocess(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """Run ``fashionlens ARGS...`` in this process: (exit code, stdout, stderr); a traceback
+    on stderr fails the test (bad input must give a clear message)."""
+    import sys
+
+    from fashionlens.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fashionlens", *map(str, args)])
+    try:
+        main()
+        rc = 0
+    except SystemExit as exc:
+        rc = exc.code
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    return rc, captured.out, captured.err

@@ -3,16 +3,15 @@ checkpoints: resnet18 (random weights) at 96 px, so the feature map is 3 x 3."""
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fashionlens.cli import main
 from fashionlens.data.transforms import Preprocess, letterbox
 from fashionlens.errors import UserError
+from conftest import run_cli_inprocess
 from fashionlens.explain.attention import attention_masks, attention_sheet, masked_images, normalize_masks
 from fashionlens.models.builder import ModelConfig, build_model, save_checkpoint
 
@@ -46,15 +45,7 @@ def photo(tmp_path_factory):
 
 
 def _run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["fashionlens", "attention", *map(str, args)])
-    try:
-        main()
-        rc = 0
-    except SystemExit as exc:
-        rc = exc.code
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err, captured.err
-    return rc, captured.out, captured.err
+    return run_cli_inprocess(monkeypatch, capsys, "attention", *args)
 
 
 def test_masks_are_the_models(lan, photo):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from fashionlens.cli import main
+from conftest import run_cli_inprocess
 from fashionlens.data.sampler import PKSampler
 from fashionlens.errors import UserError
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss
@@ -392,15 +394,8 @@ def test_adapt_refuses_a_checkpoint_of_another_model(domains, initial, tmp_path)
 
 
 def _run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["fashionlens", "adapt", *map(str, args)])
-    try:
-        main()
-        rc = 0
-    except SystemExit as exc:
-        rc = exc.code
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err, captured.err
-    return rc, captured.out + captured.err
+    rc, out, err = run_cli_inprocess(monkeypatch, capsys, "adapt", *args)
+    return rc, out + err
 
 
 def test_adapt_cli_bad_settings_give_clear_errors(domains, initial, tmp_path, monkeypatch, capsys):
@@ -480,10 +475,7 @@ def test_adapt_with_source_assignment(domains, initial, tmp_path):
     assert all(name is None or name.startswith("type") for name in mined.source)
 
 
-def _torchrun_adapt(config: Path) -> "subprocess.CompletedProcess":
-    import os
-    import subprocess
-
+def _torchrun_adapt(config: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "fashionlens.training.adapt", str(config)],

@@ -17,8 +17,6 @@ class _RichAdaptProgress(_RichTrainProgress):
     """The training progress, plus one line per round and a bar while the target is embedded."""
 
     def __call__(self, event: dict) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         kind = event["event"]
         fmt = lambda v: "-" if v in (None, "") else f"{float(v):.3f}"  # noqa: E731
         if kind == "round":
@@ -31,11 +29,7 @@ class _RichAdaptProgress(_RichTrainProgress):
                    f"{fmt(event['assignment_precision'])}") + ")")
             self.console.print(f"[bold]round {event['round']}[/bold]: {event['what']}{extra}")
         elif kind == "mine_step":
-            if self.bar is None:
-                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TimeRemainingColumn(), console=self.console)
-                self.bar.start()
-                self.task = self.bar.add_task("embedding the target", total=event["total"])
+            self._bar("embedding the target", event["total"])
             self.bar.update(self.task, completed=event["done"], total=event["total"])
             if event["done"] >= event["total"]:
                 self.stop()

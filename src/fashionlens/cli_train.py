@@ -25,9 +25,18 @@ class _RichTrainProgress:
         self.console = Console(stderr=True)
         self.bar = None
 
-    def __call__(self, event: dict) -> None:
+    def _bar(self, description: str, total: int, loss: bool = False) -> None:
+        """Start a progress bar (``self.task``) unless one is showing."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        if self.bar is None:
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+            columns += [TextColumn("loss {task.fields[loss]}")] if loss else []
+            self.bar = Progress(*columns, TimeRemainingColumn(), console=self.console)
+            self.bar.start()
+            self.task = self.bar.add_task(description, total=total, **({"loss": ""} if loss else {}))
+
+    def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "start":
             self.console.print(
@@ -44,20 +53,12 @@ class _RichTrainProgress:
             shown = ", ".join(event["images"][:3]) + (" ..." if len(event["images"]) > 3 else "")
             self.console.print(f"[yellow]{len(event['images'])} image(s) cannot be read and are left out: {shown}[/yellow]")
         elif kind == "cache_step":
-            if self.bar is None:
-                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TimeRemainingColumn(), console=self.console)
-                self.bar.start()
-                self.task = self.bar.add_task("caching feature maps", total=event["total"])
+            self._bar("caching feature maps", event["total"])
             self.bar.update(self.task, completed=event["done"], total=event["total"])
             if event["done"] >= event["total"]:
                 self.stop()
         elif kind == "step":
-            if self.bar is None:
-                self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=self.console)
-                self.bar.start()
-                self.task = self.bar.add_task(f"epoch {event['epoch']}", total=event["batches"], loss="")
+            self._bar(f"epoch {event['epoch']}", event["batches"], loss=True)
             self.bar.update(self.task, completed=event["batch"], loss=f"{event['loss']:.4f}")
         elif kind == "epoch":
             self.stop()
