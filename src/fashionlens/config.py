@@ -43,12 +43,15 @@ class Config(BaseModel):
             raise UserError(f"config setting {where!r}: {msg}" if where else f"config: {msg}") from None
 
     @classmethod
+    def help_lines(cls, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+        """One ``prefix+name = default: meaning`` line per setting (required ones marked)."""
+        return [f"{prefix}{name} = {'(required)' if field.is_required() else repr(field.default)}: "
+                f"{field.description or ''}" for name, field in cls.model_fields.items() if name not in skip]
+
+    @classmethod
     def help_text(cls) -> str:
         """The settings, defaults and meanings, for ``--help``."""
-        lines = []
-        for name, field in cls.model_fields.items():
-            lines.append(f"{name} = {field.default!r}: {field.description or ''}")
-        return "\n\n".join(lines)
+        return "\n\n".join(cls.help_lines())
 
 
 class EmbedConfig(Config):

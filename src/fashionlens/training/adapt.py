@@ -100,9 +100,8 @@ class AdaptConfig(Config):
 
     @classmethod
     def help_text(cls) -> str:
-        lines = [f"{n} = {'(required)' if f.is_required() else repr(f.default)}: {f.description or ''}"
-                 for n, f in cls.model_fields.items() if n != "train"]
-        return "\n\n".join(lines + ["train.<setting>: every setting of `fashionlens train --help`"])
+        return "\n\n".join(cls.help_lines(skip=("train",))
+                             + ["train.<setting>: every setting of `fashionlens train --help`"])
 
 
 def load_adapt_config(path: str | Path | None = None, sets: list[str] | None = None, **overrides) -> AdaptConfig:

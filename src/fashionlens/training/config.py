@@ -75,15 +75,7 @@ class TrainConfig(Config):
     @classmethod
     def help_text(cls) -> str:
         """The settings for ``--help``; the model's as ``model.<name>``, required ones marked."""
-        lines = []
-        for name, f in cls.model_fields.items():
-            if name == "model":
-                lines += [f"model.{n} = {mf.default!r}: {mf.description or ''}"
-                          for n, mf in ModelConfig.model_fields.items()]
-            else:
-                default = "(required)" if f.is_required() else repr(f.default)
-                lines.append(f"{name} = {default}: {f.description or ''}")
-        return "\n\n".join(lines)
+        return "\n\n".join(ModelConfig.help_lines("model.") + cls.help_lines(skip=("model",)))
 
 
 def _set_path(data: dict, dotted: str, value) -> None:
