@@ -91,10 +91,11 @@ class Mined:
 
 
 def embed_to_chunks(paths: Sequence[Path], embed: Embed, folder: Path, chunk_size: int = 4096,
-                    progress: Callable[[int, int], None] | None = None) -> tuple[ChunkFiles, list[int], int]:
+                    progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[ChunkFiles, list[int], int, np.ndarray]:
     """Embed ``paths`` chunk by chunk into ``folder``; rows of photos that cannot be read are
-    left out. Returns (chunks, chunk numbers, dimension)."""
-    files, numbers, dim = ChunkFiles(folder), [], 0
+    left out. Returns (chunks, chunk numbers, dimension, the rows written)."""
+    files, numbers, dim, written = ChunkFiles(folder), [], 0, []
     for number, start in enumerate(range(0, len(paths), chunk_size)):
         vecs = embed(paths[start:start + chunk_size]).float()
         ok = ~torch.isnan(vecs).any(dim=1)
@@ -103,9 +104,10 @@ def embed_to_chunks(paths: Sequence[Path], embed: Embed, folder: Path, chunk_siz
         dim = vecs.shape[1] if len(vecs) else dim
         files.write(number, rows, vecs)
         numbers.append(number)
+        written.append(rows)
         if progress:
             progress(min(start + chunk_size, len(paths)), len(paths))
-    return files, numbers, dim
+    return files, numbers, dim, (np.concatenate(written) if written else np.zeros(0, np.int64))
 
 
 def _build_index(files: ChunkFiles, numbers: list[int], dim: int, n: int, exclude: np.ndarray,
@@ -144,8 +146,8 @@ def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: 
     vecs = _rows_of(files, numbers, wanted, dim)
     centroids = np.stack([vecs[np.searchsorted(wanted, g)].mean(axis=0) for g in groups])
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    s_files, s_numbers, _ = embed_to_chunks(vote.paths, embed, work / "source", chunk_size)
-    n_source = sum(len(s_files.read(c)[0]) for c in s_numbers)
+    s_files, s_numbers, _, s_rows = embed_to_chunks(vote.paths, embed, work / "source", chunk_size)
+    n_source = len(s_rows)
     if n_source < vote.k:
         raise UserError(f"{n_source} readable source photos: fewer than the vote's k={vote.k}")
     index, _ = _build_index(s_files, s_numbers, dim, n_source, np.zeros(0, np.int64), index_type, flat_max, seed)
@@ -172,8 +174,7 @@ def mine(paths: Sequence[Path], embed: Embed, work: Path, queries: int, m: int, 
     work = Path(work)
     shutil.rmtree(work, ignore_errors=True)
     try:
-        files, numbers, dim = embed_to_chunks(paths, embed, work, chunk_size, progress)
-        readable = np.concatenate([files.read(c)[0] for c in numbers])
+        files, numbers, dim, readable = embed_to_chunks(paths, embed, work, chunk_size, progress)
         n_gallery = len(readable) - queries
         if queries < 1 or n_gallery < j:
             raise UserError(f"{len(readable)} readable target photos: too few for {queries} queries and "
