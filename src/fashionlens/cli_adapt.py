@@ -29,10 +29,7 @@ class _RichAdaptProgress(_RichTrainProgress):
                    f"{fmt(event['assignment_precision'])}") + ")")
             self.console.print(f"[bold]round {event['round']}[/bold]: {event['what']}{extra}")
         elif kind == "mine_step":
-            self._bar("embedding the target", event["total"])
-            self.bar.update(self.task, completed=event["done"], total=event["total"])
-            if event["done"] >= event["total"]:
-                self.stop()
+            self._count("embedding the target", event)
         elif kind == "round_done":
             self.stop()
             self.console.print(

@@ -36,6 +36,13 @@ class _RichTrainProgress:
             self.bar.start()
             self.task = self.bar.add_task(description, total=total, **({"loss": ""} if loss else {}))
 
+    def _count(self, description: str, event: dict) -> None:
+        """A bar for ``{"done", "total"}`` events, closed when done reaches total."""
+        self._bar(description, event["total"])
+        self.bar.update(self.task, completed=event["done"], total=event["total"])
+        if event["done"] >= event["total"]:
+            self.stop()
+
     def __call__(self, event: dict) -> None:
         kind = event["event"]
         if kind == "start":
@@ -53,10 +60,7 @@ class _RichTrainProgress:
             shown = ", ".join(event["images"][:3]) + (" ..." if len(event["images"]) > 3 else "")
             self.console.print(f"[yellow]{len(event['images'])} image(s) cannot be read and are left out: {shown}[/yellow]")
         elif kind == "cache_step":
-            self._bar("caching feature maps", event["total"])
-            self.bar.update(self.task, completed=event["done"], total=event["total"])
-            if event["done"] >= event["total"]:
-                self.stop()
+            self._count("caching feature maps", event)
         elif kind == "step":
             self._bar(f"epoch {event['epoch']}", event["batches"], loss=True)
             self.bar.update(self.task, completed=event["batch"], loss=f"{event['loss']:.4f}")

@@ -44,7 +44,7 @@ from fashionlens.files import atomic_write_csv, atomic_write_json, atomic_write_
 from fashionlens.models.builder import build_model, is_checkpoint
 from fashionlens.training.config import TrainConfig, apply_overrides, with_model_defaults
 from fashionlens.training.data import split_for
-from fashionlens.training.feature_cache import FeatureCache
+from fashionlens.training.feature_cache import prepare_cache
 from fashionlens.evaluation.protocols import read_label_mapping
 from fashionlens.training.mining import (SourceVote, TargetPhotos, assignment_precision, label_precision, mine,
                                          read_mined_csv, write_mined_csv)
@@ -131,12 +131,8 @@ def _embedder(cfg: AdaptConfig, checkpoint: Path, device: str, extra_paths: list
     model.to(device).eval()
     data_cfg = model.data_config
     size = int(data_cfg["input_size"][-1])
-    cache = None
-    if cfg.train.feature_cache:
-        cache = FeatureCache.for_model(cfg.train.feature_cache, cfg.train.model, size)
-        progress({"event": "cache", "images": len(extra_paths)})
-        cache.ensure(extra_paths, device=device, workers=cfg.train.workers,
-                     progress=lambda d, n: progress({"event": "cache_step", "done": d, "total": n}))
+    cache = (prepare_cache(cfg.train.feature_cache, cfg.train.model, size, extra_paths, device, cfg.train.workers,
+                           progress) if cfg.train.feature_cache else None)
     return make_embed(model, device, cache, Preprocess(size, data_cfg["mean"], data_cfg["std"]),
                       workers=cfg.train.workers)
 

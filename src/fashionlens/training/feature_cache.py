@@ -256,6 +256,19 @@ class MapAugment:
         return t
 
 
+def prepare_cache(folder: str | Path, model_cfg, input_size: int, paths: Sequence[str | Path], device: str,
+                  workers: int, emit: Callable[[dict], None]) -> FeatureCache:
+    """The cache of ``model_cfg``'s frozen part with the maps of ``paths`` computed, reporting
+    ``cache`` / ``cache_step`` / ``cache_unreadable`` events (the training progress' own)."""
+    cache = FeatureCache.for_model(folder, model_cfg, input_size)
+    emit({"event": "cache", "images": len(paths)})
+    unreadable = cache.ensure(paths, device=device, workers=workers,
+                              progress=lambda d, n: emit({"event": "cache_step", "done": d, "total": n}))
+    if unreadable:
+        emit({"event": "cache_unreadable", "images": unreadable})
+    return cache
+
+
 class CachedMapDataset(Dataset):
     """``ds[i]`` -> (cached feature map, label) for ``samples`` of (image path, label)."""
 

@@ -49,7 +49,7 @@ from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, 
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
-from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment
+from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment, prepare_cache
 from fashionlens.training.validation import QueryValidation, validation_row
 
 COLUMNS = ["epoch", "step", "loss", "triplet", "identity", "valid_triplets", "positive_fraction",
@@ -308,12 +308,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
         needed = ([p for p, _ in split.train + split.val] + (queries.all_paths() if queries else [])
                   + (mined.paths() if mined else []))
         if rank == 0:  # only rank 0 writes the cache; the others open it once it is complete
-            cache = FeatureCache.for_model(cfg.feature_cache, model_cfg, size)
-            emit({"event": "cache", "images": len(needed)})
-            unreadable = cache.ensure(needed, device=device, workers=cfg.workers,
-                                      progress=lambda d, n: emit({"event": "cache_step", "done": d, "total": n}))
-            if unreadable:
-                emit({"event": "cache_unreadable", "images": unreadable})
+            cache = prepare_cache(cfg.feature_cache, model_cfg, size, needed, device, cfg.workers, emit)
         if world > 1:
             dist.barrier()
         if rank != 0:
