@@ -30,3 +30,8 @@ def atomic_write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Se
     writer.writerow(columns)
     writer.writerows(["" if v is None else v for v in row] for row in rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+def atomic_write_dict_rows(path: str | Path, columns: Sequence[str], rows: Iterable[dict]) -> None:
+    """``rows`` as dicts; each row's values of ``columns`` (missing or None: an empty field)."""
+    atomic_write_csv(path, columns, ([row.get(c) for c in columns] for row in rows))

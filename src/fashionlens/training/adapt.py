@@ -40,7 +40,7 @@ from pydantic import Field, model_validator
 from fashionlens.config import Config, read_yaml_mapping
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
-from fashionlens.files import atomic_write_csv, atomic_write_json, atomic_write_text
+from fashionlens.files import atomic_write_dict_rows, atomic_write_json, atomic_write_text
 from fashionlens.models.builder import build_model, is_checkpoint
 from fashionlens.training.config import TrainConfig, apply_overrides, with_model_defaults
 from fashionlens.training.data import split_for
@@ -175,7 +175,7 @@ def _best_row(metrics_csv: Path, metric: str) -> dict:
 
 def _write_rounds(cfg: AdaptConfig, rows: list[dict], best: dict) -> None:
     out = Path(cfg.out)
-    atomic_write_csv(out / "rounds.csv", ROUND_COLUMNS, ([r.get(c) for c in ROUND_COLUMNS] for r in rows))
+    atomic_write_dict_rows(out / "rounds.csv", ROUND_COLUMNS, rows)
     atomic_write_json(out / "best.json", best)
 
 

@@ -24,7 +24,6 @@ and validation then run the neck and heads on the maps (``model(maps, from_map=T
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -35,7 +34,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -43,19 +41,14 @@ from fashionlens.data.augment import AugmentConfig, TrainPreprocess
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
-from fashionlens.files import atomic_write_csv
 from fashionlens.index.embedding import decode_batches
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
 from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment, prepare_cache
+from fashionlens.training.run_files import load_optimizer, plot_curves, read_rows, save_optimizer, write_rows
 from fashionlens.training.validation import QueryValidation, validation_row
-
-COLUMNS = ["epoch", "step", "loss", "triplet", "identity", "valid_triplets", "positive_fraction",
-           "val_top1", "val_top4", "query_top1", "query_top4", "seconds", "images_per_second"]
-OPTIMIZER_FILE = "optimizer.safetensors"
-
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool, str]:
     """(rank, world_size, whether we initialised the group, device)."""
@@ -102,25 +95,6 @@ def identity_terms(outputs: dict, labels: torch.Tensor, id_loss, num_classes: in
     return loss
 
 
-def save_optimizer(folder: Path, opt: torch.optim.Optimizer) -> list:
-    """Write the optimizer's tensors to ``folder/optimizer.safetensors``; returns its param_groups."""
-    state = opt.state_dict()
-    tensors = {f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-               for idx, entry in state["state"].items() for name, v in entry.items() if v is not None}
-    tmp = folder / (OPTIMIZER_FILE + f".tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / OPTIMIZER_FILE)
-    return state["param_groups"]
-
-
-def load_optimizer(folder: Path, opt: torch.optim.Optimizer, param_groups: list) -> None:
-    state: dict[int, dict] = {}
-    for key, value in load_file(str(folder / OPTIMIZER_FILE)).items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": param_groups})
-
-
 def train_dataset(cfg: TrainConfig, samples, cache: FeatureCache | None, size: int, mean, std):
     """The training set with its augmentations: cached maps (flip, 180 degree rotation, crop on
     the map) when ``cache`` is given, else decoded photos (every augmentation of ``cfg.augment``)."""
@@ -158,44 +132,6 @@ def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Prepr
         return out
 
     return embed
-
-
-def _read_rows(path: Path, upto_epoch: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [row for row in csv.DictReader(fh) if int(row["epoch"]) <= upto_epoch]
-
-
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    atomic_write_csv(path, COLUMNS, ([r.get(c) for c in COLUMNS] for r in rows))
-
-
-def plot_curves(rows: list[dict], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def series(name):
-        pts = [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    fig = Figure(figsize=(9, 3.5))
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(1, 2)
-    for name in ("loss", "triplet", "identity"):
-        x, y = series(name)
-        if x:
-            ax1.plot(x, y, marker="o", label=name)
-    ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax1.legend()
-    for name in ("val_top1", "val_top4", "query_top1", "query_top4"):
-        x, y = series(name)
-        if x:
-            ax2.plot(x, y, marker="o", label=name)
-    ax2.set(xlabel="epoch", ylabel="hit rate", title="validation", ylim=(0, 1))
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def train(cfg: TrainConfig, progress=None, init: str | Path | None = None,
@@ -336,7 +272,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     id_loss, weighted = IdentityLoss(), WeightedSum({"triplet": cfg.triplet, "identity": cfg.identity})
     use_amp = cfg.amp and device.startswith("cuda")
 
-    rows = _read_rows(out / "metrics.csv", start_epoch - 1)
+    rows = read_rows(out / "metrics.csv", start_epoch - 1)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -385,7 +321,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
         if rank == 0:
             row.update(validation_row(embed, val_samples, queries))
             rows.append(row)
-            _write_rows(out / "metrics.csv", rows)
+            write_rows(out / "metrics.csv", rows)
             plot_curves(rows, out / "curves.png")
             improved = row[cfg.best_metric] is not None and row[cfg.best_metric] > best
             best = row[cfg.best_metric] if improved else best

@@ -1,0 +1,74 @@
+"""A training run's files besides its checkpoints: the optimizer state as safetensors, the
+per-epoch metrics CSV, and the PNG of its curves (see :mod:`fashionlens.training.trainer`)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fashionlens.files import atomic_write_dict_rows
+
+COLUMNS = ["epoch", "step", "loss", "triplet", "identity", "valid_triplets", "positive_fraction",
+           "val_top1", "val_top4", "query_top1", "query_top4", "seconds", "images_per_second"]
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def save_optimizer(folder: Path, opt: torch.optim.Optimizer) -> list:
+    """Write the optimizer's tensors to ``folder/optimizer.safetensors``; returns its param_groups."""
+    state = opt.state_dict()
+    tensors = {f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for idx, entry in state["state"].items() for name, v in entry.items() if v is not None}
+    tmp = folder / (OPTIMIZER_FILE + f".tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / OPTIMIZER_FILE)
+    return state["param_groups"]
+
+
+def load_optimizer(folder: Path, opt: torch.optim.Optimizer, param_groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(folder / OPTIMIZER_FILE)).items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def read_rows(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [row for row in csv.DictReader(fh) if int(row["epoch"]) <= upto_epoch]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    atomic_write_dict_rows(path, COLUMNS, rows)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(name):
+        pts = [(int(r["epoch"]), float(r[name])) for r in rows if r.get(name) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    for name in ("loss", "triplet", "identity"):
+        x, y = series(name)
+        if x:
+            ax1.plot(x, y, marker="o", label=name)
+    ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax1.legend()
+    for name in ("val_top1", "val_top4", "query_top1", "query_top4"):
+        x, y = series(name)
+        if x:
+            ax2.plot(x, y, marker="o", label=name)
+    ax2.set(xlabel="epoch", ylabel="hit rate", title="validation", ylim=(0, 1))
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
