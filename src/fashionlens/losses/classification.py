@@ -46,6 +46,20 @@ class IdentityLoss(nn.Module):
         return f"label_smoothing={self.label_smoothing}"
 
 
+def pair_losses(x: Tensor, t: Tensor, mode: str) -> Tensor:
+    """Loss of each row of one attribute: logits ``x`` and targets ``t`` (N, values), NaN = a
+    masked value (each row needs one known value). sigmoid: binary cross-entropy averaged over
+    the known values; softmax: cross-entropy of the known value with the largest target."""
+    known = ~torch.isnan(t)
+    # NaN replaced by 0 before the loss: a NaN target gives NaN gradients even where masked out.
+    t = torch.where(known, t, torch.zeros_like(t))
+    if mode == "sigmoid":
+        per_value = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+        return (per_value * known).sum(1) / known.sum(1)
+    scores = torch.where(known, t, torch.full_like(t, float("-inf")))
+    return F.cross_entropy(x, scores.argmax(1), reduction="none")
+
+
 class AttributeLoss(nn.Module):
     """Loss of several attribute heads whose logits are concatenated: ``(N, total_values)``.
 
@@ -102,13 +116,7 @@ class AttributeLoss(nn.Module):
                 continue
             # Select rows first and replace NaN by 0 before the loss: a NaN target would
             # otherwise give NaN gradients even where the result is masked out.
-            x, t, known = x[rows], torch.where(known[rows], t[rows], torch.zeros_like(t[rows])), known[rows]
-            if self.mode == "sigmoid":
-                per_value = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-                per_pair = (per_value * known).sum(1) / known.sum(1)
-            else:
-                scores = torch.where(known, t, torch.full_like(t, float("-inf")))
-                per_pair = F.cross_entropy(x, scores.argmax(1), reduction="none")
+            per_pair = pair_losses(x[rows], t[rows], self.mode)
             total = total + per_pair.sum()
             count += int(rows.sum())
         return total / count if count else total

@@ -33,16 +33,19 @@ def _check_map(t: torch.Tensor, in_channels: int) -> None:
 
 
 class GAPNeck(nn.Module):
-    """Global average pooling: ``{"embedding": (N, C)}``, L2-normalised."""
+    """Global average pooling: ``{"embedding": (N, C)}``, L2-normalised (``normalize=False``:
+    the plain mean, the input of a linear classifier such as thesis B's attribute heads, where
+    Grad-CAM of a head has a closed form: :func:`fashionlens.explain.cam.linear_gap_cams`)."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, normalize: bool = True):
         super().__init__()
-        self.in_channels = in_channels
+        self.in_channels, self.normalize = in_channels, bool(normalize)
         self.out_dim = in_channels
 
     def forward(self, t: torch.Tensor) -> Outputs:
         _check_map(t, self.in_channels)
-        return {"embedding": F.normalize(t.mean(dim=(2, 3)), dim=1)}
+        pooled = t.mean(dim=(2, 3))
+        return {"embedding": F.normalize(pooled, dim=1) if self.normalize else pooled}
 
 
 class LocalAlignmentNeck(nn.Module):

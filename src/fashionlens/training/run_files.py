@@ -43,11 +43,14 @@ def read_rows(path: Path, upto_epoch: int) -> list[dict]:
         return [row for row in csv.DictReader(fh) if int(row["epoch"]) <= upto_epoch]
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    atomic_write_dict_rows(path, COLUMNS, rows)
+def write_rows(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
+    atomic_write_dict_rows(path, columns, rows)
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
+def plot_curves(rows: list[dict], path: Path, losses: tuple[str, ...] = ("loss", "triplet", "identity"),
+                scores: tuple[str, ...] = ("val_top1", "val_top4", "query_top1", "query_top4"),
+                score_label: str = "hit rate") -> None:
+    """Two panels: the training losses and the validation scores, per epoch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -58,17 +61,17 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(9, 3.5))
     FigureCanvasAgg(fig)
     ax1, ax2 = fig.subplots(1, 2)
-    for name in ("loss", "triplet", "identity"):
+    for name in losses:
         x, y = series(name)
         if x:
             ax1.plot(x, y, marker="o", label=name)
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax1.legend()
-    for name in ("val_top1", "val_top4", "query_top1", "query_top4"):
+    for name in scores:
         x, y = series(name)
         if x:
             ax2.plot(x, y, marker="o", label=name)
-    ax2.set(xlabel="epoch", ylabel="hit rate", title="validation", ylim=(0, 1))
+    ax2.set(xlabel="epoch", ylabel=score_label, title="validation", ylim=(0, 1))
     ax2.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

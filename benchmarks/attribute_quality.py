@@ -1,0 +1,55 @@
+"""Attribute classifiers on the held-out part of their split (issue 5): train each config
+(resumable: a finished run is only evaluated), then per-attribute accuracy, precision at 0.6
+and mAP on ``test``; JSON out, with the goal's figure - the mean accuracy over sleevelength,
+neckline, category and collar - and each run's difference to the first (the linear probe).
+
+    python benchmarks/attribute_quality.py configs/attributes-probe-cpu.yaml configs/attributes-cpu.yaml \
+        [--set key=value ...]
+
+The test images are used for nothing else: ``best/`` is picked on ``val``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from _common import emit
+
+GOAL = ["sleevelength_labels", "neckline_labels", "category_labels", "collar_labels"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every config")
+    parser.add_argument("--split", default="test")
+    args = parser.parse_args()
+
+    from fashionlens.evaluation.attributes import mean_over
+    from fashionlens.training.attributes import (evaluate_rows, load_attribute_config, load_attribute_model,
+                                                 read_config_data, train_attributes)
+
+    runs = []
+    for path in args.configs:
+        cfg = load_attribute_config(path, args.sets)
+        t0 = time.time()
+        last = train_attributes(cfg)
+        model, _, extra = load_attribute_model(f"{cfg.out}/best")
+        data, parts = read_config_data(cfg)
+        metrics = evaluate_rows(model, data, parts[args.split], cfg.loss, cfg.threshold, "cpu")
+        runs.append({"config": path, "out": cfg.out, "best_epoch": extra["epoch"], "epochs": cfg.epochs,
+                     "train_seconds_this_call": round(time.time() - t0, 1),
+                     "seconds_per_epoch": last.get("seconds"), "images": extra["split"],
+                     "val_accuracy": extra["metrics"]["val_accuracy"],
+                     "goal_accuracy": mean_over(metrics, GOAL), "goal_map": mean_over(metrics, GOAL, "mAP"),
+                     args.split: metrics})
+    base = runs[0]["goal_accuracy"]
+    for run in runs:
+        run["goal_accuracy_minus_first"] = (round(run["goal_accuracy"] - base, 4)
+                                            if None not in (base, run["goal_accuracy"]) else None)
+    emit({"benchmark": "attribute_quality", "split": args.split, "goal_attributes": GOAL, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
