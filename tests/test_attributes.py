@@ -235,3 +235,45 @@ def test_blanking_and_faithfulness(explainer, dataset):
     assert result["mean"]["pairs"] + result["mean"]["no_box"] == 6 + int(data.mask[:6, 1].sum())
     assert result["mean"]["pairs"] > 0
     assert 0 < result["mean"]["box_area"] <= 1 and result["mean"]["original"] > 0
+
+
+def test_street_tags_train_and_pointing_counts(tmp_path):
+    """A street tag classifier trains on tags.csv; the pointing game tries every (photo, tag)
+    present in a mask once, and with a tolerance as large as the photo every try is a hit."""
+    from fashionlens.data.street import read_labels, read_street
+    from fashionlens.evaluation.pointing import evaluate_pointing
+
+    root = tmp_path / "street"
+    (root / "photos").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "labels.txt").write_text("null\ndress\nhair\nshoes\n")
+    rows, present = [], {"dress": 0, "shoes": 0}
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        tags = ["hair"] + (["dress"] if i % 2 else []) + (["shoes"] if i % 3 else [])
+        arr = rng.integers(0, 255, (40, 30, 3)).astype(np.uint8)
+        Image.fromarray(arr).save(root / "photos" / f"{i:04d}.jpg")
+        kind = "pixel" if i < 12 else "image"
+        if kind == "pixel":
+            mask = np.zeros((40, 30), np.uint8)
+            mask[:8] = 2
+            if "dress" in tags:
+                mask[10:30, 5:25] = 1
+                present["dress"] += 1
+            if "shoes" in tags:
+                mask[34:, 10:20] = 3
+                present["shoes"] += 1
+            Image.fromarray(mask).save(root / "masks" / f"{i:04d}.png")
+        rows.append(f"photos/{i:04d}.jpg,{kind}," + ",".join(tags))
+    (root / "tags.csv").write_text("photo,annotation,tags...\n" + "\n".join(rows) + "\n")
+    cfg = tiny(root, tmp_path / "run", format="street", min_tag_photos=5, epochs=1, test_fraction=0.0)
+    train_attributes(cfg)
+    model, cfg, _ = load_attribute_model(tmp_path / "run" / "last")
+    assert list(model.attr_head.schema) == ["dress", "hair", "shoes"]
+    explainer = AttributeExplainer(model, cfg.loss)
+    result = evaluate_pointing(explainer, read_street(root), read_labels(root), tolerances=(0, 100))
+    assert result["photos"] == 12
+    exact, loose = result["tolerance_0"], result["tolerance_100"]
+    assert {tag: exact[tag]["photos"] for tag in present} == present and exact["hair"]["photos"] == 12
+    assert all(loose[tag]["pointing"] == 1.0 for tag in loose)
+    assert all(0.0 <= exact[tag]["iou"] <= 1.0 for tag in exact)

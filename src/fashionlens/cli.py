@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fashionlens.config import EvaluateConfig, IndexConfig, SearchConfig
+from fashionlens.config import IndexConfig, SearchConfig
 from fashionlens.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -112,28 +112,59 @@ def search(
     k: Annotated[Optional[int], typer.Option("-k", help="results per photo")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON: one list of results per photo")] = False,
     config: ConfigOpt = None,
+    explain: Annotated[bool, typer.Option("--explain", help="say why each result matches (attributes)")] = False,
+    want: Annotated[Optional[list[str]], typer.Option(
+        "--want", help="ATTR=VALUE: only items with that value, e.g. neckline=v-shape (repeatable)")] = None,
+    min_confidence: Annotated[Optional[float], typer.Option(
+        "--min-confidence", help="attributes predicted with less are not mentioned")] = None,
 ):
-    """Search the catalog by photo; several photos are embedded as one batch."""
+    """Search the catalog by photo; several photos are embedded as one batch.
+
+    --explain and --want need the attributes of 'fashionlens index-attributes'.
+    """
     from fashionlens.index.query import DRAFT_SIZE, Searcher, load_photos
 
-    cfg = SearchConfig.load(config, k=k)
+    cfg = SearchConfig.load(config, k=k, explain=explain or None, want=want or None, min_confidence=min_confidence)
     images = load_photos(photos, DRAFT_SIZE)  # bad photos fail before the model loads
-    searcher = Searcher(index_dir)
+    explained = cfg.explain or bool(cfg.want)
+    searcher = Searcher(index_dir, attributes=explained)
+    queries = None
     try:
-        results = searcher.search_images(images, cfg.k, cfg.batch_size)
+        if explained:
+            results, queries = searcher.search_explained(images, cfg)
+        else:
+            results = searcher.search_images(images, cfg.k, cfg.batch_size)
     finally:
         searcher.close()
     if as_json:
-        payload = [{"photo": str(p), "results": [
-            {"rank": r + 1, "id": h.id, "score": round(h.score, 6), "path": h.path, **h.metadata}
-            for r, h in enumerate(hits)]} for p, hits in zip(photos, results)]
+        payload = []
+        for n, (photo, hits) in enumerate(zip(photos, results)):
+            entry = {"photo": str(photo), "results": [
+                {"rank": r + 1, "id": h.id, "score": round(h.score, 6), "path": h.path, **h.metadata,
+                 **({"reasons": h.reasons} if explained else {})} for r, h in enumerate(hits)]}
+            if queries is not None:
+                entry["attributes"] = _photo_attributes(photo, images[n], queries[n])
+            payload.append(entry)
         out.print_json(json.dumps(payload, ensure_ascii=False))
         return
     for photo, hits in zip(photos, results):
         out.print(hits_table(str(photo), hits))
+        for rank, h in enumerate(hits if explained else [], 1):  # full lines: a table column would be cramped
+            out.print(f"  {rank}. {h.id}: {h.reasons['text']}", markup=False, highlight=False, soft_wrap=True)
 
 
 search.__doc__ += "\n\nSettings:\n\n" + SearchConfig.help_text()
+
+
+def _photo_attributes(photo: Path, image, results) -> list[dict]:
+    """A query photo's predicted attributes, boxes in the photo's own pixels."""
+    from PIL import Image
+
+    from fashionlens.index.attributes import scale_box
+
+    with Image.open(photo) as header:
+        full = header.size
+    return [{**r.to_json(), "box": list(scale_box(r.box, image.size, full)) if r.box else None} for r in results]
 
 
 def hits_table(title: str, hits) -> Table:
@@ -158,16 +189,26 @@ def info(index_dir: Annotated[Path, typer.Argument(help="index folder")]):
             "items": {s: store.count(s) for s in ("embedded", "pending", "skipped")},
             "index": store.get_meta("index_spec"), "embedder": store.get_meta("embedder"),
             "config": store.get_meta("config"),
+            "attributes": _attributes_info(idx),
         }
     finally:
         idx.close()
     out.print_json(json.dumps(payload))
 
 
+def _attributes_info(idx) -> dict | None:
+    from fashionlens.index.attributes import StoredAttributes
+
+    return StoredAttributes(idx).summary() if idx.store.get_meta("attributes") else None
+
+
 def _register_subcommands() -> None:
     from fashionlens.cli_adapt import adapt_command
+    from fashionlens.cli_attributes import evaluate_attributes_command, train_attributes_command
     from fashionlens.cli_attention import attention_command
     from fashionlens.cli_evaluate import demo, evaluate_app
+    from fashionlens.cli_explain import explain_command
+    from fashionlens.cli_recommend import index_attributes_command, recommend_command
     from fashionlens.cli_train import train_command
 
     app.add_typer(evaluate_app, name="evaluate")
@@ -175,6 +216,11 @@ def _register_subcommands() -> None:
     app.command("train")(train_command)
     app.command("attention")(attention_command)
     app.command("adapt")(adapt_command)
+    app.command("train-attributes")(train_attributes_command)
+    app.command("evaluate-attributes")(evaluate_attributes_command)
+    app.command("explain")(explain_command)
+    app.command("index-attributes")(index_attributes_command)
+    app.command("recommend")(recommend_command)
 
 
 _register_subcommands()

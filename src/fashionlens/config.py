@@ -76,6 +76,38 @@ class IndexConfig(EmbedConfig):
 class SearchConfig(Config):
     k: int = Field(10, ge=1, le=1000, description="results per photo")
     batch_size: int = Field(16, ge=1, description="photos embedded together")
+    explain: bool = Field(False, description="say why each result matches: attributes that agree (most similar "
+                          "region first) and differ (needs 'fashionlens index-attributes')")
+    want: list[str] = Field([], description="ATTR=VALUE: only items whose stored prediction is that value "
+                            "(attribute by display name, neckline=v-shape, or full name)")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="predictions below this score are not mentioned "
+                                  "(both sides) and do not meet 'want'")
+    max_pool: int = Field(2000, ge=1, description="with want: the most nearest items searched for k matches")
+    max_reasons: int = Field(5, ge=0, description="attributes named per list in the text of the reasons (0 = all)")
+    device: str = Field("cpu", description="torch device of the attribute model (explain)")
+
+
+class IndexAttributesConfig(Config):
+    batch_size: int = Field(16, ge=1, le=1024, description="photos explained together")
+    workers: int = Field(0, ge=0, le=64, description="image-decoding processes (0 = decode in the main process)")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    box_threshold: float = Field(0.5, gt=0, lt=1, description="an attribute's box: its CAM's largest region "
+                                 "above this share of the peak")
+    method: Literal["auto", "gradcam"] = Field("auto", description="CAM computation (auto = closed form for linear heads)")
+    feature_dim: int = Field(128, ge=0, le=65536, description="region features are stored as float16, projected to "
+                             "this many dims by a fixed random orthonormal projection (cosine similarity is "
+                             "approximately preserved, error about 1/sqrt(dims)); 0 = the full vector")
+    projection_seed: int = Field(0, description="seed of the random projection (recorded in the index)")
+
+
+class RecommendConfig(Config):
+    k: int = Field(10, ge=1, le=1000, description="items recommended")
+    min_share: float = Field(0.6, gt=0, le=1, description="an attribute value is shared when at least this share "
+                             "of the liked items (and 2 of them, when 2+ are liked) confidently predict it")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="a prediction counts from this score on")
+    visual_weight: float = Field(0.5, ge=0, description="weight of the cosine similarity to the liked items' "
+                                 "mean embedding, beside the mean score of the shared values")
+    pool: int = Field(1000, ge=1, description="nearest items to the liked items' mean that are re-ranked")
 
 
 class EvaluateConfig(EmbedConfig):

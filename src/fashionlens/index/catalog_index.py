@@ -32,6 +32,7 @@ class SearchHit:
     score: float
     path: str
     metadata: dict
+    rowid: int | None = None  # the item's row in the store (its id in the vector index)
 
 
 class CatalogIndex:
@@ -175,7 +176,7 @@ class CatalogIndex:
         rows = self.store.get_rows(sorted({int(i) for i in ids.ravel() if i >= 0}))
         results = []
         for q_scores, q_ids in zip(scores, ids):
-            hits = [SearchHit(rows[i]["id"], float(s), rows[i]["path"], rows[i]["metadata"])
+            hits = [SearchHit(rows[i]["id"], float(s), rows[i]["path"], rows[i]["metadata"], int(i))
                     for s, i in zip(q_scores, q_ids) if i >= 0 and int(i) in rows]
             results.append(hits[:k])
         return results

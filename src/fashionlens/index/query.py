@@ -1,11 +1,26 @@
-"""Search an index by photo: decode, embed with the index's own model, search."""
+"""Search an index by photo: decode, embed with the index's own model, search.
+
+With the attributes of ``fashionlens index-attributes`` (:mod:`fashionlens.index.attributes`) a
+search can also say why each result matches (``explain``: the query photo is explained with the
+index's attribute model and compared with each result's stored predictions and region
+features) and keep only items with wanted attribute values (``want``: nearest items are taken
+in growing pools and filtered on their stored predictions, so the result is the plain search's
+order with the other items left out).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from fashionlens.config import SearchConfig
 from fashionlens.data.images import ImageError, open_image
 from fashionlens.errors import UserError
+from fashionlens.explain.attributes import display_name, phrase
+from fashionlens.index.attributes import StoredAttributes, cosine
 from fashionlens.index.catalog_index import CatalogIndex, SearchHit
 from fashionlens.models.embedder import Embedder, build_embedder
 
@@ -35,13 +50,63 @@ def load_photos(paths: list[Path], draft_size: int):
     return images
 
 
-class Searcher:
-    """An open index with its model loaded: search by photo paths or decoded images."""
+@dataclass
+class ExplainedHit(SearchHit):
+    reasons: dict = field(default_factory=dict)
 
-    def __init__(self, folder: Path, device: str = "cpu", optimize: str = "auto"):
+
+def compare(query, stored, project, min_confidence: float) -> dict:
+    """``same`` (values agree; most similar region features first) and ``differs`` (both values)
+    over the attributes confidently predicted on both sides; ``query`` are the query photo's
+    :class:`AttributeResult`, ``stored`` the item's :class:`StoredAttribute` (schema order)."""
+    same, differs = [], []
+    for q, s in zip(query, stored):
+        if s is None or min(q.confidence, s.confidence) < min_confidence:
+            continue
+        sim = None if q.feature is None or s.feature is None else round(cosine(project(q.feature), s.feature), 4)
+        if q.index == s.index:
+            same.append({"attribute": q.attribute, "value": q.value, "phrase": q.phrase, "similarity": sim})
+        else:
+            differs.append({"attribute": q.attribute, "query_value": q.value, "item_value": s.value, "similarity": sim})
+    same.sort(key=lambda r: math.inf if r["similarity"] is None else -r["similarity"])
+    return {"same": same, "differs": differs}
+
+
+def reason_text(reasons: dict, max_reasons: int = 0) -> str:
+    """``wanted: ...; same: long sleeves, round neckline; differs: colour (black vs white)``.
+
+    ``same`` is named in its order (most similar region first), absences (``no`` of a no/yes
+    attribute: "no collar") after the values present; the JSON lists keep the plain order."""
+    def cut(words: list[str]) -> str:
+        if max_reasons and len(words) > max_reasons:
+            words = words[:max_reasons] + [f"+{len(words) - max_reasons} more"]
+        return ", ".join(words)
+
+    parts = [f"wanted: {cut([w['phrase'] for w in reasons['wanted']])}"] if reasons.get("wanted") else []
+    if reasons.get("same"):  # values present first ("no collar" says less than "round neckline")
+        same = sorted(reasons["same"], key=lambda r: r["value"] == "no")
+        parts.append(f"same: {cut([r['phrase'] for r in same])}")
+    if reasons.get("differs"):
+        parts.append("differs: " + cut([f"{display_name(r['attribute'])} ({r['query_value']} vs {r['item_value']})"
+                                        for r in reasons["differs"]]))
+    if "same" in reasons and not parts:
+        parts.append("no attribute confidently predicted on both")
+    return "; ".join(parts)
+
+
+class Searcher:
+    """An open index with its model loaded: search by photo paths or decoded images;
+    ``attributes=True`` also opens the stored attributes (explained and filtered search)."""
+
+    def __init__(self, folder: Path, device: str = "cpu", optimize: str = "auto", attributes: bool = False):
         self.index = CatalogIndex(folder)
-        self.embedder = embedder_for(self.index, device, optimize)
-        self.index.load()
+        try:
+            self.attributes = StoredAttributes(self.index) if attributes else None
+            self.embedder = embedder_for(self.index, device, optimize)
+            self.index.load()
+        except BaseException:
+            self.index.close()
+            raise
 
     def search_images(self, images, k: int = 10, batch_size: int = 16) -> list[list[SearchHit]]:
         results = []
@@ -51,6 +116,59 @@ class Searcher:
 
     def search_paths(self, paths: list[Path], k: int = 10, batch_size: int = 16) -> list[list[SearchHit]]:
         return self.search_images(load_photos(paths, self.embedder.preprocess.size), k, batch_size)
+
+    def search_explained(self, images, cfg: SearchConfig) -> tuple[list[list[ExplainedHit]], list | None]:
+        """(hits with ``reasons`` per photo, the photos' own AttributeResults or None) for
+        ``cfg.explain`` and ``cfg.want``."""
+        attrs = self.attributes
+        wants = [attrs.resolve(w) for w in cfg.want]
+        if len({a for a, _ in wants}) < len(set(wants)):
+            raise UserError("want: one attribute asked with two values")
+        explainer = attrs.explainer(cfg.device) if cfg.explain else None
+        vecs, queries = [], [] if explainer else None
+        for start in range(0, len(images), cfg.batch_size):
+            vecs.append(self.embedder.embed_images(images[start:start + cfg.batch_size]))
+            if explainer:
+                queries += explainer.explain(images[start:start + cfg.batch_size])
+        results = []
+        for n, vec in enumerate(np.concatenate(vecs)):
+            hits = self._wanted(vec, cfg, wants) if wants else self.index.search(vec[None], cfg.k)[0]
+            stored = attrs.rows([h.rowid for h in hits])
+            out = []
+            for h in hits:
+                row, reasons = stored.get(h.rowid), {}
+                if wants:
+                    reasons["wanted"] = [{"attribute": attrs.names[a], "value": row[a].value,
+                                          "confidence": round(row[a].confidence, 4),
+                                          "phrase": phrase(attrs.names[a], row[a].value, attrs.schema[attrs.names[a]])}
+                                         for a, _ in wants]
+                if explainer and row is None:
+                    reasons["note"] = "no attributes stored for this item yet (run 'fashionlens index-attributes')"
+                elif explainer:
+                    reasons.update(compare(queries[n], row, attrs.projection, cfg.min_confidence))
+                reasons["text"] = reasons.get("note") or reason_text(reasons, cfg.max_reasons)
+                out.append(ExplainedHit(**vars(h), reasons=reasons))
+            results.append(out)
+        return results, queries
+
+    def _wanted(self, vec: np.ndarray, cfg: SearchConfig, wants: list[tuple[int, int]]) -> list[SearchHit]:
+        """The nearest items whose stored predictions meet every want, in similarity order:
+        pools of k x 10 nearest, growing x 4 up to ``max_pool``, filtered."""
+        ntotal, checked = self.index.load().ntotal, {}
+        pool = min(cfg.k * 10, cfg.max_pool)
+        while True:
+            hits = self.index.search(vec[None], pool)[0]
+            new = [h.rowid for h in hits if h.rowid not in checked]
+            rows = self.attributes.rows(new, attrs=sorted({a for a, _ in wants}))
+            for r in new:
+                row = rows.get(r)
+                checked[r] = row is not None and all(
+                    row[a] is not None and row[a].index == v and row[a].confidence >= cfg.min_confidence
+                    for a, v in wants)
+            kept = [h for h in hits if checked[h.rowid]]
+            if len(kept) >= cfg.k or pool >= min(cfg.max_pool, ntotal):
+                return kept[:cfg.k]
+            pool = min(pool * 4, cfg.max_pool)
 
     def close(self) -> None:
         self.index.close()

@@ -5,6 +5,12 @@ Each item has an integer ``rowid``, which is also its id in the vector index. St
 could not be decoded; see ``reason``). Removed items are deleted from ``items``; when the vector
 index cannot remove them (HNSW), their rowids go to ``tombstones`` and searches filter them.
 SQLite's WAL journal makes every write atomic: a killed process leaves the last commit.
+
+``item_attributes`` holds an attribute classifier's predictions per item and attribute
+(``fashionlens index-attributes``, :mod:`fashionlens.index.attributes`), ``attribute_state`` which
+items were explained (``reason`` NULL) or could not be (the reason). Both are keyed by the item's
+rowid: deleting or re-queueing an item (:meth:`CatalogStore._delete_rows`) deletes its rows, and
+rowids are never reused (AUTOINCREMENT), so no stale prediction can attach to another photo.
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ CREATE TABLE IF NOT EXISTS tombstones (rowid INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS missing (
     item_id TEXT PRIMARY KEY, reason TEXT NOT NULL, seen_run INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS item_attributes (
+    item INTEGER NOT NULL, attr INTEGER NOT NULL, value INTEGER NOT NULL, confidence REAL NOT NULL,
+    scores BLOB NOT NULL, x INTEGER, y INTEGER, w INTEGER, h INTEGER, feature BLOB,
+    PRIMARY KEY (item, attr)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attribute_state (item INTEGER PRIMARY KEY, reason TEXT);
 """
 
 
@@ -170,6 +182,12 @@ class CatalogStore:
         )
         return {r[0]: {"id": r[1], "path": r[2], "metadata": json.loads(r[3])} for r in rows}
 
+    def chunk_of(self, rowids: list[int]) -> dict[int, int]:
+        """The chunk file holding each embedded item's vector."""
+        marks = ",".join("?" * len(rowids))
+        return dict(self.db.execute(
+            f"SELECT rowid, chunk FROM items WHERE state='embedded' AND rowid IN ({marks})", rowids))
+
     def get_item(self, item_id: str) -> dict | None:
         row = self.db.execute(
             "SELECT rowid, item_id, path, metadata, state, reason FROM items WHERE item_id=?", (item_id,)
@@ -202,6 +220,8 @@ class CatalogStore:
         embedded = [r[0] for r in self.db.execute(
             f"SELECT rowid FROM items WHERE state='embedded' AND rowid IN ({marks})", rowids)]
         self.db.execute(f"DELETE FROM items WHERE rowid IN ({marks})", rowids)
+        self.db.execute(f"DELETE FROM item_attributes WHERE item IN ({marks})", rowids)
+        self.db.execute(f"DELETE FROM attribute_state WHERE item IN ({marks})", rowids)
         self.db.executemany("INSERT OR IGNORE INTO tombstones VALUES (?)", [(r,) for r in embedded])
 
     def remove(self, item_ids: list[str]) -> list[str]:
@@ -215,6 +235,13 @@ class CatalogStore:
                 else:
                     self._delete_rows([row[0]])
         return unknown
+
+    def clear_attributes(self) -> None:
+        """Drop every stored attribute prediction (``index-attributes --replace``)."""
+        with self.db:
+            self.db.execute("DELETE FROM item_attributes")
+            self.db.execute("DELETE FROM attribute_state")
+            self.db.execute("DELETE FROM meta WHERE key='attributes'")
 
     def tombstones(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT rowid FROM tombstones ORDER BY rowid")]

@@ -41,7 +41,7 @@ from fashionlens.training.attribute_data import AttributeSet, read_attribute_set
 from fashionlens.training.config import apply_overrides
 from fashionlens.training.feature_cache import FeatureCache, prepare_cache
 from fashionlens.training.run_files import load_optimizer, plot_curves, read_rows, save_optimizer, write_rows
-from fashionlens.training.trainer import make_embed, train_dataset
+from fashionlens.training.trainer import check_frozen_stages, make_embed, train_dataset
 
 COLUMNS = ["epoch", "step", "lr", "loss", "val_loss", "val_accuracy", "val_precision", "val_map",
            "seconds", "images_per_second"]
@@ -56,7 +56,8 @@ def _default_model() -> ModelConfig:
 class AttributeTrainConfig(Config):
     model: ModelConfig = Field(default_factory=_default_model, description="backbone and settings (see ModelConfig); "
                                "neck: gap without normalisation; attributes are set from the data")
-    init: str | None = Field(None, description="checkpoint folder whose backbone weights start the run")
+    init: str | None = Field(None, description="checkpoint folder whose backbone weights (and attribute heads, "
+                             "when of the same attributes) start the run, e.g. a linear probe's best/")
     data: str = Field(..., description="folder of labeled images: FashionAI format (Annotations/label.csv, "
                       "attributes.json) or street tags (tags.csv, labels.txt)")
     format: Literal["fashionai", "street"] = Field("fashionai", description="layout of data")
@@ -164,19 +165,24 @@ def _model_config(cfg: AttributeTrainConfig, schema: dict[str, list[str]]) -> Mo
     return cfg.model.model_copy(update={"attributes": schema, "num_identities": None})
 
 
-def init_backbone(model, init: str | Path, model_cfg: ModelConfig) -> None:
-    """Copy the backbone weights of checkpoint ``init`` (any fashionlens model of the same
-    backbone and input size: a retrieval run, another attribute run) into ``model``."""
+def init_from(model, init: str | Path, model_cfg: ModelConfig, cached: bool = False) -> None:
+    """Copy the weights of checkpoint ``init`` into ``model``: its backbone (any fashionlens model
+    of the same backbone and input size: a retrieval run, another attribute run), and its
+    attribute heads too when they are of the same attributes and values (a linear probe's
+    heads start a fine-tuning run: "linear probing, then fine-tuning")."""
     if not is_checkpoint(init):
         raise UserError(f"{init}: not a checkpoint folder (no config.json + model.safetensors)")
     source, source_cfg, _ = load_checkpoint(init)
     if (source_cfg.backbone, source_cfg.input_size) != (model_cfg.backbone, model_cfg.input_size):
         raise UserError(f"{init}: backbone {source_cfg.backbone} at {source_cfg.input_size}, this run "
                         f"{model_cfg.backbone} at {model_cfg.input_size}")
-    state = {k: v for k, v in source.state_dict().items() if k.startswith("backbone.")}
+    prefixes = ("backbone.", "attr_head.") if source_cfg.attributes == model_cfg.attributes else ("backbone.",)
+    state = {k: v for k, v in source.state_dict().items() if k.startswith(prefixes)}
+    if cached:
+        check_frozen_stages(model, state, init)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(k.startswith("backbone.") for k in missing):
-        raise UserError(f"{init}: its backbone weights do not fit this model")
+    if unexpected or any(k.startswith(prefixes) for k in missing):
+        raise UserError(f"{init}: its weights do not fit this model")
 
 
 def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
@@ -203,7 +209,7 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
     else:
         model, _ = build_model(model_cfg)
         if cfg.init is not None:
-            init_backbone(model, cfg.init, model_cfg)
+            init_from(model, cfg.init, model_cfg, cached=bool(cfg.feature_cache))
     size, mean, std = _data_geometry(model)
     model.to(cfg.device).train()
     optimizer = _optimizer(cfg, model)

@@ -182,6 +182,20 @@ def _share_weights(labels: list[int], n_source: int, share: float) -> dict[int, 
     return {**{label: share / len(mined) for label in mined}, **{label: (1 - share) / len(source) for label in source}}
 
 
+def check_frozen_stages(model: torch.nn.Module, state: dict, init: str | Path) -> None:
+    """Refuse ``state`` (the weights of checkpoint ``init``) when its frozen backbone stages differ
+    from ``model``'s pretrained ones: a feature cache holds maps of the pretrained weights, so the
+    saved model would not compute what it was trained on."""
+    current = model.state_dict()
+    frozen = [name for name, p in model.named_parameters() if name.startswith("backbone.") and not p.requires_grad]
+    changed = [name for name in frozen if name in state and not torch.equal(state[name].to(current[name].device),
+                                                                              current[name])]
+    if changed:
+        raise UserError(f"{init}: its frozen backbone stages differ from the pretrained weights the feature "
+                        f"cache holds (e.g. {changed[0]}); train without feature_cache, or start from a "
+                        "checkpoint whose backbone was frozen at least as far")
+
+
 def init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities: list[str] | None,
                  cached: bool = False) -> None:
     """Copy the weights of checkpoint ``init`` into ``model`` (see :func:`train`). With ``cached``
@@ -200,14 +214,7 @@ def init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities
     if extra.get("train_identities") != identities or source_cfg.num_identities != model_cfg.num_identities:
         state = {k: v for k, v in state.items() if not _is_classifier(k)}
     if cached:
-        current = model.state_dict()
-        frozen = [name for name, p in model.named_parameters() if name.startswith("backbone.") and not p.requires_grad]
-        changed = [name for name in frozen if name in state and not torch.equal(state[name].to(current[name].device),
-                                                                                  current[name])]
-        if changed:
-            raise UserError(f"{init}: its frozen backbone stages differ from the pretrained weights the feature "
-                            f"cache holds (e.g. {changed[0]}); train without feature_cache, or start from a "
-                            "checkpoint whose backbone was frozen at least as far")
+        check_frozen_stages(model, state, init)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _is_classifier(k)]
     if missing or unexpected:
