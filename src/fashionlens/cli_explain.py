@@ -18,19 +18,16 @@ from fashionlens.errors import UserError
 
 def _resolve_attributes(requested: list[str], schema: dict[str, list[str]]) -> list[str] | None:
     """Attribute names as given, or by display name (``neckline`` for ``neckline_labels``)."""
-    from fashionlens.explain.attributes import display_name
+    from fashionlens.explain.attributes import display_name, find_attribute
 
-    if not requested:
-        return None
-    by_display = {display_name(name): name for name in schema}
     names = []
     for item in requested:
-        name = item if item in schema else by_display.get(item)
+        name = find_attribute(item, list(schema))
         if name is None:
             raise UserError(f"--attribute {item!r}: not an attribute of this model; "
-                            f"choose from {', '.join(by_display)}")
+                            f"choose from {', '.join(map(display_name, schema))}")
         names.append(name)
-    return names
+    return names or None
 
 
 def explain_command(

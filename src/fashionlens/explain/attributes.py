@@ -81,6 +81,17 @@ def display_name(attribute: str) -> str:
     return attribute.removesuffix("_labels").replace("_", " ")
 
 
+def find_attribute(text: str, names: Sequence[str]) -> str | None:
+    """The attribute of ``names`` that ``text`` names, by its full or display name (case,
+    underscores and spaces ignored: ``Sleeve length`` finds ``sleeve_length_labels``); None if none."""
+    key = lambda s: " ".join(s.replace("_", " ").split()).lower()  # noqa: E731
+    wanted = key(text)
+    for name in names:
+        if wanted in (key(name), key(display_name(name))):
+            return name
+    return None
+
+
 @dataclass
 class AttributeResult:
     attribute: str

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from fashionlens.config import IndexAttributesConfig
 from fashionlens.data.images import ImageError, open_image
 from fashionlens.errors import UserError
-from fashionlens.explain.attributes import display_name
+from fashionlens.explain.attributes import display_name, find_attribute
 from fashionlens.index.catalog_index import CatalogIndex
 
 META_KEY = "attributes"
@@ -163,9 +163,8 @@ class StoredAttributes:
     def resolve(self, want: str) -> tuple[int, int]:
         """``ATTR=VALUE`` (display or full attribute name) -> (attribute number, value number)."""
         attr, sep, value = want.partition("=")
-        names = {n.lower(): i for i, n in enumerate(self.names)}
-        names.update({display_name(n).lower(): i for i, n in enumerate(self.names)})
-        a = names.get(" ".join(attr.replace("_", " ").split()).lower(), names.get(attr.strip().lower()))
+        name = find_attribute(attr, self.names)
+        a = self.names.index(name) if name is not None else None
         if not sep or a is None:
             raise UserError(f"want {want!r}: use ATTRIBUTE=VALUE with one of these attributes: "
                             f"{', '.join(display_name(n) for n in self.names)}")

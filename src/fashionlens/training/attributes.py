@@ -30,7 +30,7 @@ import yaml
 from pydantic import Field, model_validator
 from torch.utils.data import DataLoader
 
-from fashionlens.config import Config, read_yaml_mapping
+from fashionlens.config import read_yaml_mapping
 from fashionlens.data.fashionai import MAYBE_POLICIES, resolve_maybe
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
@@ -38,7 +38,7 @@ from fashionlens.evaluation.attributes import attribute_metrics
 from fashionlens.losses import AttributeLoss
 from fashionlens.models.builder import ModelConfig, build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.attribute_data import AttributeSet, read_attribute_set, split_rows
-from fashionlens.training.config import apply_overrides
+from fashionlens.training.config import RunSettings, apply_overrides
 from fashionlens.training.feature_cache import FeatureCache, prepare_cache
 from fashionlens.training.run_files import load_optimizer, plot_curves, read_rows, save_optimizer, write_rows
 from fashionlens.training.trainer import check_frozen_stages, make_embed, train_dataset
@@ -53,7 +53,7 @@ def _default_model() -> ModelConfig:
     return ModelConfig(neck={"type": "gap", "normalize": False})
 
 
-class AttributeTrainConfig(Config):
+class AttributeTrainConfig(RunSettings):
     model: ModelConfig = Field(default_factory=_default_model, description="backbone and settings (see ModelConfig); "
                                "neck: gap without normalisation; attributes are set from the data")
     init: str | None = Field(None, description="checkpoint folder whose backbone weights (and attribute heads, "
@@ -84,22 +84,14 @@ class AttributeTrainConfig(Config):
                                  "the thesis A defaults)")
     feature_cache: str | None = Field(None, description="folder of cached backbone maps (with model.freeze_backbone)")
     out: str = Field("runs/attributes", description="run folder: metrics.csv, curves.png, config.yaml, last/, best/")
-    device: str = Field("cpu", description="torch device")
-    amp: bool = Field(True, description="bfloat16 autocast (CUDA only)")
-    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
-    seed: int = Field(0, description="seed of the initialisation, shuffling, augmentation and maybe draws")
 
     @model_validator(mode="after")
     def _check(self) -> AttributeTrainConfig:
-        if self.feature_cache and not self.model.freeze_backbone:
-            raise ValueError("feature_cache needs model.freeze_backbone: true")
+        self.check_cache()
         if self.augment is None:
             self.augment = dict(ATTRIBUTE_AUGMENT)
         return self
 
-    @classmethod
-    def help_text(cls) -> str:
-        return "\n\n".join(ModelConfig.help_lines("model.") + cls.help_lines(skip=("model",)))
 
 
 def load_attribute_config(path: str | Path | None = None, sets: list[str] | None = None,

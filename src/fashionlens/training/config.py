@@ -14,7 +14,32 @@ from fashionlens.errors import UserError
 from fashionlens.models.builder import ModelConfig
 
 
-class TrainConfig(Config):
+class RunSettings(Config):
+    """Where and how a training run runs: the settings every trainer shares (listed last)."""
+
+    device: str = Field("cpu", description="torch device: cpu, cuda (DDP: cuda:LOCAL_RANK)")
+    amp: bool = Field(True, description="bfloat16 autocast (CUDA only)")
+    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
+    seed: int = Field(0, description="seed of the split, the sampler, the initialisation and augmentation")
+
+    def check_cache(self) -> None:
+        """A feature cache holds maps of a frozen, pretrained backbone."""
+        if getattr(self, "feature_cache", None):
+            if not self.model.freeze_backbone:
+                raise ValueError("feature_cache needs model.freeze_backbone: true (cached maps are of the frozen backbone)")
+            if not self.model.pretrained:
+                raise ValueError("feature_cache needs model.pretrained: true (maps of random weights differ per run)")
+
+    @classmethod
+    def help_text(cls) -> str:
+        """The settings for ``--help``: the model's as ``model.<name>``, then the run's own,
+        then the shared ones; required ones marked."""
+        shared = tuple(RunSettings.model_fields)
+        return "\n\n".join(ModelConfig.help_lines("model.") + cls.help_lines(skip=("model", *shared))
+                            + RunSettings.help_lines())
+
+
+class TrainConfig(RunSettings):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model to train (see ModelConfig); "
                                "num_identities is set by the trainer when the identity loss is on")
     init: str | None = Field(None, description="checkpoint folder whose weights start a new run (same backbone, "
@@ -52,17 +77,10 @@ class TrainConfig(Config):
     val_field: str = Field("articleType", description="catalog metadata column the mapping's values refer to")
     # run
     out: str = Field("runs/train", description="run folder: metrics.csv, curves.png, config.yaml, last/, best/")
-    device: str = Field("cpu", description="torch device: cpu, cuda (DDP: cuda:LOCAL_RANK)")
-    amp: bool = Field(True, description="bfloat16 autocast (CUDA only)")
-    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes")
-    seed: int = Field(0, description="seed of the split, the sampler, the initialisation and augmentation")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.feature_cache and not self.model.freeze_backbone:
-            raise ValueError("feature_cache needs model.freeze_backbone: true (cached maps are of the frozen backbone)")
-        if self.feature_cache and not self.model.pretrained:
-            raise ValueError("feature_cache needs model.pretrained: true (maps of random weights differ per run)")
+        self.check_cache()
         if bool(self.val_queries) != bool(self.val_mapping):
             raise ValueError("val_queries and val_mapping go together")
         return self
@@ -72,10 +90,6 @@ class TrainConfig(Config):
         """The validation column that picks ``best/``: query_top1 with val_queries, else val_top1."""
         return "query_top1" if self.val_queries else "val_top1"
 
-    @classmethod
-    def help_text(cls) -> str:
-        """The settings for ``--help``; the model's as ``model.<name>``, required ones marked."""
-        return "\n\n".join(ModelConfig.help_lines("model.") + cls.help_lines(skip=("model",)))
 
 
 def _set_path(data: dict, dotted: str, value) -> None:
