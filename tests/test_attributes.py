@@ -13,7 +13,7 @@ from PIL import Image
 
 from fashionlens.errors import UserError
 from fashionlens.evaluation.attributes import attribute_metrics, average_precision, mean_over
-from fashionlens.explain.attributes import AttributeExplainer, Letterbox, phrase
+from fashionlens.explain.attributes import AttributeExplainer, Letterbox, find_attribute, phrase
 from fashionlens.explain.faithfulness import blank, faithfulness, random_box_like
 from fashionlens.training.attribute_data import read_attribute_set, split_part, split_rows
 from fashionlens.training.attributes import (AttributeTrainConfig, load_attribute_config, load_attribute_model,
@@ -216,6 +216,10 @@ def test_letterbox_geometry_and_phrases():
     assert phrase("collar_labels", "no", ["no", "yes"]) == "no collar"
     assert phrase("neckline_labels", "v-shape", ["v-shape", "round"]) == "v-shape neckline"
     assert phrase("sleevelength_labels", "long sleeves", ["short sleeves", "long sleeves"]) == "long sleeves"
+    names = ["sleeve_length_labels", "neckline_labels"]
+    assert find_attribute("Sleeve length", names) == "sleeve_length_labels"
+    assert find_attribute("neckline_labels", names) == "neckline_labels"
+    assert find_attribute("neck", names) is None
 
 
 def test_blanking_and_faithfulness(explainer, dataset):
