@@ -8,6 +8,7 @@ over all labeled pairs of the run's ``test`` part; JSON out.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from _common import emit
@@ -19,6 +20,7 @@ def main() -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--cam-of", default="label", choices=["label", "prediction"])
     parser.add_argument("--box-threshold", type=float, default=0.5)
+    parser.add_argument("--limit", type=int, default=None, help="the first N images of the part only")
     args = parser.parse_args()
 
     from fashionlens.explain.attributes import AttributeExplainer
@@ -27,10 +29,11 @@ def main() -> None:
 
     model, cfg, _ = load_attribute_model(args.model)
     data, parts = read_config_data(cfg)
-    part = data.subset(parts[args.split])
+    part = data.subset(parts[args.split][:args.limit])
     explainer = AttributeExplainer(model, cfg.loss, args.box_threshold)
     t0 = time.time()
-    result = faithfulness(explainer, part.images, part.targets, part.mask, cam_of=args.cam_of)
+    report = lambda n, total: print(f"{n}/{total} images", file=sys.stderr, flush=True) if n % 25 == 0 else None  # noqa: E731
+    result = faithfulness(explainer, part.images, part.targets, part.mask, cam_of=args.cam_of, progress=report)
     emit({"benchmark": "attribute_faithfulness", "model": args.model, "split": args.split,
           "images": len(part.images), "box_threshold": args.box_threshold, "seconds": round(time.time() - t0, 1),
           **result})
