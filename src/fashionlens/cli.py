@@ -115,6 +115,8 @@ def search(
     explain: Annotated[bool, typer.Option("--explain", help="say why each result matches (attributes)")] = False,
     want: Annotated[Optional[list[str]], typer.Option(
         "--want", help="ATTR=VALUE: only items with that value, e.g. neckline=v-shape (repeatable)")] = None,
+    filters: Annotated[Optional[list[str]], typer.Option(
+        "--filter", help="COLUMN=VALUE: only items with that metadata value, e.g. gender=Men (repeatable)")] = None,
     min_confidence: Annotated[Optional[float], typer.Option(
         "--min-confidence", help="attributes predicted with less are not mentioned")] = None,
 ):
@@ -124,13 +126,14 @@ def search(
     """
     from fashionlens.index.query import DRAFT_SIZE, Searcher, load_photos
 
-    cfg = SearchConfig.load(config, k=k, explain=explain or None, want=want or None, min_confidence=min_confidence)
+    cfg = SearchConfig.load(config, k=k, explain=explain or None, want=want or None, filters=filters or None,
+                            min_confidence=min_confidence)
     images = load_photos(photos, DRAFT_SIZE)  # bad photos fail before the model loads
     explained = cfg.explain or bool(cfg.want)
     searcher = Searcher(index_dir, attributes=explained)
     queries = None
     try:
-        if explained:
+        if explained or cfg.filters:
             results, queries = searcher.search_explained(images, cfg)
         else:
             results = searcher.search_images(images, cfg.k, cfg.batch_size)
@@ -209,6 +212,7 @@ def _register_subcommands() -> None:
     from fashionlens.cli_evaluate import demo, evaluate_app
     from fashionlens.cli_explain import explain_command
     from fashionlens.cli_recommend import index_attributes_command, recommend_command
+    from fashionlens.cli_serve import serve_command
     from fashionlens.cli_train import train_command
 
     app.add_typer(evaluate_app, name="evaluate")
@@ -221,6 +225,7 @@ def _register_subcommands() -> None:
     app.command("explain")(explain_command)
     app.command("index-attributes")(index_attributes_command)
     app.command("recommend")(recommend_command)
+    app.command("serve")(serve_command)
 
 
 _register_subcommands()

@@ -45,8 +45,14 @@ class Config(BaseModel):
     @classmethod
     def help_lines(cls, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
         """One ``prefix+name = default: meaning`` line per setting (required ones marked)."""
-        return [f"{prefix}{name} = {'(required)' if field.is_required() else repr(field.default)}: "
-                f"{field.description or ''}" for name, field in cls.model_fields.items() if name not in skip]
+        def shown(field) -> str:
+            if field.is_required():
+                return "(required)"
+            default = field.get_default(call_default_factory=True)
+            return f"{type(default).__name__} defaults" if isinstance(default, BaseModel) else repr(default)
+
+        return [f"{prefix}{name} = {shown(field)}: {field.description or ''}"
+                for name, field in cls.model_fields.items() if name not in skip]
 
     @classmethod
     def help_text(cls) -> str:
@@ -80,9 +86,11 @@ class SearchConfig(Config):
                           "region first) and differ (needs 'fashionlens index-attributes')")
     want: list[str] = Field([], description="ATTR=VALUE: only items whose stored prediction is that value "
                             "(attribute by display name, neckline=v-shape, or full name)")
+    filters: list[str] = Field([], description="COLUMN=VALUE: only items with that metadata value (a column given "
+                               "twice takes either value), e.g. gender=Men")
     min_confidence: float = Field(0.5, ge=0, le=1, description="predictions below this score are not mentioned "
                                   "(both sides) and do not meet 'want'")
-    max_pool: int = Field(2000, ge=1, description="with want: the most nearest items searched for k matches")
+    max_pool: int = Field(2000, ge=1, description="with want or filters: the most nearest items searched for k matches")
     max_reasons: int = Field(5, ge=0, description="attributes named per list in the text of the reasons (0 = all)")
     device: str = Field("cpu", description="torch device of the attribute model (explain)")
 
@@ -113,3 +121,24 @@ class RecommendConfig(Config):
 class EvaluateConfig(EmbedConfig):
     ks: list[int] = Field([1, 4, 10, 20], description="cut-offs for hit rate, Recall@K and mAP@K")
     max_html_queries: int = Field(200, ge=0, description="queries shown on the HTML page")
+
+
+class ServeConfig(Config):
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port, printed at start)")
+    api_key_env: str = Field("FASHIONLENS_API_KEY", description="environment variable holding the API key "
+                             "that POST/DELETE /api/items need; unset = the catalog is read-only")
+    max_upload_mb: float = Field(10.0, gt=0, le=1024, description="largest request body accepted (413 above)")
+    max_pixels: int = Field(40_000_000, ge=1, description="largest photo accepted, width x height (decompression "
+                            "bombs are refused from the header, before decoding)")
+    default_k: int = Field(12, ge=1, le=1000, description="results per search when k is not given")
+    max_k: int = Field(100, ge=1, le=1000, description="largest k a client may ask")
+    max_batch: int = Field(8, ge=1, le=256, description="concurrent photos embedded as one batch")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more photos")
+    persist_seconds: float = Field(300.0, ge=1, description="the FAISS file is rewritten this often after "
+                                   "changes (and at shutdown); SQLite and the vector chunks are durable at once")
+    device: str = Field("cpu", description="torch device of the models")
+    optimize: Literal["auto", "jit", "none"] = Field("auto", description="embedding model speed-up (see index)")
+    thumbnail_px: int = Field(256, ge=16, le=2048, description="longest side of result thumbnails")
+    search: SearchConfig = Field(default_factory=SearchConfig,
+                                 description="defaults of each search: min_confidence, max_pool, max_reasons")

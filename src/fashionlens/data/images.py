@@ -17,12 +17,13 @@ class ImageError(Exception):
     """An image that cannot be used: missing, not an image, truncated or too large."""
 
 
-def open_image(source: Path | bytes, *, draft_size: int | None = None) -> Image.Image:
+def open_image(source: Path | bytes, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode ``source`` (a path or the file's bytes) fully into an RGB image.
 
     ``draft_size`` lets the JPEG decoder scale down by a power of two while decoding, as long as
     the result stays at least that large on both sides: much faster for big photos, and
-    harmless because the image is resized to the model's input size afterwards.
+    harmless because the image is resized to the model's input size afterwards. Images of more
+    than ``max_pixels`` are refused from their header, before any decoding.
     """
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
@@ -37,9 +38,9 @@ def open_image(source: Path | bytes, *, draft_size: int | None = None) -> Image.
         with fp, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(fp)
-            if img.width * img.height > MAX_PIXELS:
+            if img.width * img.height > max_pixels:
                 raise ImageError(
-                    f"{name}: {img.width}x{img.height} pixels is over the limit of {MAX_PIXELS:,}"
+                    f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels:,}"
                 )
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))

@@ -101,8 +101,9 @@ class CatalogIndex:
                 apply_search_params(self._index, spec)
         return self._index
 
-    def refresh(self, rebuild: bool = False, log=None) -> IndexSpec:
-        """Bring the FAISS index up to date with the chunks and removals, and save it.
+    def refresh(self, rebuild: bool = False, log=None, save: bool = True) -> IndexSpec:
+        """Bring the FAISS index up to date with the chunks and removals, and save it
+        (``save=False``: in memory only, for a reader such as a read-only server).
 
         The index type follows the ``index`` settings recorded in the store (``index_type``,
         ``flat_max``, ``train_sample``): when the catalog grows past ``flat_max`` an ``auto``
@@ -130,15 +131,26 @@ class CatalogIndex:
                 sample = sample_for_training(self._live_chunks(new_chunks), n_live, train_sample, dim)
                 index.train(sample)
                 del sample
-            self.store.db.execute("DELETE FROM tombstones")  # a fresh index holds no dead rows
+            if save:
+                self.store.db.execute("DELETE FROM tombstones")  # a fresh index holds no dead rows
         removed = self.store.tombstones()
         if removed and supports_remove(spec):
             index.remove_ids(np.asarray(removed, dtype=np.int64))
         for rowids, vecs in self._live_chunks(new_chunks):
             index.add_with_ids(vecs, rowids)
-        self._save(index, spec, gen + 1, new_chunks, removed if supports_remove(spec) else [])
+        if save:
+            self._save(index, spec, gen + 1, new_chunks, removed if supports_remove(spec) else [])
+        else:
+            self._index, self._spec = index, spec
         log(f"index {spec.factory}: {index.ntotal:,} vectors")
         return spec
+
+    def save(self, added_chunks: list[int], removed: list[int]) -> None:
+        """Write the loaded FAISS index, changed in memory since it was read (a server's adds and
+        removals), as the next generation; ``added_chunks`` are then marked in it and the
+        ``removed`` rows' tombstones cleared."""
+        gen = self.store.get_meta("generation", 0)
+        self._save(self.load(), self._spec, gen + 1, added_chunks, removed if supports_remove(self._spec) else [])
 
     def _live_chunks(self, chunks: list[int]):
         for chunk in chunks:

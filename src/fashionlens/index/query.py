@@ -5,7 +5,7 @@ search can also say why each result matches (``explain``: the query photo is exp
 index's attribute model and compared with each result's stored predictions and region
 features) and keep only items with wanted attribute values (``want``: nearest items are taken
 in growing pools and filtered on their stored predictions, so the result is the plain search's
-order with the other items left out).
+order with the other items left out); ``filters`` keep items by metadata columns the same way.
 """
 
 from __future__ import annotations
@@ -53,6 +53,31 @@ def load_photos(paths: list[Path], draft_size: int):
 @dataclass
 class ExplainedHit(SearchHit):
     reasons: dict = field(default_factory=dict)
+    attributes: list | None = None  # the item's StoredAttribute per attribute (schema order), if stored
+
+
+@dataclass
+class SearchPlan:
+    wants: list[tuple[int, int]]
+    filters: dict[str, set[str]]
+    explain: bool
+
+
+def parse_filters(filters: list[str]) -> dict[str, set[str]]:
+    """``["gender=Men", "gender=Unisex", "season=Summer"]`` -> {column: allowed values}: values
+    of one column are alternatives, columns must all match."""
+    out: dict[str, set[str]] = {}
+    for f in filters:
+        column, sep, value = f.partition("=")
+        if not sep or not column.strip():
+            raise UserError(f"filter {f!r}: use COLUMN=VALUE, e.g. gender=Men")
+        out.setdefault(column.strip(), set()).add(value.strip())
+    return out
+
+
+def meets(metadata: dict, filters: dict[str, set[str]] | None) -> bool:
+    """Does an item's metadata have one of the allowed values in every filtered column?"""
+    return not filters or all(str(metadata.get(c, "")) in allowed for c, allowed in filters.items())
 
 
 def compare(query, stored, project, min_confidence: float) -> dict:
@@ -96,10 +121,12 @@ def reason_text(reasons: dict, max_reasons: int = 0) -> str:
 
 class Searcher:
     """An open index with its model loaded: search by photo paths or decoded images;
-    ``attributes=True`` also opens the stored attributes (explained and filtered search)."""
+    ``attributes=True`` also opens the stored attributes (explained and filtered search);
+    ``write=True`` takes the index's writer lock (a server that adds and removes items)."""
 
-    def __init__(self, folder: Path, device: str = "cpu", optimize: str = "auto", attributes: bool = False):
-        self.index = CatalogIndex(folder)
+    def __init__(self, folder: Path, device: str = "cpu", optimize: str = "auto", attributes: bool = False,
+                 write: bool = False):
+        self.index = CatalogIndex(folder, write=write)
         try:
             self.attributes = StoredAttributes(self.index) if attributes else None
             self.embedder = embedder_for(self.index, device, optimize)
@@ -117,54 +144,77 @@ class Searcher:
     def search_paths(self, paths: list[Path], k: int = 10, batch_size: int = 16) -> list[list[SearchHit]]:
         return self.search_images(load_photos(paths, self.embedder.preprocess.size), k, batch_size)
 
-    def search_explained(self, images, cfg: SearchConfig) -> tuple[list[list[ExplainedHit]], list | None]:
-        """(hits with ``reasons`` per photo, the photos' own AttributeResults or None) for
-        ``cfg.explain`` and ``cfg.want``."""
-        attrs = self.attributes
-        wants = [attrs.resolve(w) for w in cfg.want]
+    def plan(self, cfg: SearchConfig) -> SearchPlan:
+        """Check ``cfg``'s wants and filters once for many searches."""
+        wants = [self._attrs("want").resolve(w) for w in cfg.want]
         if len({a for a, _ in wants}) < len(set(wants)):
             raise UserError("want: one attribute asked with two values")
-        explainer = attrs.explainer(cfg.device) if cfg.explain else None
+        if cfg.explain:
+            self._attrs("explain")
+        return SearchPlan(wants, parse_filters(cfg.filters), cfg.explain)
+
+    def _attrs(self, what: str) -> StoredAttributes:
+        if self.attributes is None:
+            raise UserError(f"{what}: {self.index.folder} holds no attributes; add them with "
+                            "'fashionlens index-attributes'")
+        return self.attributes
+
+    def search_explained(self, images, cfg: SearchConfig) -> tuple[list[list[ExplainedHit]], list | None]:
+        """(hits with ``reasons`` per photo, the photos' own AttributeResults or None) for
+        ``cfg.explain``, ``cfg.want`` and ``cfg.filters``."""
+        plan = self.plan(cfg)
+        explainer = self.attributes.explainer(cfg.device) if plan.explain else None
         vecs, queries = [], [] if explainer else None
         for start in range(0, len(images), cfg.batch_size):
             vecs.append(self.embedder.embed_images(images[start:start + cfg.batch_size]))
             if explainer:
                 queries += explainer.explain(images[start:start + cfg.batch_size])
-        results = []
-        for n, vec in enumerate(np.concatenate(vecs)):
-            hits = self._wanted(vec, cfg, wants) if wants else self.index.search(vec[None], cfg.k)[0]
-            stored = attrs.rows([h.rowid for h in hits])
-            out = []
-            for h in hits:
-                row, reasons = stored.get(h.rowid), {}
-                if wants:
-                    reasons["wanted"] = [{"attribute": attrs.names[a], "value": row[a].value,
-                                          "confidence": round(row[a].confidence, 4),
-                                          "phrase": phrase(attrs.names[a], row[a].value, attrs.schema[attrs.names[a]])}
-                                         for a, _ in wants]
-                if explainer and row is None:
-                    reasons["note"] = "no attributes stored for this item yet (run 'fashionlens index-attributes')"
-                elif explainer:
-                    reasons.update(compare(queries[n], row, attrs.projection, cfg.min_confidence))
-                reasons["text"] = reasons.get("note") or reason_text(reasons, cfg.max_reasons)
-                out.append(ExplainedHit(**vars(h), reasons=reasons))
-            results.append(out)
+        results = [self.hits_for(vec, queries[n] if queries else None, cfg, plan)
+                   for n, vec in enumerate(np.concatenate(vecs))]
         return results, queries
 
-    def _wanted(self, vec: np.ndarray, cfg: SearchConfig, wants: list[tuple[int, int]]) -> list[SearchHit]:
-        """The nearest items whose stored predictions meet every want, in similarity order:
-        pools of k x 10 nearest, growing x 4 up to ``max_pool``, filtered."""
+    def hits_for(self, vec: np.ndarray, query: list | None, cfg: SearchConfig, plan: SearchPlan) -> list[ExplainedHit]:
+        """The results of one embedded photo (``query``: its AttributeResults when explained)."""
+        attrs = self.attributes
+        if plan.wants or plan.filters:
+            hits = self._filtered(vec, cfg, plan.wants, plan.filters)
+        else:
+            hits = self.index.search(vec[None], cfg.k)[0]
+        stored = attrs.rows([h.rowid for h in hits]) if attrs is not None else {}
+        out = []
+        for h in hits:
+            row, reasons = stored.get(h.rowid), {}
+            if plan.wants:
+                reasons["wanted"] = [{"attribute": attrs.names[a], "value": row[a].value,
+                                      "confidence": round(row[a].confidence, 4),
+                                      "phrase": phrase(attrs.names[a], row[a].value, attrs.schema[attrs.names[a]])}
+                                     for a, _ in plan.wants]
+            if query is not None and row is None:
+                reasons["note"] = "no attributes stored for this item yet (run 'fashionlens index-attributes')"
+            elif query is not None:
+                reasons.update(compare(query, row, attrs.projection, cfg.min_confidence))
+                wanted = {attrs.names[a] for a, _ in plan.wants}  # asked to differ: not a reason
+                reasons["differs"] = [d for d in reasons["differs"] if d["attribute"] not in wanted]
+            if reasons:
+                reasons["text"] = reasons.get("note") or reason_text(reasons, cfg.max_reasons)
+            out.append(ExplainedHit(**vars(h), reasons=reasons, attributes=row))
+        return out
+
+    def _filtered(self, vec: np.ndarray, cfg: SearchConfig, wants: list[tuple[int, int]],
+                  filters: dict[str, set[str]] | None = None) -> list[SearchHit]:
+        """The nearest items whose metadata meet ``filters`` and whose stored predictions meet
+        every want, in similarity order: pools of k x 10 nearest, growing x 4 up to ``max_pool``."""
         ntotal, checked = self.index.load().ntotal, {}
         pool = min(cfg.k * 10, cfg.max_pool)
         while True:
             hits = self.index.search(vec[None], pool)[0]
-            new = [h.rowid for h in hits if h.rowid not in checked]
-            rows = self.attributes.rows(new, attrs=sorted({a for a, _ in wants}))
-            for r in new:
-                row = rows.get(r)
-                checked[r] = row is not None and all(
+            new = [h for h in hits if h.rowid not in checked]
+            rows = self.attributes.rows([h.rowid for h in new], attrs=sorted({a for a, _ in wants})) if wants else {}
+            for h in new:
+                row = rows.get(h.rowid)
+                checked[h.rowid] = meets(h.metadata, filters) and (not wants or row is not None and all(
                     row[a] is not None and row[a].index == v and row[a].confidence >= cfg.min_confidence
-                    for a, v in wants)
+                    for a, v in wants))
             kept = [h for h in hits if checked[h.rowid]]
             if len(kept) >= cfg.k or pool >= min(cfg.max_pool, ntotal):
                 return kept[:cfg.k]

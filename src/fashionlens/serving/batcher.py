@@ -1,0 +1,63 @@
+"""Dynamic batching: photos from many request threads go through one model call.
+
+A server on a few cores is fastest when the model sees batches, not one photo per thread
+fighting for the same cores. Each caller blocks on a future; one worker thread takes what is
+queued (up to ``max_batch``, waiting at most ``max_wait`` seconds for more once it has one) and
+runs the model once. Written here because no serving library of ours does this in-process
+(TorchServe and Triton are separate servers).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+
+class Batcher:
+    def __init__(self, fn: Callable[[Sequence], Sequence], max_batch: int = 8, max_wait: float = 0.002,
+                 name: str = "batcher", on_batch: Callable[[int], None] | None = None):
+        self.fn, self.max_batch, self.max_wait, self.on_batch = fn, max_batch, max_wait, on_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def __call__(self, item):
+        """The model's output for ``item`` (blocks; re-raises the model's exception)."""
+        future: Future = Future()
+        self._queue.put((item, future))
+        return future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, stop = [first], False
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                results = self.fn([item for item, _ in batch])
+                for (_, future), result in zip(batch, results):
+                    future.set_result(result)
+            except BaseException as exc:  # every caller gets the error, the worker lives on
+                for _, future in batch:
+                    future.set_exception(exc)
+            if self.on_batch:
+                self.on_batch(len(batch))
+            if stop:
+                return

@@ -1,0 +1,275 @@
+"""The index a server holds open: searches, adds and removals from many threads.
+
+Consistency: the FAISS index and the SQLite store change together under one lock, which
+searches also take for their index part (vector search, rows, stored attributes); the models
+run outside it. A search therefore sees the catalog before or after an add or a removal, never
+half of one.
+
+Durability: an added item's photo is written and synced under ``INDEX/uploads/``, its vector to
+a chunk file, then one SQLite transaction records item, chunk and attributes; that commit is the
+point after which a ``kill -9`` cannot lose it. The FAISS file is rewritten only every
+``persist_seconds`` and at shutdown: at start-up the server brings it up to date from the chunks
+and tombstones (:meth:`CatalogIndex.refresh`), so a killed server loses nothing committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fashionlens.config import SearchConfig, ServeConfig
+from fashionlens.data.images import ImageError, open_image
+from fashionlens.index.attributes import item_rows
+from fashionlens.index.query import DRAFT_SIZE, ExplainedHit, Searcher
+from fashionlens.index.vectors import supports_remove
+from fashionlens.serving.batcher import Batcher
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+UPLOADS = "uploads"
+
+
+class NotFound(Exception):
+    """An unknown item id (404)."""
+
+
+class Conflict(Exception):
+    """The request clashes with what is stored (409)."""
+
+
+class BadPhoto(Exception):
+    """An upload that is not a usable photo (422)."""
+
+
+@dataclass
+class Photo:
+    """An uploaded photo, decoded as each model decodes catalog photos (a JPEG at reduced scale
+    down to the model's input size: the same pixels as when the catalog was indexed)."""
+    data: bytes
+    size: tuple[int, int]  # the photo's own width and height
+    format: str
+    max_pixels: int
+    _decoded: dict = field(default_factory=dict, repr=False)
+
+    def at(self, draft: int) -> Image.Image:
+        key = draft if self.format == "jpeg" else 0
+        if key not in self._decoded:
+            self._decoded[key] = open_image(self.data, draft_size=draft, max_pixels=self.max_pixels)
+        return self._decoded[key]
+
+
+def decode_photo(data: bytes, max_pixels: int, draft: int = DRAFT_SIZE) -> Photo:
+    """The upload's bytes as a photo (decoded once at ``draft`` to check it), or
+    :class:`BadPhoto` with the reason."""
+    if not data:
+        raise BadPhoto("the photo is empty (0 bytes)")
+    try:
+        first = open_image(data, draft_size=draft, max_pixels=max_pixels)
+        with Image.open(io.BytesIO(data)) as header:
+            size, fmt = header.size, (header.format or "bin").lower()
+    except ImageError as exc:
+        raise BadPhoto(str(exc).removeprefix("upload: ")) from None
+    except Exception as exc:  # a codec bug: a 422, not a crash
+        raise BadPhoto(f"cannot decode ({type(exc).__name__})") from None
+    photo = Photo(data, size, fmt, max_pixels)
+    photo._decoded[draft if fmt == "jpeg" else 0] = first
+    return photo
+
+
+def check_id(item_id: str) -> str:
+    if not ID_PATTERN.fullmatch(item_id or ""):
+        raise ValueError(f"item id {item_id[:80]!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return item_id
+
+
+class LiveCatalog:
+    """An index folder opened by the server, its embedding model and (if stored) its attribute
+    model; ``writable`` takes the index's writer lock (only one writer process at a time)."""
+
+    def __init__(self, folder: Path, cfg: ServeConfig, writable: bool = False):
+        self.cfg, self.folder, self.writable = cfg, Path(folder), writable
+        self.lock = threading.Lock()
+        self.searcher = Searcher(self.folder, cfg.device, cfg.optimize, write=writable)
+        self.index = self.searcher.index
+        try:
+            self.searcher.attributes = _attributes_of(self.index)
+            self.index.refresh(save=writable)  # catch up with what a killed server committed
+            self.embedder = self.searcher.embedder
+            self.explainer = self.searcher.attributes.explainer(cfg.device) if self.searcher.attributes else None
+        except BaseException:
+            self.index.close()
+            raise
+        self.model_lock = threading.Lock()  # the explainer serves batches and explanation images
+        self.embed_batch = Batcher(self.embedder.embed_images, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed")
+        self.explain_batch = Batcher(self._explain, cfg.max_batch, cfg.batch_wait_ms / 1000, "explain") \
+            if self.explainer else None
+        self._unsaved_chunks: list[int] = []
+        self._unsaved_removed: list[int] = []
+        self._last_save = time.monotonic()
+        self._stop = threading.Event()
+        self._saver = threading.Thread(target=self._save_loop, name="persist", daemon=True)
+        if writable:
+            self._saver.start()
+
+    # -- reading ----------------------------------------------------------------------------------
+    @property
+    def attributes(self):
+        return self.searcher.attributes
+
+    def count(self) -> int:
+        with self.lock:
+            return self.index.store.count("embedded")
+
+    def item(self, item_id: str) -> dict:
+        with self.lock:
+            row = self.index.store.get_item(item_id)
+            if row is None or row["state"] != "embedded":
+                raise NotFound(f"no item {item_id!r} in the catalog")
+            stored = self.attributes.rows([row["rowid"]]).get(row["rowid"]) if self.attributes else None
+        return {**row, "attributes": stored}
+
+    def photo_path(self, item_id: str) -> Path:
+        path = Path(self.item(item_id)["path"])
+        if not path.is_file():
+            raise NotFound(f"item {item_id!r}: its photo {path.name} is missing on the server")
+        return path
+
+    def _explain(self, images):
+        with self.model_lock:
+            return self.explainer.explain(images)
+
+    def explain_attribute(self, image: Image.Image, attribute: str):
+        with self.model_lock:
+            return self.explainer.explain([image], attributes=[attribute])[0][0]
+
+    def plan(self, cfg: SearchConfig):
+        return self.searcher.plan(cfg)
+
+    def search(self, photo: Photo, cfg: SearchConfig, plan) -> tuple[list[ExplainedHit], list | None]:
+        """The results for one decoded photo; its own attributes when ``plan.explain``."""
+        vec = self.embed_batch(photo.at(self.embedder.preprocess.size))
+        query = self.explain_batch(photo.at(self.explainer.size)) if plan.explain and self.explain_batch else None
+        with self.lock:
+            return self.searcher.hits_for(vec, query, cfg, plan), query
+
+    # -- changing the catalog ------------------------------------------------------------------------
+    def add(self, item_id: str, photo: Photo, metadata: dict[str, str]) -> dict:
+        """Add one item; durable when it returns. :class:`Conflict` if the id is taken."""
+        if not self.writable:
+            raise Conflict("the catalog is read-only")
+        with self.lock:
+            if self.index.store.get_item(item_id) is not None:
+                raise Conflict(f"item {item_id!r} exists; DELETE it first to replace it")
+        vec = self.embed_batch(photo.at(self.embedder.preprocess.size))
+        results = self.explain_batch(photo.at(self.explainer.size)) if self.explain_batch else None
+        path = self._save_upload(photo)
+        store = self.index.store
+        with self.lock:
+            if store.get_item(item_id) is not None:  # added meanwhile by another request
+                raise Conflict(f"item {item_id!r} exists; DELETE it first to replace it")
+            if not path.exists():  # removed meanwhile with an item that had the same photo
+                path = self._save_upload(photo)
+            with store.db:  # one transaction: the item is all there or not at all
+                cur = store.db.execute("INSERT INTO items (item_id, path, metadata, state) VALUES (?, ?, ?, 'pending')",
+                                       (item_id, str(path), _json(metadata)))
+                rowid = cur.lastrowid
+                chunk = store.next_chunk()
+                self.index.chunks.write(chunk, np.asarray([rowid], np.int64), vec[None])
+                store.db.execute("INSERT INTO chunks (chunk, n) VALUES (?, 1)", (chunk,))
+                store.db.execute("UPDATE items SET state='embedded', chunk=? WHERE rowid=?", (chunk, rowid))
+                if results is not None:
+                    attrs = self.attributes
+                    rows = item_rows(rowid, results, photo.size, photo.at(self.explainer.size).size, attrs.schema,
+                                     attrs.projection)
+                    store.db.executemany("INSERT OR REPLACE INTO item_attributes VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+                    store.db.execute("INSERT OR REPLACE INTO attribute_state VALUES (?, NULL)", (rowid,))
+            self.index.load().add_with_ids(vec[None].astype(np.float32), np.asarray([rowid], np.int64))
+            self._unsaved_chunks.append(chunk)
+        return self.item(item_id)
+
+    def remove(self, item_id: str) -> None:
+        if not self.writable:
+            raise Conflict("the catalog is read-only")
+        with self.lock:
+            row = self.index.store.get_item(item_id)
+            if row is None:
+                raise NotFound(f"no item {item_id!r} in the catalog")
+            self.index.store.remove([item_id])  # one transaction; a tombstone if it had a vector
+            if row["state"] == "embedded":
+                if supports_remove(self.index.spec):
+                    self.index.load().remove_ids(np.asarray([row["rowid"]], np.int64))
+                self._unsaved_removed.append(row["rowid"])
+            upload = Path(row["path"])
+            if upload.parent.parent == self.folder / UPLOADS:
+                _remove_upload(upload, self.index.store)
+
+    def _save_upload(self, photo: Photo) -> Path:
+        """The photo's bytes under ``uploads/``, named by their hash, synced to disk."""
+        digest = hashlib.sha256(photo.data).hexdigest()
+        folder = self.folder / UPLOADS / digest[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{digest[:40]}.{re.sub(r'[^a-z0-9]', '', photo.format) or 'bin'}"
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(photo.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return path
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def persist(self) -> bool:
+        """Write the FAISS file if items changed since the last write; True if written."""
+        with self.lock:
+            if not (self._unsaved_chunks or self._unsaved_removed):
+                return False
+            self.index.save(self._unsaved_chunks, self._unsaved_removed)
+            self._unsaved_chunks, self._unsaved_removed = [], []
+            self._last_save = time.monotonic()
+            return True
+
+    def _save_loop(self) -> None:
+        while not self._stop.wait(min(5.0, self.cfg.persist_seconds)):
+            if time.monotonic() - self._last_save >= self.cfg.persist_seconds:
+                self.persist()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.embed_batch.close()
+        if self.explain_batch:
+            self.explain_batch.close()
+        if self.writable:
+            self.persist()
+        self.index.close()
+
+
+def _attributes_of(index):
+    from fashionlens.index.attributes import META_KEY, StoredAttributes
+
+    return StoredAttributes(index) if index.store.get_meta(META_KEY) else None
+
+
+def _json(metadata: dict) -> str:
+    return json.dumps({str(k): str(v) for k, v in metadata.items()}, ensure_ascii=False)
+
+
+def _remove_upload(path: Path, store) -> None:
+    """Delete an uploaded photo no other item uses (the same photo may back two ids)."""
+    if store.db.execute("SELECT 1 FROM items WHERE path=? LIMIT 1", (str(path),)).fetchone() is None:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,100 @@
+"""Prometheus metrics (prometheus_client) and the request guard that feeds them and limits bodies."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """One registry per application (tests run several servers in one process)."""
+
+    def __init__(self, live):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("fashionlens_requests", "HTTP requests answered", ["method", "route", "status"],
+                                registry=self.registry)
+        self.seconds = Histogram("fashionlens_request_seconds", "time to answer, by route", ["method", "route"],
+                                 buckets=(.005, .01, .025, .05, .1, .2, .3, .5, 1, 2.5, 5, 10), registry=self.registry)
+        self.batch = Histogram("fashionlens_embed_batch_size", "photos per embedding batch",
+                               buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry)
+        items = Gauge("fashionlens_catalog_items", "searchable items", registry=self.registry)
+        items.set_function(live.count)
+        live.embed_batch.on_batch = self.batch.observe
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# Bodies over the limit but under this are read and dropped before the 413, so that a client
+# still sending sees the answer instead of a reset connection; larger ones are cut off.
+DRAIN_MAX = 256 * 2**20
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware: refuses bodies over ``max_body`` bytes (by Content-Length at once, and
+    while streaming for chunked uploads) and records each request's route, status and time."""
+
+    def __init__(self, app, metrics: Metrics, max_body: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), {"code": 500}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            if length.isdigit() and int(length) <= DRAIN_MAX:
+                await self._drain(receive)  # so that the client, still sending, reads the answer
+            await self._too_large(sending, bad=not length.isdigit())
+        else:
+            received = 0
+
+            async def limited():
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body:
+                        raise BodyTooLarge()
+                return message
+
+            try:
+                await self.app(scope, limited, sending)
+            except BodyTooLarge:
+                if received <= DRAIN_MAX:
+                    await self._drain(receive)
+                await self._too_large(sending)
+        route = scope.get("route")
+        name = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(scope["method"], name, str(status["code"])).inc()
+        self.metrics.seconds.labels(scope["method"], name).observe(time.perf_counter() - started)
+
+    @staticmethod
+    async def _drain(receive) -> None:
+        """Read and drop the rest of the body (bounded by the caller)."""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+
+    async def _too_large(self, send, bad: bool = False) -> None:
+        code = 400 if bad else 413
+        message = "bad Content-Length header" if bad else \
+            f"request body over the limit of {self.max_body / 2**20:g} MB"
+        body = json.dumps({"error": message, "status": code}).encode()
+        await send({"type": "http.response.start", "status": code,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,73 @@
+"""Start ``fashionlens serve`` as a real process on a free localhost port, for the service tests
+and the load benchmark."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+API_KEY = "test-key-0123456789abcdef"
+
+
+class Server:
+    def __init__(self, index: Path, api_key: str | None = API_KEY, config: Path | None = None,
+                 extra_env: dict | None = None, timeout: float = 180.0):
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(extra_env or {})}
+        env.pop("FASHIONLENS_API_KEY", None)
+        if api_key:
+            env["FASHIONLENS_API_KEY"] = api_key
+        cmd = [sys.executable, "-m", "fashionlens.cli", "serve", str(index), "--port", "0"]
+        if config is not None:
+            cmd += ["--config", str(config)]
+        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.log: list[str] = []
+        self.url = None
+        deadline = time.monotonic() + timeout
+        while self.url is None:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError(f"the server exited ({self.proc.wait()}):\n{''.join(self.log)}")
+            self.log.append(line)
+            match = re.search(r"on (http://[\d.]+:\d+)/", line)
+            if match:
+                self.url = match.group(1)
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("the server did not start:\n" + "".join(self.log))
+        # keep draining stderr so that the server never blocks on a full pipe
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown code runs."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return -9
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self, "client"):
+            self.client.close()
+        if self.proc.poll() is None:
+            self.stop()

@@ -1,0 +1,320 @@
+"""``fashionlens serve``: a real server process on localhost, driven over HTTP.
+
+The index is the small world of known attributes (``attribute_world``): red garments have a
+v-shape neckline and are black, blue ones a round neckline and are white.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sqlite3
+import threading
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from attribute_world import RED, build_attribute_world, draw
+from conftest import all_vectors
+from fashionlens.index import CatalogIndex
+from serving_helpers import API_KEY, Server
+
+KEY = {"X-API-Key": API_KEY}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_attribute_world(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(world, tmp_path_factory):
+    """A read-write server on a copy of the index, shared by the tests that leave it as it was."""
+    index = tmp_path_factory.mktemp("served") / "index"
+    shutil.copytree(world["index"], index)
+    config = index.parent / "serve.yaml"
+    config.write_text("max_upload_mb: 1\ndefault_k: 5\nmax_k: 50\n")
+    with Server(index, config=config) as srv:
+        srv.index = index
+        yield srv
+
+
+def photo(world, n: int) -> bytes:
+    return Path(world["rows"][n][1]).read_bytes()
+
+
+def search(srv, data: bytes, **fields) -> httpx.Response:
+    return srv.client.post("/api/search", files={"image": ("q.jpg", data, "image/jpeg")}, data=fields)
+
+
+def error_of(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["status"] == status and isinstance(body["error"], str) and body["error"]
+    return body["error"]
+
+
+# --- search ---------------------------------------------------------------------------------------
+
+
+def test_search_is_exact_search_with_attributes_and_reasons(server, world):
+    with closing(CatalogIndex(server.index)) as idx:
+        rowids, vecs = all_vectors(idx)
+        ids = {r: idx.store.get_rows([int(r)])[int(r)]["id"] for r in rowids}
+    for n in (3, 8, 12):
+        r = search(server, photo(world, n), k=13)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        got = [h["id"] for h in results]
+        assert got[0] == f"item-{n:02d}" and results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+        # the brute-force ranking by cosine against the stored vectors of the item's own photo
+        query = vecs[[ids[r] for r in rowids].index(got[0])]
+        want = [ids[rowids[i]] for i in np.argsort(-(vecs @ query), kind="stable")]
+        assert sorted(got) == sorted(want) and [round(h["score"], 4) for h in results] == sorted(
+            (round(float(s), 4) for s in vecs @ query), reverse=True)
+        top = results[0]
+        values = {a["name"]: a["value"] for a in top["attributes"]}
+        red = top["id"] in RED
+        assert values["neckline"] == ("v-shape" if red else "round") and values["colour"] == ("black" if red else "white")
+        assert top["thumbnail"] == f"/api/items/{top['id']}/image?size=thumb"
+        same = {s["attribute"] for s in top["reasons"]["same"]}
+        assert {"neckline_labels", "colour_labels"} <= same and top["reasons"]["differs"] == []
+        other = next(h for h in results if (h["id"] in RED) != red)
+        assert "differs: neckline" in other["reasons"]["text"]
+        q = {a["name"]: a["value"] for a in r.json()["query"]["attributes"]}
+        assert q["neckline"] == values["neckline"]
+
+
+def test_explain_off_default_k_want_and_filters(server, world):
+    r = search(server, photo(world, 1), explain="false")
+    results = r.json()["results"]
+    assert len(results) == 5 and all(h["reasons"] == {} for h in results)  # default_k from the config
+    assert all(h["attributes"] for h in results)  # stored predictions come without explaining
+    r = search(server, photo(world, 1), k=4, want=["neckline=v-shape"])
+    got = r.json()["results"]
+    assert len(got) == 4 and all(h["id"] in RED for h in got)
+    assert all(h["reasons"]["text"].startswith("wanted: v-shape neckline") for h in got)
+    assert all("neckline (" not in h["reasons"]["text"] for h in got)  # the wanted change is not a "differs"
+    plain = [h["id"] for h in search(server, photo(world, 1), k=13, explain="false").json()["results"]]
+    assert [h["id"] for h in got] == [i for i in plain if i in RED][:4]  # the plain order, filtered
+    # metadata filter: every world item is a Top
+    assert len(search(server, photo(world, 1), k=3, filter=["articleType=Tops"]).json()["results"]) == 3
+    assert search(server, photo(world, 1), k=3, filter=["articleType=Shoes"]).json()["results"] == []
+    # the raw photo as the body, parameters in the query string
+    r = server.client.post("/api/search?k=2&explain=false", content=photo(world, 2),
+                           headers={"content-type": "image/jpeg"})
+    assert [h["id"] for h in r.json()["results"]][0] == "item-02"
+
+
+def test_items_images_and_explanations(server, world):
+    item = server.client.get("/api/items/item-04").json()
+    assert item["id"] == "item-04" and item["metadata"] == {"articleType": "Tops"}
+    assert {a["name"] for a in item["attributes"]} == {"sleeve length", "neckline", "colour", "collar", "pattern"}
+    full = server.client.get("/api/items/item-12/image")
+    assert full.status_code == 200 and full.content == photo(world, 12)
+    thumb = server.client.get("/api/items/item-12/image?size=thumb")
+    img = Image.open(io.BytesIO(thumb.content))
+    assert thumb.headers["content-type"] == "image/jpeg" and img.format == "JPEG" and max(img.size) <= 256
+    r = server.client.get("/api/items/item-12/explanation?attribute=neckline")
+    overlay = Image.open(io.BytesIO(r.content))
+    assert r.status_code == 200 and overlay.format == "PNG" and overlay.size == (400, 300)
+    # the overlay is the photo tinted by the heat map, with a green box: not the photo itself
+    assert np.abs(np.asarray(overlay.convert("RGB"), float) - np.asarray(Image.open(io.BytesIO(photo(world, 12))), float)).mean() > 5
+    error_of(server.client.get("/api/items/item-12/explanation?attribute=hemline"), 422)
+    error_of(server.client.get("/api/items/nope/explanation?attribute=neckline"), 404)
+
+
+def test_health_metrics_info_and_openapi(server):
+    health = server.client.get("/health").json()
+    assert health == {"status": "ok", "items": 13, "attributes": True, "writable": True}
+    info = server.client.get("/api/info").json()
+    assert info["max_k"] == 50 and {a["name"] for a in info["attributes"]} >= {"neckline", "colour"}
+    spec = server.client.get("/openapi.json").json()
+    assert {"/api/search", "/api/items", "/api/items/{item_id}", "/api/items/{item_id}/image",
+            "/api/items/{item_id}/explanation", "/health", "/metrics"} <= set(spec["paths"])
+    assert "multipart/form-data" in spec["paths"]["/api/search"]["post"]["requestBody"]["content"]
+    server.client.get("/api/items/does-not-exist")
+    text = server.client.get("/metrics").text
+    assert 'fashionlens_requests_total{method="GET",route="/api/items/{item_id}",status="404"}' in text
+    assert "fashionlens_catalog_items 13.0" in text and "fashionlens_request_seconds_bucket" in text
+    page = server.client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text
+    assert "http" not in page.text.replace("http-equiv", "")  # nothing fetched from the internet
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+def bomb_png() -> bytes:
+    """10,000 x 10,000 pixels in a few kilobytes."""
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bad_input_gets_a_clear_4xx(server, world):
+    c, jpeg = server.client, photo(world, 12)
+    cases = [
+        (c.post("/api/search"), 415, "multipart/form-data"),
+        (c.post("/api/search", content=b"", headers={"content-type": "image/jpeg"}), 422, "empty"),
+        (c.post("/api/search", files={"other": ("a", b"x")}), 422, "field 'image'"),
+        (c.post("/api/search", data={"image": "text"}, files={"x": ("x", b"1")}), 422, "must be a file"),
+        (c.post("/api/search", files={"image": ("a.jpg", b"", "image/jpeg")}), 422, "empty"),
+        (c.post("/api/search", files={"image": ("a.jpg", b"GIF89a not really", "image/jpeg")}), 422, "not a usable photo"),
+        (c.post("/api/search", files={"image": ("a.jpg", jpeg[: len(jpeg) // 3], "image/jpeg")}), 422, "truncated"),
+        (c.post("/api/search", files={"image": ("b.png", bomb_png(), "image/png")}), 422, "pixels"),
+        (c.post("/api/search", content=b"x" * (2 * 2**20), headers={"content-type": "image/jpeg"}), 413, "limit of 1 MB"),
+        (c.post("/api/search", content=iter([b"x" * 2**16] * 40), headers={"content-type": "image/jpeg"}), 413, "limit"),
+        (c.post("/api/search", json={"image": "abc"}), 415, "content type 'application/json'"),
+        (c.post("/api/search", content=b"--xx\r\nbroken", headers={"content-type": "multipart/form-data; boundary=xx"}), 422, "field 'image'"),
+        (search(server, jpeg, k="ten"), 422, "whole number"),
+        (search(server, jpeg, k="0"), 422, "between 1 and 50"),
+        (search(server, jpeg, k="51"), 422, "between 1 and 50"),
+        (search(server, jpeg, explain="maybe"), 422, "true or false"),
+        (search(server, jpeg, want=["neckline=square"]), 422, "neckline is one of"),
+        (search(server, jpeg, want=["hemline=long"]), 422, "ATTRIBUTE=VALUE"),
+        (search(server, jpeg, filter=["gender"]), 422, "COLUMN=VALUE"),
+        (c.get("/api/items/nope"), 404, "no item 'nope'"),
+        (c.get("/api/items/nope/image"), 404, "no item"),
+        (c.get("/api/items/..%2F..%2Fetc%2Fpasswd"), 404, ""),
+        (c.get("/api/items/%2e%2e/image"), 404, ""),
+        (c.get("/api/items/item-01/image?size=huge"), 422, "thumb"),
+        (c.get("/nothing/here"), 404, "no such page"),
+        (c.put("/api/search"), 405, ""),
+        (c.post("/api/items", files={"image": ("a.jpg", jpeg)}), 401, "API key"),
+        (c.post("/api/items", files={"image": ("a.jpg", jpeg)}, headers={"X-API-Key": "wrong"}), 401, "API key"),
+        (c.delete("/api/items/item-01"), 401, "API key"),
+        (c.post("/api/items", files={"image": ("a.jpg", jpeg)}, data={"id": "item-01"}, headers=KEY), 409, "exists"),
+        (c.post("/api/items", files={"image": ("a.jpg", jpeg)}, data={"id": "../etc/x"}, headers=KEY), 422, "item id"),
+        (c.post("/api/items", files={"image": ("a.jpg", jpeg)}, data={"id": "ok-1", "metadata": "{"}, headers=KEY),
+         422, "JSON object"),
+        (c.post("/api/items", files={"image": ("a.jpg", b"nope")}, data={"id": "ok-2"}, headers=KEY), 422, "usable photo"),
+        (c.delete("/api/items/not-there", headers=KEY), 404, "no item"),
+    ]
+    for n, (response, status, words) in enumerate(cases):
+        assert words in error_of(response, status), (n, response.text)
+    assert c.get("/health").json()["items"] == 13  # nothing stored changed
+    assert "Traceback" not in "".join(server.log)
+
+
+def test_read_only_without_a_key(world, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(world["index"], index)
+    with Server(index, api_key=None) as srv:
+        assert srv.client.get("/health").json()["writable"] is False
+        r = srv.client.post("/api/items", files={"image": ("a.jpg", photo(world, 1))}, headers=KEY)
+        assert "read-only" in error_of(r, 403)
+        assert search(srv, photo(world, 1), k=1).json()["results"][0]["id"] == "item-01"
+
+
+# --- changing the catalog ------------------------------------------------------------------------
+
+
+def new_photo(tmp_path: Path, i: int) -> bytes:
+    path = tmp_path / f"new-{i}.jpg"
+    draw(path, i, (64, 80))
+    return path.read_bytes()
+
+
+def test_added_items_survive_kill_9(world, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(world["index"], index)
+    data = new_photo(tmp_path, 40)
+    with Server(index) as srv:
+        r = srv.client.post("/api/items", files={"image": ("new.jpg", data, "image/jpeg")},
+                            data={"id": "new-40", "metadata": json.dumps({"articleType": "Dresses"}), "season": "Summer"},
+                            headers=KEY)
+        assert r.status_code == 201, r.text
+        added = r.json()
+        assert added["metadata"] == {"articleType": "Dresses", "season": "Summer"}
+        assert {a["name"]: a["value"] for a in added["attributes"]}["colour"] == "black"  # red: explained on add
+        r = srv.client.post("/api/items", files={"image": ("n.jpg", new_photo(tmp_path, 41), "image/jpeg")}, headers=KEY)
+        generated = r.json()["id"]
+        assert r.status_code == 201 and generated.startswith("u")
+        assert srv.client.delete("/api/items/item-05", headers=KEY).json() == {"deleted": "item-05"}
+        assert search(srv, data, k=1).json()["results"][0]["id"] == "new-40"
+        srv.kill()  # no shutdown: the FAISS file was not rewritten
+    with Server(index) as srv:
+        assert srv.client.get("/health").json()["items"] == 13 + 2 - 1
+        assert srv.client.get("/api/items/new-40/image").content == data
+        assert search(srv, data, k=1, filter=["season=Summer"]).json()["results"][0]["id"] == "new-40"
+        assert srv.client.get(f"/api/items/{generated}").status_code == 200
+        error_of(srv.client.get("/api/items/item-05"), 404)
+        ids = [h["id"] for h in search(srv, photo(world, 5), k=20).json()["results"]]
+        assert "item-05" not in ids and len(ids) == 14
+        assert srv.client.delete("/api/items/new-40", headers=KEY).status_code == 200
+        assert srv.stop() == 0  # a clean stop writes the FAISS file
+    uploads = list((index / "uploads").rglob("*.*"))
+    assert len(uploads) == 1  # new-40's photo went with it; the other stays
+    with closing(CatalogIndex(index)) as idx:  # the saved index matches the store exactly
+        assert idx.load().ntotal == idx.store.count("embedded") == 13
+        assert not idx.store.tombstones() and not idx.store.chunks(in_index=False)
+
+
+def test_concurrent_searches_during_adds_and_deletes_see_a_consistent_catalog(world, tmp_path):
+    """Searches for a photo that is added and deleted over and over: each sees it whole (first,
+    with its stored attributes) or not at all; the other items never change."""
+    index = tmp_path / "index"
+    shutil.copytree(world["index"], index)
+    data = new_photo(tmp_path, 50)
+    errors, seen = [], {"with": 0, "without": 0}
+    stop = threading.Event()
+    with Server(index) as srv:
+        def searcher():
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                while not stop.is_set():
+                    r = c.post("/api/search", files={"image": ("q.jpg", data)}, data={"k": "14", "explain": "false"})
+                    if r.status_code != 200:
+                        errors.append(r.text)
+                        continue
+                    hits = r.json()["results"]
+                    ids = [h["id"] for h in hits]
+                    if "flux" in ids:
+                        ok = ids[0] == "flux" and len(hits[0]["attributes"]) == 5 and len(ids) == 14
+                        seen["with"] += 1
+                    else:
+                        ok = len(ids) == 13
+                        seen["without"] += 1
+                    if not ok or len(set(ids) - {"flux"}) != 13:
+                        errors.append(ids)
+
+        threads = [threading.Thread(target=searcher) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(6):
+                r = srv.client.post("/api/items", files={"image": ("f.jpg", data)}, data={"id": "flux"}, headers=KEY)
+                assert r.status_code == 201, r.text
+                assert srv.client.delete("/api/items/flux", headers=KEY).status_code == 200
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    assert not errors, errors[:3]
+    assert seen["with"] + seen["without"] > 10
+
+
+def test_a_second_writer_is_refused(server):
+    with pytest.raises(RuntimeError, match="another fashionlens process is writing"):
+        Server(server.index, timeout=120)
+
+
+def test_items_added_by_api_do_not_collide_with_a_rebuilt_chunk(world, tmp_path):
+    """The chunk rows an add commits are the same a later 'fashionlens index' run reads back."""
+    index = tmp_path / "index"
+    shutil.copytree(world["index"], index)
+    with Server(index) as srv:
+        assert srv.client.post("/api/items", files={"image": ("a.jpg", new_photo(tmp_path, 46))},
+                               data={"id": "added"}, headers=KEY).status_code == 201
+    with closing(sqlite3.connect(index / "catalog.sqlite")) as db:
+        rowid, chunk = db.execute("SELECT rowid, chunk FROM items WHERE item_id='added'").fetchone()
+    with closing(CatalogIndex(index)) as idx:
+        ids, vecs = idx.chunks.read(chunk)
+        assert ids.tolist() == [rowid] and vecs.shape == (1, idx.load().d)
+        idx.refresh(rebuild=True, save=False)
+        assert idx.load().ntotal == 14
