@@ -22,8 +22,9 @@ from PIL import Image
 from attribute_world import RED, build_attribute_world, draw
 from conftest import all_vectors
 from fashionlens.index import CatalogIndex
-from serving_helpers import API_KEY, Server
+from fashionlens.serving.process import Server
 
+API_KEY = "test-key-0123456789abcdef"
 KEY = {"X-API-Key": API_KEY}
 
 
@@ -39,7 +40,7 @@ def server(world, tmp_path_factory):
     shutil.copytree(world["index"], index)
     config = index.parent / "serve.yaml"
     config.write_text("max_upload_mb: 1\ndefault_k: 5\nmax_k: 50\n")
-    with Server(index, config=config) as srv:
+    with Server(index, api_key=API_KEY, config=config) as srv:
         srv.index = index
         yield srv
 
@@ -225,7 +226,7 @@ def test_added_items_survive_kill_9(world, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(world["index"], index)
     data = new_photo(tmp_path, 40)
-    with Server(index) as srv:
+    with Server(index, api_key=API_KEY) as srv:
         r = srv.client.post("/api/items", files={"image": ("new.jpg", data, "image/jpeg")},
                             data={"id": "new-40", "metadata": json.dumps({"articleType": "Dresses"}), "season": "Summer"},
                             headers=KEY)
@@ -239,7 +240,7 @@ def test_added_items_survive_kill_9(world, tmp_path):
         assert srv.client.delete("/api/items/item-05", headers=KEY).json() == {"deleted": "item-05"}
         assert search(srv, data, k=1).json()["results"][0]["id"] == "new-40"
         srv.kill()  # no shutdown: the FAISS file was not rewritten
-    with Server(index) as srv:
+    with Server(index, api_key=API_KEY) as srv:
         assert srv.client.get("/health").json()["items"] == 13 + 2 - 1
         assert srv.client.get("/api/items/new-40/image").content == data
         assert search(srv, data, k=1, filter=["season=Summer"]).json()["results"][0]["id"] == "new-40"
@@ -264,7 +265,7 @@ def test_concurrent_searches_during_adds_and_deletes_see_a_consistent_catalog(wo
     data = new_photo(tmp_path, 50)
     errors, seen = [], {"with": 0, "without": 0}
     stop = threading.Event()
-    with Server(index) as srv:
+    with Server(index, api_key=API_KEY) as srv:
         def searcher():
             with httpx.Client(base_url=srv.url, timeout=60) as c:
                 while not stop.is_set():
@@ -301,14 +302,14 @@ def test_concurrent_searches_during_adds_and_deletes_see_a_consistent_catalog(wo
 
 def test_a_second_writer_is_refused(server):
     with pytest.raises(RuntimeError, match="another fashionlens process is writing"):
-        Server(server.index, timeout=120)
+        Server(server.index, api_key=API_KEY, timeout=120)
 
 
 def test_items_added_by_api_do_not_collide_with_a_rebuilt_chunk(world, tmp_path):
     """The chunk rows an add commits are the same a later 'fashionlens index' run reads back."""
     index = tmp_path / "index"
     shutil.copytree(world["index"], index)
-    with Server(index) as srv:
+    with Server(index, api_key=API_KEY) as srv:
         assert srv.client.post("/api/items", files={"image": ("a.jpg", new_photo(tmp_path, 46))},
                                data={"id": "added"}, headers=KEY).status_code == 201
     with closing(sqlite3.connect(index / "catalog.sqlite")) as db:

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from attribute_world import build_attribute_world
-from serving_helpers import API_KEY, Server
+from fashionlens.serving.process import Server
+
+API_KEY = "test-key-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def server(tmp_path_factory):
     shutil.copytree(world["index"], index)
     config = world["root"] / "serve.yaml"
     config.write_text("max_upload_mb: 0.25\nmax_pixels: 4000000\n")
-    with Server(index, config=config) as srv:
+    with Server(index, api_key=API_KEY, config=config) as srv:
         srv.photo = open(world["rows"][3][1], "rb").read()
         yield srv
 

@@ -138,6 +138,8 @@ class ServeConfig(Config):
     persist_seconds: float = Field(300.0, ge=1, description="the FAISS file is rewritten this often after "
                                    "changes (and at shutdown); SQLite and the vector chunks are durable at once")
     device: str = Field("cpu", description="torch device of the models")
+    faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of each vector search (one query "
+                               "vector each; more only contend with the model on a small machine)")
     optimize: Literal["auto", "jit", "none"] = Field("auto", description="embedding model speed-up (see index)")
     thumbnail_px: int = Field(256, ge=16, le=2048, description="longest side of result thumbnails")
     search: SearchConfig = Field(default_factory=SearchConfig,

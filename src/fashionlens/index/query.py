@@ -173,12 +173,14 @@ class Searcher:
                    for n, vec in enumerate(np.concatenate(vecs))]
         return results, queries
 
-    def hits_for(self, vec: np.ndarray, query: list | None, cfg: SearchConfig, plan: SearchPlan) -> list[ExplainedHit]:
-        """The results of one embedded photo (``query``: its AttributeResults when explained)."""
+    def hits_for(self, vec: np.ndarray, query: list | None, cfg: SearchConfig, plan: SearchPlan,
+                 hits: list[SearchHit] | None = None) -> list[ExplainedHit]:
+        """The results of one embedded photo (``query``: its AttributeResults when explained;
+        ``hits``: its plain top k, when searched already with other photos)."""
         attrs = self.attributes
         if plan.wants or plan.filters:
             hits = self._filtered(vec, cfg, plan.wants, plan.filters)
-        else:
+        elif hits is None:
             hits = self.index.search(vec[None], cfg.k)[0]
         stored = attrs.rows([h.rowid for h in hits]) if attrs is not None else {}
         out = []

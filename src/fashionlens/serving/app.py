@@ -244,9 +244,9 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
         results = [{"rank": r + 1, "score": round(h.score, 6), "id": h.id, "metadata": h.metadata,
                     "attributes": [attr_json(a) for a in h.attributes or [] if a is not None],
                     "reasons": h.reasons, **item_ref(h.id)} for r, h in enumerate(hits)]
-        return {"results": results, "k": k, "seconds": round(time.perf_counter() - t0, 4),
-                "query": {"width": photo.size[0], "height": photo.size[1],
-                          "attributes": [query_attr_json(q, photo) for q in query or []]}}
+        return JSONResponse({"results": results, "k": k, "seconds": round(time.perf_counter() - t0, 4),  # plain JSON:
+                             "query": {"width": photo.size[0], "height": photo.size[1],  # no encoder pass
+                                       "attributes": [query_attr_json(q, photo) for q in query or []]}})
 
     @app.get("/api/items/{item_id}", tags=["items"])
     async def get_item(item_id: str):

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 from PIL import Image
 
@@ -85,6 +86,15 @@ def decode_photo(data: bytes, max_pixels: int, draft: int = DRAFT_SIZE) -> Photo
     return photo
 
 
+@dataclass
+class Job:
+    """One photo for the model: embed only (``cfg`` None), or search with ``cfg`` and ``plan``."""
+    tensor: object
+    cfg: SearchConfig | None = None
+    plan: object = None
+    query: list | None = None
+
+
 def check_id(item_id: str) -> str:
     if not ID_PATTERN.fullmatch(item_id or ""):
         raise ValueError(f"item id {item_id[:80]!r}: use 1-128 letters, digits, '.', '_' or '-', "
@@ -98,6 +108,9 @@ class LiveCatalog:
 
     def __init__(self, folder: Path, cfg: ServeConfig, writable: bool = False):
         self.cfg, self.folder, self.writable = cfg, Path(folder), writable
+        # One query vector per search: FAISS's OpenMP threads only contend with the model's
+        # (two OpenMP pools spinning on the same cores); requests run in parallel instead.
+        faiss.omp_set_num_threads(cfg.faiss_threads)
         self.lock = threading.Lock()
         self.searcher = Searcher(self.folder, cfg.device, cfg.optimize, write=writable)
         self.index = self.searcher.index
@@ -110,7 +123,7 @@ class LiveCatalog:
             self.index.close()
             raise
         self.model_lock = threading.Lock()  # the explainer serves batches and explanation images
-        self.embed_batch = Batcher(self.embedder.embed_images, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed")
+        self.batch = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed")
         self.explain_batch = Batcher(self._explain, cfg.max_batch, cfg.batch_wait_ms / 1000, "explain") \
             if self.explainer else None
         self._unsaved_chunks: list[int] = []
@@ -157,10 +170,29 @@ class LiveCatalog:
 
     def search(self, photo: Photo, cfg: SearchConfig, plan) -> tuple[list[ExplainedHit], list | None]:
         """The results for one decoded photo; its own attributes when ``plan.explain``."""
-        vec = self.embed_batch(photo.at(self.embedder.preprocess.size))
         query = self.explain_batch(photo.at(self.explainer.size)) if plan.explain and self.explain_batch else None
+        return self.batch(Job(self._tensor(photo), cfg, plan, query)), query
+
+    def embed(self, photo: Photo) -> np.ndarray:
+        return self.batch(Job(self._tensor(photo)))
+
+    def _tensor(self, photo: Photo):
+        return photo.at(self.embedder.preprocess.size)
+
+    def _run_batch(self, jobs: list[Job]) -> list:
+        """One model call for every queued photo, then, under the lock, one vector search for all
+        plain searches (a matrix product instead of one pass over the vectors per photo) and the
+        results of each: a search sees the catalog whole, before or after any change."""
+        vecs = self.embedder.embed_images([j.tensor for j in jobs])
+        plain = [i for i, j in enumerate(jobs) if j.cfg is not None and not (j.plan.wants or j.plan.filters)]
+        out: list = list(vecs)
         with self.lock:
-            return self.searcher.hits_for(vec, query, cfg, plan), query
+            found = self.index.search(vecs[plain], max(jobs[i].cfg.k for i in plain)) if plain else []
+            hits = {i: h[:jobs[i].cfg.k] for i, h in zip(plain, found)}
+            for i, job in enumerate(jobs):
+                if job.cfg is not None:
+                    out[i] = self.searcher.hits_for(vecs[i], job.query, job.cfg, job.plan, hits=hits.get(i))
+        return out
 
     # -- changing the catalog ------------------------------------------------------------------------
     def add(self, item_id: str, photo: Photo, metadata: dict[str, str]) -> dict:
@@ -170,7 +202,7 @@ class LiveCatalog:
         with self.lock:
             if self.index.store.get_item(item_id) is not None:
                 raise Conflict(f"item {item_id!r} exists; DELETE it first to replace it")
-        vec = self.embed_batch(photo.at(self.embedder.preprocess.size))
+        vec = self.embed(photo)
         results = self.explain_batch(photo.at(self.explainer.size)) if self.explain_batch else None
         path = self._save_upload(photo)
         store = self.index.store
@@ -251,7 +283,7 @@ class LiveCatalog:
 
     def close(self) -> None:
         self._stop.set()
-        self.embed_batch.close()
+        self.batch.close()
         if self.explain_batch:
             self.explain_batch.close()
         if self.writable:

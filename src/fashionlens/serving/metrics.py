@@ -21,7 +21,7 @@ class Metrics:
                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry)
         items = Gauge("fashionlens_catalog_items", "searchable items", registry=self.registry)
         items.set_function(live.count)
-        live.embed_batch.on_batch = self.batch.observe
+        live.batch.on_batch = self.batch.observe
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,5 +1,6 @@
-"""Start ``fashionlens serve`` as a real process on a free localhost port, for the service tests
-and the load benchmark."""
+"""``fashionlens serve`` as a child process on a free localhost port: for scripts, the service
+tests and the load benchmark. It waits for the server's "serving ... on URL" line, keeps reading
+its log, and can stop it cleanly (SIGTERM) or kill it (SIGKILL)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import httpx
 
-API_KEY = "test-key-0123456789abcdef"
-
-
 class Server:
-    def __init__(self, index: Path, api_key: str | None = API_KEY, config: Path | None = None,
-                 extra_env: dict | None = None, timeout: float = 180.0):
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(extra_env or {})}
+    def __init__(self, index: Path, api_key: str | None = None, config: Path | None = None,
+                 extra_env: dict | None = None, timeout: float = 180.0, threads: int | None = None):
+        """``threads``: OMP_NUM_THREADS of the server (None: as this process has it, else torch's
+        default of one per core)."""
+        env = {**os.environ, **(extra_env or {})}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         env.pop("FASHIONLENS_API_KEY", None)
         if api_key:
             env["FASHIONLENS_API_KEY"] = api_key
