@@ -101,6 +101,9 @@ def test_max_pixels_is_honoured(tmp_path, monkeypatch):
     monkeypatch.setattr(images_mod, "MAX_PIXELS", 399)
     with pytest.raises(ImageError, match="20x20 pixels is over the limit of 399"):
         open_image(path)
+    with pytest.raises(ImageError, match="20x20 pixels is over the limit of 100"):
+        open_image(path.read_bytes(), max_pixels=100)
+    assert open_image(path, max_pixels=400).size == (20, 20)
 
 
 def test_missing_file(tmp_path):

@@ -184,6 +184,7 @@ def test_bad_input_gets_a_clear_4xx(server, world):
         (c.get("/api/items/nope/image"), 404, "no item"),
         (c.get("/api/items/..%2F..%2Fetc%2Fpasswd"), 404, ""),
         (c.get("/api/items/%2e%2e/image"), 404, ""),
+        (c.get("/api/items/a%20b"), 404, "no item 'a b'"),
         (c.get("/api/items/item-01/image?size=huge"), 422, "thumb"),
         (c.get("/nothing/here"), 404, "no such page"),
         (c.put("/api/search"), 405, ""),

@@ -135,6 +135,8 @@ class ServeConfig(Config):
     max_k: int = Field(100, ge=1, le=1000, description="largest k a client may ask")
     max_batch: int = Field(8, ge=1, le=256, description="concurrent photos embedded as one batch")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more photos")
+    model_workers: int = Field(1, ge=1, le=64, description="batches run side by side, each model call on "
+                               "cores / model_workers threads")
     persist_seconds: float = Field(300.0, ge=1, description="the FAISS file is rewritten this often after "
                                    "changes (and at shutdown); SQLite and the vector chunks are durable at once")
     device: str = Field("cpu", description="torch device of the models")

@@ -17,14 +17,16 @@ class ImageError(Exception):
     """An image that cannot be used: missing, not an image, truncated or too large."""
 
 
-def open_image(source: Path | bytes, *, draft_size: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_image(source: Path | bytes, *, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode ``source`` (a path or the file's bytes) fully into an RGB image.
 
     ``draft_size`` lets the JPEG decoder scale down by a power of two while decoding, as long as
     the result stays at least that large on both sides: much faster for big photos, and
     harmless because the image is resized to the model's input size afterwards. Images of more
-    than ``max_pixels`` are refused from their header, before any decoding.
+    than ``max_pixels`` (default :data:`MAX_PIXELS`) are refused from their header, before any
+    decoding.
     """
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")

@@ -3,7 +3,7 @@
 A server on a few cores is fastest when the model sees batches, not one photo per thread
 fighting for the same cores. Each caller blocks on a future; one worker thread takes what is
 queued (up to ``max_batch``, waiting at most ``max_wait`` seconds for more once it has one) and
-runs the model once. Written here because no serving library of ours does this in-process
+runs the model once; ``workers`` such threads take batches side by side. Written here because no serving library of ours does this in-process
 (TorchServe and Triton are separate servers).
 """
 
@@ -18,11 +18,12 @@ from concurrent.futures import Future
 
 class Batcher:
     def __init__(self, fn: Callable[[Sequence], Sequence], max_batch: int = 8, max_wait: float = 0.002,
-                 name: str = "batcher", on_batch: Callable[[int], None] | None = None):
+                 name: str = "batcher", on_batch: Callable[[int], None] | None = None, workers: int = 1):
         self.fn, self.max_batch, self.max_wait, self.on_batch = fn, max_batch, max_wait, on_batch
         self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True) for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def __call__(self, item):
         """The model's output for ``item`` (blocks; re-raises the model's exception)."""
@@ -31,8 +32,10 @@ class Batcher:
         return future.result()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:

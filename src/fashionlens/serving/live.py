@@ -26,6 +26,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 from PIL import Image
 
 from fashionlens.config import SearchConfig, ServeConfig
@@ -123,7 +124,10 @@ class LiveCatalog:
             self.index.close()
             raise
         self.model_lock = threading.Lock()  # the explainer serves batches and explanation images
-        self.batch = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed")
+        if cfg.model_workers > 1:  # each batch on its own cores: no idle cores between batches
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.model_workers))
+        self.batch = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed",
+                             workers=cfg.model_workers)
         self.explain_batch = Batcher(self._explain, cfg.max_batch, cfg.batch_wait_ms / 1000, "explain") \
             if self.explainer else None
         self._unsaved_chunks: list[int] = []

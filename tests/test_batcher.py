@@ -1,0 +1,67 @@
+"""The request batcher: every caller gets its own result, batches stay within max_batch, an error
+reaches every caller of its batch and no other, and several workers run batches side by side."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fashionlens.serving.batcher import Batcher
+
+
+def test_results_go_to_their_callers_in_batches():
+    sizes, gate = [], threading.Event()
+
+    def double(items):
+        gate.wait(5)  # hold the first batch so that the others queue up
+        sizes.append(len(items))
+        return [2 * x for x in items]
+
+    batcher = Batcher(double, max_batch=4, max_wait=0.05)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(batcher, i) for i in range(40)]
+            gate.set()
+            assert [f.result() for f in futures] == [2 * i for i in range(40)]
+    finally:
+        batcher.close()
+    assert sum(sizes) == 40 and max(sizes) <= 4 and max(sizes) > 1
+
+
+def test_an_error_reaches_its_batch_only_and_the_worker_lives_on():
+    def fn(items):
+        if "bad" in items:
+            raise ValueError("bad item")
+        return items
+
+    batcher = Batcher(fn, max_batch=1)
+    try:
+        with pytest.raises(ValueError, match="bad item"):
+            batcher("bad")
+        assert batcher("good") == "good"
+    finally:
+        batcher.close()
+
+
+def test_two_workers_run_two_batches_at_once():
+    barrier = threading.Barrier(2, timeout=5)
+
+    def fn(items):
+        barrier.wait()  # returns only when a second batch is running at the same time
+        return items
+
+    batcher = Batcher(fn, max_batch=1, workers=2)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            assert sorted(pool.map(batcher, ["a", "b"])) == ["a", "b"]
+    finally:
+        batcher.close()
+    one = Batcher(fn, max_batch=1, workers=1)
+    try:
+        barrier.reset()
+        with pytest.raises(threading.BrokenBarrierError):
+            one("alone")
+    finally:
+        one.close()
