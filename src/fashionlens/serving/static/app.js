@@ -100,10 +100,13 @@ function showResults(results) {
 function showDetail(hit) {
   const reasons = hit.reasons || {};
   const meta = el("dl", {}, Object.entries(hit.metadata).flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
-  const same = (reasons.same || []).map((r) => chip(r.phrase, "same"));
+  // values present first: "round neckline" says more than "no collar"
+  const present = (r) => (r.value === "no" || r.item_value === "no" ? 1 : 0);
+  const sameSorted = [...(reasons.same || [])].sort((a, b) => present(a) - present(b));
+  const same = sameSorted.map((r) => chip(r.phrase, "same"));
   const differs = (reasons.differs || []).map((r) => chip(`${r.attribute.replace(/_labels$/, "").replace(/_/g, " ")}: ${r.query_value} vs ${r.item_value}`, "differs"));
   const wanted = (reasons.wanted || []).map((r) => chip(r.phrase, "same"));
-  const shown = [...(reasons.wanted || []), ...(reasons.same || []), ...(reasons.differs || [])].map((r) => r.attribute);
+  const shown = [...(reasons.wanted || []), ...(reasons.differs || []), ...sameSorted].map((r) => r.attribute);
   const names = [...new Set(shown.length ? shown : confident(hit.attributes).map((a) => a.attribute))].slice(0, 6);
   const overlays = el("div", { class: "overlays" }, names.map((name) => {
     const a = hit.attributes.find((x) => x.attribute === name);
