@@ -320,3 +320,26 @@ def test_items_added_by_api_do_not_collide_with_a_rebuilt_chunk(world, tmp_path)
         assert ids.tolist() == [rowid] and vecs.shape == (1, idx.load().d)
         idx.refresh(rebuild=True, save=False)
         assert idx.load().ntotal == 14
+
+
+def test_the_faiss_file_catches_up_while_serving(world, tmp_path):
+    """With persist_seconds: 1 the server rewrites the FAISS file soon after an add, without
+    stopping: a restart then has nothing to replay."""
+    import time
+
+    index = tmp_path / "index"
+    shutil.copytree(world["index"], index)
+    config = tmp_path / "serve.yaml"
+    config.write_text("persist_seconds: 1\n")
+    with Server(index, api_key=API_KEY, config=config) as srv:
+        assert srv.client.post("/api/items", files={"image": ("a.jpg", new_photo(tmp_path, 44))},
+                               data={"id": "saved"}, headers=KEY).status_code == 201
+        deadline, pending = time.monotonic() + 60, True
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.5)
+            with closing(sqlite3.connect(index / "catalog.sqlite")) as db:
+                pending = db.execute("SELECT COUNT(*) FROM chunks WHERE in_index=0").fetchone()[0] > 0
+        assert not pending
+        srv.kill()
+    with closing(CatalogIndex(index)) as idx:
+        assert idx.load().ntotal == 14  # read from the file as it is: the add is in it

@@ -25,7 +25,7 @@ def server(tmp_path_factory):
     index = world["root"] / "served"
     shutil.copytree(world["index"], index)
     config = world["root"] / "serve.yaml"
-    config.write_text("max_upload_mb: 0.25\nmax_pixels: 4000000\n")
+    config.write_text("max_upload_mb: 0.25\nmax_pixels: 4000000\nmodel_workers: 2\n")  # two model threads here
     with Server(index, api_key=API_KEY, config=config) as srv:
         srv.photo = open(world["rows"][3][1], "rb").read()
         yield srv
