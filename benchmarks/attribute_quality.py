@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every config")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--flip", action="store_true", help="also evaluate with mirror-image averaging")
     args = parser.parse_args()
 
     from fashionlens.evaluation.attributes import mean_over
@@ -44,6 +45,13 @@ def main() -> None:
                      "val_accuracy": extra["metrics"]["val_accuracy"],
                      "goal_accuracy": mean_over(metrics, GOAL), "goal_map": mean_over(metrics, GOAL, "mAP"),
                      args.split: metrics})
+        if args.flip:
+            flipped = evaluate_rows(model, data, parts[args.split], cfg.loss, cfg.threshold, "cpu", flip=True)
+            val = evaluate_rows(model, data, parts["val"], cfg.loss, cfg.threshold, "cpu", flip=True)
+            plain = evaluate_rows(model, data, parts["val"], cfg.loss, cfg.threshold, "cpu")
+            runs[-1].update({"flip_val_accuracy": val["mean"]["accuracy"], "plain_val_accuracy": plain["mean"]["accuracy"],
+                             "flip_val_goal_accuracy": mean_over(val, GOAL), "plain_val_goal_accuracy": mean_over(plain, GOAL), "flip_goal_accuracy": mean_over(flipped, GOAL),
+                             "flip_goal_map": mean_over(flipped, GOAL, "mAP"), f"flip_{args.split}": flipped})
     base = runs[0]["goal_accuracy"]
     for run in runs:
         run["goal_accuracy_minus_first"] = (round(run["goal_accuracy"] - base, 4)

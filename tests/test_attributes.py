@@ -281,3 +281,27 @@ def test_street_tags_train_and_pointing_counts(tmp_path):
     assert {tag: exact[tag]["photos"] for tag in present} == present and exact["hair"]["photos"] == 12
     assert all(loose[tag]["pointing"] == 1.0 for tag in loose)
     assert all(0.0 <= exact[tag]["iou"] <= 1.0 for tag in exact)
+
+
+def test_flip_averages_each_photo_with_its_mirror_image(tmp_path):
+    """make_embed(flip=True) is the mean of the outputs of the photo and of its mirror image."""
+    from torch import nn
+
+    from fashionlens.data.transforms import Preprocess
+    from fashionlens.training.trainer import make_embed
+
+    class LeftRight(nn.Module):  # outputs the mean of the left and of the right half of channel 0
+        def forward(self, x, from_map=False):
+            half = x.shape[-1] // 2
+            return {"attr_logits": torch.stack([x[:, 0, :, :half].mean((1, 2)), x[:, 0, :, half:].mean((1, 2))], 1)}
+
+    arr = np.zeros((16, 16, 3), np.uint8)
+    arr[:, :8] = 255  # white left, black right
+    Image.fromarray(arr).save(tmp_path / "half.png")
+    pre = Preprocess(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    plain = make_embed(LeftRight(), "cpu", None, pre, key="attr_logits", dim=2)([tmp_path / "half.png"])
+    both = make_embed(LeftRight(), "cpu", None, pre, key="attr_logits", dim=2, flip=True)([tmp_path / "half.png"])
+    assert plain[0, 0] > 0.9 and plain[0, 1] < 0.1
+    assert torch.allclose(both[0], plain[0].mean().expand(2), atol=1e-6)
+    with pytest.raises(ValueError, match="flip needs images"):
+        make_embed(LeftRight(), "cpu", object(), pre, key="attr_logits", dim=2, flip=True)

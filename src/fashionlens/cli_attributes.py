@@ -73,6 +73,7 @@ def evaluate_attributes_command(
                                                  "attributes (then every image of it is evaluated)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="write the metrics as JSON here")] = None,
     device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    flip: Annotated[bool, typer.Option("--flip", help="average each photo's logits with its mirror image's")] = False,
 ) -> None:
     """Per-attribute loss, accuracy, precision at the run's threshold (0.6) and mAP of an
     attribute classifier, on a part of the split it was trained with (default: test), as a
@@ -98,8 +99,9 @@ def evaluate_attributes_command(
         rows = np.arange(len(dataset.images)) if split == "all" else parts[split]
     if len(rows) == 0:
         raise UserError(f"the {split} part holds no image")
-    metrics = evaluate_rows(net, dataset, rows, cfg.loss, cfg.threshold, device)
-    metrics.update({"model": str(model), "split": split, "data": str(dataset.root), "threshold": cfg.threshold})
+    metrics = evaluate_rows(net, dataset, rows, cfg.loss, cfg.threshold, device, flip=flip)
+    metrics.update({"model": str(model), "split": split, "data": str(dataset.root), "threshold": cfg.threshold,
+                    "flip": flip})
     table = Table(title=f"{model} on {split} ({len(rows)} images)")
     header, *body = metrics_table(metrics)
     for name in header:

@@ -112,19 +112,20 @@ def read_config_data(cfg: AttributeTrainConfig) -> tuple[AttributeSet, dict[str,
 
 
 def predict_logits(model, paths: list[Path], device: str, cache: FeatureCache | None = None,
-                   workers: int = 0, batch_size: int = 32) -> torch.Tensor:
-    """Attribute logits (N, total values) of ``paths``; NaN rows for unreadable images."""
+                   workers: int = 0, batch_size: int = 32, flip: bool = False) -> torch.Tensor:
+    """Attribute logits (N, total values) of ``paths``; NaN rows for unreadable images;
+    ``flip``: mean logits of each photo and its mirror image."""
     size, mean, std = _data_geometry(model)
     predict = make_embed(model, device, cache, Preprocess(size, mean, std), batch_size, workers,
-                         key="attr_logits", dim=model.attr_head.out_dim)
+                         key="attr_logits", dim=model.attr_head.out_dim, flip=flip)
     return predict(paths)
 
 
 def evaluate_rows(model, data: AttributeSet, rows: np.ndarray, mode: str, threshold: float, device: str,
-                  cache: FeatureCache | None = None, workers: int = 0) -> dict:
+                  cache: FeatureCache | None = None, workers: int = 0, flip: bool = False) -> dict:
     """:func:`attribute_metrics` of ``model`` on ``rows`` of ``data`` (unreadable images left out)."""
     part = data.subset(rows)
-    logits = predict_logits(model, part.images, device, cache, workers)
+    logits = predict_logits(model, part.images, device, cache, workers, flip=flip)
     ok = ~torch.isnan(logits).any(1)
     metrics = attribute_metrics(logits[ok], torch.from_numpy(part.targets)[ok], torch.from_numpy(part.mask)[ok],
                                 data.slices, mode, threshold)

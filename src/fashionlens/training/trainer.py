@@ -106,12 +106,16 @@ def train_dataset(cfg: TrainConfig, samples, cache: FeatureCache | None, size: i
 
 def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Preprocess | None,
                batch_size: int = 64, workers: int = 0, key: str = "embedding", dim: int | None = None,
-               ) -> Callable[[Sequence[Path]], torch.Tensor]:
+               flip: bool = False) -> Callable[[Sequence[Path]], torch.Tensor]:
     """``embed(paths) -> (N, D)``: the model's output ``key`` (default the embedding; e.g.
     ``"attr_logits"`` with its width ``dim``) in eval mode, from cached maps or from images
     (decoded in ``workers`` processes). The row of an image that is not in the cache or cannot
-    be decoded is NaN, so that validation can leave it out instead of mixing it up with another."""
+    be decoded is NaN, so that validation can leave it out instead of mixing it up with another.
+    ``flip``: the mean output of each image and its mirror image (test-time augmentation; from
+    images only, a cached map has no mirror)."""
     width = dim if dim is not None else (model.embedding_dim or 0)
+    if flip and cache is not None:
+        raise ValueError("flip needs images, not cached feature maps")
 
     def run(x: torch.Tensor, from_map: bool) -> torch.Tensor:
         if key == "embedding" and not from_map:
@@ -134,7 +138,11 @@ def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Prepr
                 pairs = [(i, str(p)) for i, p in enumerate(paths)]
                 for keys, batch, _errors in decode_batches(pairs, preprocess, batch_size, workers):
                     if batch is not None:
-                        out[keys] = run(batch.to(device), False).float().cpu()
+                        batch = batch.to(device)
+                        y = run(batch, False).float()
+                        if flip:
+                            y = (y + run(batch.flip(-1), False).float()) / 2
+                        out[keys] = y.cpu()
         finally:
             model.train(was_training)
         return out
