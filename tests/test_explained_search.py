@@ -346,3 +346,14 @@ def test_cli_explain_json_info_and_errors(world, monkeypatch, capsys, tmp_path):
                         (["index-attributes", index, "--model", world["other"]], "--replace")):
         rc, _, err = run_cli_inprocess(monkeypatch, capsys, *args)
         assert rc == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_a_catalog_photo_finds_itself_with_score_one(world, monkeypatch, capsys):
+    """item-12 is a 400 x 300 JPEG, indexed at 64 px (decoded at 1/4 scale): search decodes the
+    query the same way, plain and explained, so the photo's own item scores 1."""
+    photo = str(world["rows"][N][1])
+    for extra in ([], ["--explain"], ["--filter", "articleType=Tops"]):
+        rc, out, _ = run_cli_inprocess(monkeypatch, capsys, "search", str(world["index"]), photo, "-k", "1", "--json",
+                                       *extra)
+        first = json.loads(out)[0]["results"][0]
+        assert rc == 0 and first["id"] == "item-12" and first["score"] == pytest.approx(1.0, abs=1e-5), extra

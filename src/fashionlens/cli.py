@@ -140,10 +140,11 @@ def search(
     searcher = Searcher(index_dir, attributes=explained)
     queries = None
     try:
+        embed_images = searcher.decode(photos)  # as the catalog was decoded: the same photo, the same vector
         if explained or cfg.filters:
-            results, queries = searcher.search_explained(images, cfg)
+            results, queries = searcher.search_explained(images, cfg, embed_images)
         else:
-            results = searcher.search_images(images, cfg.k, cfg.batch_size)
+            results = searcher.search_images(embed_images, cfg.k, cfg.batch_size)
     finally:
         searcher.close()
     if as_json:

@@ -141,8 +141,13 @@ class Searcher:
             results += self.index.search(self.embedder.embed_images(images[start:start + batch_size]), k)
         return results
 
+    def decode(self, paths: list[Path]):
+        """The photos decoded as the catalog's were when indexed (a JPEG at reduced scale down to
+        the model's input size): the same photo gives the same vector."""
+        return load_photos(paths, self.embedder.preprocess.size)
+
     def search_paths(self, paths: list[Path], k: int = 10, batch_size: int = 16) -> list[list[SearchHit]]:
-        return self.search_images(load_photos(paths, self.embedder.preprocess.size), k, batch_size)
+        return self.search_images(self.decode(paths), k, batch_size)
 
     def plan(self, cfg: SearchConfig) -> SearchPlan:
         """Check ``cfg``'s wants and filters once for many searches."""
@@ -159,14 +164,16 @@ class Searcher:
                             "'fashionlens index-attributes'")
         return self.attributes
 
-    def search_explained(self, images, cfg: SearchConfig) -> tuple[list[list[ExplainedHit]], list | None]:
+    def search_explained(self, images, cfg: SearchConfig, embed_images=None) -> tuple[list[list[ExplainedHit]], list | None]:
         """(hits with ``reasons`` per photo, the photos' own AttributeResults or None) for
-        ``cfg.explain``, ``cfg.want`` and ``cfg.filters``."""
+        ``cfg.explain``, ``cfg.want`` and ``cfg.filters``; ``embed_images``: the same photos
+        decoded for the embedder (:meth:`decode`), if ``images`` were decoded otherwise."""
         plan = self.plan(cfg)
         explainer = self.attributes.explainer(cfg.device) if plan.explain else None
+        embed_images = images if embed_images is None else embed_images
         vecs, queries = [], [] if explainer else None
         for start in range(0, len(images), cfg.batch_size):
-            vecs.append(self.embedder.embed_images(images[start:start + cfg.batch_size]))
+            vecs.append(self.embedder.embed_images(embed_images[start:start + cfg.batch_size]))
             if explainer:
                 queries += explainer.explain(images[start:start + cfg.batch_size])
         results = [self.hits_for(vec, queries[n] if queries else None, cfg, plan)
