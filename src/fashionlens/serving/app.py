@@ -143,8 +143,8 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
         raise ApiError(422, f"{name} must be true or false, got {str(text)[:40]!r}")
 
     def photo_of(data: bytes):
-        try:
-            return decode_photo(data, cfg.max_pixels)
+        try:  # checked by decoding it as the embedder will use it (decoded once on the common path)
+            return decode_photo(data, cfg.max_pixels, draft=live.embedder.preprocess.size)
         except BadPhoto as exc:
             raise ApiError(422, f"not a usable photo: {exc}") from None
 

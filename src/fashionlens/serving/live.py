@@ -181,13 +181,15 @@ class LiveCatalog:
         return self.batch(Job(self._tensor(photo)))
 
     def _tensor(self, photo: Photo):
-        return photo.at(self.embedder.preprocess.size)
+        """Letterboxed and normalised here, in the request's thread (PIL and NumPy release the
+        GIL): the model's thread only stacks and runs the batch."""
+        return self.embedder.preprocess(photo.at(self.embedder.preprocess.size))
 
     def _run_batch(self, jobs: list[Job]) -> list:
         """One model call for every queued photo, then, under the lock, one vector search for all
         plain searches (a matrix product instead of one pass over the vectors per photo) and the
         results of each: a search sees the catalog whole, before or after any change."""
-        vecs = self.embedder.embed_images([j.tensor for j in jobs])
+        vecs = self.embedder.embed_tensors(torch.stack([j.tensor for j in jobs]))
         plain = [i for i, j in enumerate(jobs) if j.cfg is not None and not (j.plan.wants or j.plan.filters)]
         out: list = list(vecs)
         with self.lock:
