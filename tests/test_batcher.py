@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fashionlens.serving.batcher import Batcher
+from fashionlens.serving.batcher import Batcher, Closing
 
 
 def test_results_go_to_their_callers_in_batches():
@@ -65,3 +65,31 @@ def test_two_workers_run_two_batches_at_once():
             one("alone")
     finally:
         one.close()
+
+
+def test_calls_after_close_are_refused_and_queued_ones_finish():
+    gate = threading.Event()
+
+    def fn(items):
+        gate.wait(5)
+        return items
+
+    batcher = Batcher(fn, max_batch=1)
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.submit(batcher, 1), pool.submit(batcher, 2)
+        closer = threading.Thread(target=batcher.close)
+        closer.start()
+        gate.set()
+        closer.join(10)
+        assert (first.result(5), second.result(5)) == (1, 2)
+    with pytest.raises(Closing):
+        batcher(3)
+
+
+def test_a_model_that_loses_results_fails_its_callers():
+    batcher = Batcher(lambda items: items[:-1], max_batch=1)
+    try:
+        with pytest.raises(RuntimeError, match="0 results for 1 inputs"):
+            batcher("x")
+    finally:
+        batcher.close()

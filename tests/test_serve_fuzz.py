@@ -103,7 +103,9 @@ def test_any_item_request_is_answered_without_a_5xx(server, item_id, method, tai
 @given(data=st.data())
 def test_adds_with_bad_parts_are_refused_and_change_nothing(server, data):
     photo = data.draw(photos(server.photo).filter(lambda p: p != server.photo))
-    fields = data.draw(st.fixed_dictionaries({}, optional={"id": ID, "metadata": TEXT, "colour": TEXT}))
+    nested = st.sampled_from(["[" * 5000, '{"a":' * 3000, '{"a": {"b": 1}}', "[1, 2]", "null", '{"a": "b"}'])
+    fields = data.draw(st.fixed_dictionaries({}, optional={"id": ID, "metadata": st.one_of(TEXT, nested),
+                                                            "colour": TEXT}))
     before = server.client.get("/health").json()["items"]
     r = server.client.post("/api/items", files={"image": ("x.jpg", photo)}, data=fields, headers={"X-API-Key": API_KEY})
     check(r)

@@ -12,6 +12,7 @@ import hmac
 import io
 import json
 import logging
+import mimetypes
 import time
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -20,7 +21,7 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -28,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fashionlens.data.images import ImageError
 from fashionlens.errors import UserError
+from fashionlens.serving.batcher import Closing
 from fashionlens.serving.live import BadPhoto, Conflict, LiveCatalog, NotFound, check_id, decode_photo
 from fashionlens.serving.metrics import Guard, Metrics
 
@@ -198,6 +200,14 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
             raise ApiError(422, str(exc)) from None
         except ImageError as exc:  # an item's stored photo that no longer decodes
             raise ApiError(404, f"the item's photo cannot be read: {exc}") from None
+        except OSError as exc:  # an item's photo deleted meanwhile (a DELETE racing a GET)
+            raise ApiError(404, f"the item's photo cannot be read ({exc.strerror or type(exc).__name__})") from None
+        except Closing as exc:
+            raise ApiError(503, str(exc)) from None
+
+    # per application (freed with it), keyed by file and modification time
+    thumbnail = lru_cache(maxsize=1024)(lambda path, mtime_ns, side: make_thumbnail(path, side))
+    explanation_png = lru_cache(maxsize=64)(lambda path, mtime_ns, name: overlay_png(live, path, name))
 
     # -- routes -------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -212,7 +222,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus():
-        body, ctype = metrics.render()
+        body, ctype = await run_in_threadpool(metrics.render)  # its item count takes the catalog's lock
         return Response(body, media_type=ctype)
 
     @app.get("/api/info", tags=["search"])
@@ -256,14 +266,15 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
     @app.get("/api/items/{item_id}/image", tags=["items"])
     async def item_image(item_id: str, size: str | None = None):
         """The item's photo; ``size=thumb`` a JPEG of at most ``thumbnail_px`` on the longest side."""
-        path = await call(live.photo_path, known_id(item_id))
-        if size is None or size == "full":
-            return FileResponse(path)
-        if size != "thumb":
+        if size not in (None, "full", "thumb"):
             raise ApiError(422, "size must be 'thumb' or 'full'")
-        stat = path.stat()
-        body = await call(thumbnail, str(path), stat.st_mtime_ns, cfg.thumbnail_px)
-        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        path = await call(live.photo_path, known_id(item_id))
+        if size == "thumb":
+            body = await call(lambda: thumbnail(str(path), path.stat().st_mtime_ns, cfg.thumbnail_px))
+            return Response(body, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        body = await call(path.read_bytes)  # read here: a file deleted meanwhile is a 404, not a broken answer
+        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return Response(body, media_type=media, headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/api/items/{item_id}/explanation", tags=["items"], response_class=Response)
     async def item_explanation(item_id: str, attribute: str):
@@ -277,7 +288,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
         if name is None:
             raise ApiError(422, f"unknown attribute {attribute[:60]!r}")
         path = await call(live.photo_path, known_id(item_id))
-        body = await call(explanation_png, live, str(path), path.stat().st_mtime_ns, name)
+        body = await call(lambda: explanation_png(str(path), path.stat().st_mtime_ns, name))
         return Response(body, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/api/items", tags=["items"], status_code=201, openapi_extra=ITEM_BODY)
@@ -297,7 +308,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
         if raw:
             try:
                 given = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
                 raise ApiError(422, "metadata must be a JSON object of strings") from None
             if not isinstance(given, dict) or not all(isinstance(v, (str, int, float)) for v in given.values()):
                 raise ApiError(422, "metadata must be a JSON object of strings")
@@ -314,8 +325,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
     return app
 
 
-@lru_cache(maxsize=2048)
-def thumbnail(path: str, mtime_ns: int, side: int) -> bytes:
+def make_thumbnail(path: str, side: int) -> bytes:
     from fashionlens.data.images import open_image
 
     img = open_image(path, draft_size=side)
@@ -325,8 +335,9 @@ def thumbnail(path: str, mtime_ns: int, side: int) -> bytes:
     return buf.getvalue()
 
 
-@lru_cache(maxsize=256)
-def explanation_png(live: LiveCatalog, path: str, mtime_ns: int, name: str) -> bytes:
+def overlay_png(live: LiveCatalog, path: str, name: str) -> bytes:
+    """The photo with the Grad-CAM heat map of its predicted value of attribute ``name`` and the
+    box of the map's largest region."""
     import numpy as np
     from PIL import Image, ImageDraw
     from pytorch_grad_cam.utils.image import show_cam_on_image

@@ -16,26 +16,56 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 
+class Closing(Exception):
+    """The batcher was closed: the server is stopping."""
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    """Complete ``future`` once; a second completion is ignored."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class Batcher:
     def __init__(self, fn: Callable[[Sequence], Sequence], max_batch: int = 8, max_wait: float = 0.002,
                  name: str = "batcher", on_batch: Callable[[int], None] | None = None, workers: int = 1):
         self.fn, self.max_batch, self.max_wait, self.on_batch = fn, max_batch, max_wait, on_batch
         self._queue: queue.Queue = queue.Queue()
+        self._closing, self._closed = threading.Lock(), False
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True) for n in range(workers)]
         for thread in self._threads:
             thread.start()
 
     def __call__(self, item):
-        """The model's output for ``item`` (blocks; re-raises the model's exception)."""
+        """The model's output for ``item`` (blocks; re-raises the model's exception, or
+        :class:`Closing` once :meth:`close` was called)."""
         future: Future = Future()
-        self._queue.put((item, future))
+        with self._closing:
+            if self._closed:
+                raise Closing("the server is shutting down")
+            self._queue.put((item, future))
         return future.result()
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
+        """Finish what is queued, then stop the workers; later calls raise :class:`Closing` (and
+        anything a worker could not finish in time gets it too)."""
+        with self._closing:
+            self._closed = True
+            for _ in self._threads:
+                self._queue.put(None)
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(timeout=30)
+        while True:
+            try:
+                left = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if left is not None:
+                _settle(left[1], error=Closing("the server is shutting down"))
 
     def _run(self) -> None:
         while True:
@@ -54,12 +84,14 @@ class Batcher:
                     break
                 batch.append(nxt)
             try:
-                results = self.fn([item for item, _ in batch])
+                results = list(self.fn([item for item, _ in batch]))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"the model gave {len(results)} results for {len(batch)} inputs")
                 for (_, future), result in zip(batch, results):
-                    future.set_result(result)
+                    _settle(future, result=result)
             except BaseException as exc:  # every caller gets the error, the worker lives on
                 for _, future in batch:
-                    future.set_exception(exc)
+                    _settle(future, error=exc)
             if self.on_batch:
                 self.on_batch(len(batch))
             if stop:

@@ -18,7 +18,9 @@ import hashlib
 import io
 import json
 import os
+import logging
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fashionlens.config import SearchConfig, ServeConfig
 from fashionlens.data.images import ImageError, open_image
@@ -36,6 +38,9 @@ from fashionlens.index.query import DRAFT_SIZE, ExplainedHit, Searcher
 from fashionlens.index.vectors import supports_remove
 from fashionlens.serving.batcher import Batcher
 
+# Photo formats accepted from clients (no EPS and the like, which Pillow hands to Ghostscript).
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone cameras)
+log = logging.getLogger("fashionlens.serve")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 UPLOADS = "uploads"
 
@@ -75,11 +80,15 @@ def decode_photo(data: bytes, max_pixels: int, draft: int = DRAFT_SIZE) -> Photo
     if not data:
         raise BadPhoto("the photo is empty (0 bytes)")
     try:
-        first = open_image(data, draft_size=draft, max_pixels=max_pixels)
-        with Image.open(io.BytesIO(data)) as header:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as header:
             size, fmt = header.size, (header.format or "bin").lower()
+        first = open_image(data, draft_size=draft, max_pixels=max_pixels)
     except ImageError as exc:
         raise BadPhoto(str(exc).removeprefix("upload: ")) from None
+    except UnidentifiedImageError:
+        raise BadPhoto(f"not a photo in a supported format ({', '.join(UPLOAD_FORMATS)})") from None
+    except Image.DecompressionBombError as exc:
+        raise BadPhoto(f"too many pixels ({exc})") from None
     except Exception as exc:  # a codec bug: a 422, not a crash
         raise BadPhoto(f"cannot decode ({type(exc).__name__})") from None
     photo = Photo(data, size, fmt, max_pixels)
@@ -108,7 +117,8 @@ class LiveCatalog:
     model; ``writable`` takes the index's writer lock (only one writer process at a time)."""
 
     def __init__(self, folder: Path, cfg: ServeConfig, writable: bool = False):
-        self.cfg, self.folder, self.writable = cfg, Path(folder), writable
+        # absolute: uploaded photos are stored by path, valid from any working directory
+        self.cfg, self.folder, self.writable = cfg, Path(folder).resolve(), writable
         # One query vector per search: FAISS's OpenMP threads only contend with the model's
         # (two OpenMP pools spinning on the same cores); requests run in parallel instead.
         faiss.omp_set_num_threads(cfg.faiss_threads)
@@ -149,10 +159,14 @@ class LiveCatalog:
 
     def item(self, item_id: str) -> dict:
         with self.lock:
-            row = self.index.store.get_item(item_id)
-            if row is None or row["state"] != "embedded":
-                raise NotFound(f"no item {item_id!r} in the catalog")
-            stored = self.attributes.rows([row["rowid"]]).get(row["rowid"]) if self.attributes else None
+            return self._item(item_id)
+
+    def _item(self, item_id: str) -> dict:
+        """The item and its stored attributes; the caller holds the lock."""
+        row = self.index.store.get_item(item_id)
+        if row is None or row["state"] != "embedded":
+            raise NotFound(f"no item {item_id!r} in the catalog")
+        stored = self.attributes.rows([row["rowid"]]).get(row["rowid"]) if self.attributes else None
         return {**row, "attributes": stored}
 
     def photo_path(self, item_id: str) -> Path:
@@ -233,7 +247,7 @@ class LiveCatalog:
                     store.db.execute("INSERT OR REPLACE INTO attribute_state VALUES (?, NULL)", (rowid,))
             self.index.load().add_with_ids(vec[None].astype(np.float32), np.asarray([rowid], np.int64))
             self._unsaved_chunks.append(chunk)
-        return self.item(item_id)
+            return self._item(item_id)  # as added, whatever a DELETE does next
 
     def remove(self, item_id: str) -> None:
         if not self.writable:
@@ -257,13 +271,17 @@ class LiveCatalog:
         folder = self.folder / UPLOADS / digest[:2]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{digest[:40]}.{re.sub(r'[^a-z0-9]', '', photo.format) or 'bin'}"
-        if not path.exists():
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(photo.data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+        if not path.exists():  # a unique temporary name: two adds of one photo may race here
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest[:8]}-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(photo.data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
             dir_fd = os.open(folder, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
@@ -285,10 +303,16 @@ class LiveCatalog:
     def _save_loop(self) -> None:
         while not self._stop.wait(min(5.0, self.cfg.persist_seconds)):
             if time.monotonic() - self._last_save >= self.cfg.persist_seconds:
-                self.persist()
+                try:
+                    self.persist()
+                except Exception:  # a full disk must not end the saving for good; nothing is lost
+                    log.exception("cannot write the FAISS file; SQLite and the chunks hold every change")
+                    self._last_save = time.monotonic()
 
     def close(self) -> None:
         self._stop.set()
+        if self._saver.is_alive():
+            self._saver.join(timeout=60)
         self.batch.close()
         if self.explain_batch:
             self.explain_batch.close()

@@ -30,6 +30,7 @@ class Metrics:
 # Bodies over the limit but under this are read and dropped before the 413, so that a client
 # still sending sees the answer instead of a reset connection; larger ones are cut off.
 DRAIN_MAX = 256 * 2**20
+MAX_QUERY = 16 * 1024  # bytes of query string (httptools sets no limit of its own)
 
 
 class BodyTooLarge(Exception):
@@ -53,19 +54,25 @@ class Guard:
                 status["code"] = message["status"]
             await send(message)
 
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            if length.isdigit() and int(length) <= DRAIN_MAX:
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        # a client waiting for "100 Continue" has sent nothing yet: answer without reading
+        expects = headers.get(b"expect", b"").lower() == b"100-continue"
+        if len(scope.get("query_string", b"")) > MAX_QUERY:
+            await self._answer(sending, 414, f"query string over {MAX_QUERY:,} bytes")
+        elif length is not None and (not length.isdigit() or int(length) > self.max_body):
+            if length.isdigit() and int(length) <= DRAIN_MAX and not expects:
                 await self._drain(receive)  # so that the client, still sending, reads the answer
             await self._too_large(sending, bad=not length.isdigit())
         else:
-            received = 0
+            received, more = 0, True
 
             async def limited():
-                nonlocal received
+                nonlocal received, more
                 message = await receive()
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
+                    more = bool(message.get("more_body"))
                     if received > self.max_body:
                         raise BodyTooLarge()
                 return message
@@ -73,7 +80,7 @@ class Guard:
             try:
                 await self.app(scope, limited, sending)
             except BodyTooLarge:
-                if received <= DRAIN_MAX:
+                if more and received <= DRAIN_MAX:  # the rest, if any is still to come
                     await self._drain(receive)
                 await self._too_large(sending)
         route = scope.get("route")
@@ -90,9 +97,13 @@ class Guard:
                 return
 
     async def _too_large(self, send, bad: bool = False) -> None:
-        code = 400 if bad else 413
-        message = "bad Content-Length header" if bad else \
-            f"request body over the limit of {self.max_body / 2**20:g} MB"
+        if bad:
+            await self._answer(send, 400, "bad Content-Length header")
+        else:
+            await self._answer(send, 413, f"request body over the limit of {self.max_body / 2**20:g} MB")
+
+    @staticmethod
+    async def _answer(send, code: int, message: str) -> None:
         body = json.dumps({"error": message, "status": code}).encode()
         await send({"type": "http.response.start", "status": code,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

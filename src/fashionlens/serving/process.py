@@ -17,7 +17,8 @@ import httpx
 
 class Server:
     def __init__(self, index: Path, api_key: str | None = None, config: Path | None = None,
-                 extra_env: dict | None = None, timeout: float = 180.0, threads: int | None = None):
+                 extra_env: dict | None = None, timeout: float = 180.0, threads: int | None = None,
+                 cwd: Path | None = None):
         """``threads``: OMP_NUM_THREADS of the server (None: as this process has it, else torch's
         default of one per core)."""
         env = {**os.environ, **(extra_env or {})}
@@ -29,7 +30,8 @@ class Server:
         cmd = [sys.executable, "-m", "fashionlens.cli", "serve", str(index), "--port", "0"]
         if config is not None:
             cmd += ["--config", str(config)]
-        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                     cwd=cwd)
         self.log: list[str] = []
         self.url = None
         deadline = time.monotonic() + timeout
