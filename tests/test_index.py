@@ -310,3 +310,17 @@ def test_refuses_to_mix_models(catalog, tiny_embedder, index_cfg, tmp_path, othe
         assert idx.store.get_meta("embedder")["dim"] == 8
         assert idx.load().ntotal == 24
         assert len(idx.search(unit(np.random.default_rng(7), 1, 8), 3)[0]) == 3
+
+
+def test_refresh_with_nothing_new_writes_no_generation(tmp_path):
+    rng = np.random.default_rng(3)
+    idx = synthetic_index(tmp_path / "s", unit(rng, 50, 8))
+    try:
+        gen, files = idx.store.get_meta("generation"), sorted(p.name for p in (tmp_path / "s").glob("index-*"))
+        idx.refresh()
+        assert idx.store.get_meta("generation") == gen
+        assert sorted(p.name for p in (tmp_path / "s").glob("index-*")) == files
+        idx.remove(["v00003"])  # a change: the next generation holds it
+        assert idx.store.get_meta("generation") == gen + 1 and idx.load().ntotal == 49
+    finally:
+        idx.close()

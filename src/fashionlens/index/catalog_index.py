@@ -121,9 +121,12 @@ class CatalogIndex:
         wanted = choose_spec(n_live, dim, kind, flat_max, train_sample=train_sample)
         gen = self.store.get_meta("generation", 0)
         if not rebuild and current and self._file(gen).exists() and current.kind == wanted.kind:
+            spec, new_chunks = current, self.store.chunks(in_index=False)
+            if not new_chunks and not self.store.tombstones():  # up to date: no new generation to write
+                self.load()
+                return spec
             index = self._index or faiss.read_index(str(self._file(gen)))
             apply_search_params(index, current)
-            spec, new_chunks = current, self.store.chunks(in_index=False)
         else:
             spec, index, new_chunks = wanted, new_index(wanted), self.store.chunks()
             if not index.is_trained:
