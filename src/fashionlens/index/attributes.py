@@ -293,10 +293,7 @@ def index_attributes(folder: Path, checkpoint: Path, cfg: IndexAttributesConfig,
                         for r in item_rows(key, res, full, img.size, schema, project)]
                 failed = [(s[0], s[3]) for s in batch if s[3] is not None]
                 with store.db:
-                    store.db.executemany("INSERT OR REPLACE INTO item_attributes VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-                    store.db.executemany("INSERT OR REPLACE INTO attribute_state VALUES (?, ?)",
-                                         [(s[0], None) for s in ok] + failed)
-                    store.db.executemany("DELETE FROM item_attributes WHERE item=?", [(f[0],) for f in failed])
+                    store.record_attributes(rows, [s[0] for s in ok], failed)
                 report.explained, report.skipped = report.explained + len(ok), report.skipped + len(failed)
                 progress.advance(len(batch))
         progress.stop()

@@ -147,15 +147,27 @@ class CatalogStore:
     def commit_chunk(self, chunk: int, rowids: list[int], skipped: list[tuple[int, str]]) -> None:
         """Atomically record a chunk file's rows as embedded and the failures as skipped."""
         with self.db:
-            self.db.execute("INSERT INTO chunks (chunk, n) VALUES (?, ?)", (chunk, len(rowids)))
-            self.db.executemany(
-                "UPDATE items SET state='embedded', chunk=?, reason=NULL WHERE rowid=?",
-                [(chunk, r) for r in rowids],
-            )
-            self.db.executemany(
-                "UPDATE items SET state='skipped', reason=? WHERE rowid=?",
-                [(reason, r) for r, reason in skipped],
-            )
+            self.record_chunk(chunk, rowids, skipped)
+
+    def record_chunk(self, chunk: int, rowids: list[int], skipped: list[tuple[int, str]] = ()) -> None:
+        """:meth:`commit_chunk` inside the caller's transaction."""
+        self.db.execute("INSERT INTO chunks (chunk, n) VALUES (?, ?)", (chunk, len(rowids)))
+        self.db.executemany(
+            "UPDATE items SET state='embedded', chunk=?, reason=NULL WHERE rowid=?",
+            [(chunk, r) for r in rowids],
+        )
+        self.db.executemany(
+            "UPDATE items SET state='skipped', reason=? WHERE rowid=?",
+            [(reason, r) for r, reason in skipped],
+        )
+
+    def record_attributes(self, rows: list[tuple], explained: list[int], failed: list[tuple[int, str]] = ()) -> None:
+        """Inside the caller's transaction: ``rows`` of ``item_attributes``, the ``explained``
+        items marked done, the ``failed`` ones marked with their reason and their rows dropped."""
+        self.db.executemany("INSERT OR REPLACE INTO item_attributes VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        self.db.executemany("INSERT OR REPLACE INTO attribute_state VALUES (?, ?)",
+                            [(r, None) for r in explained] + list(failed))
+        self.db.executemany("DELETE FROM item_attributes WHERE item=?", [(r,) for r, _ in failed])
 
     def chunks(self, in_index: bool | None = None) -> list[int]:
         sql = "SELECT chunk FROM chunks"

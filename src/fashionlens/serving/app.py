@@ -65,6 +65,7 @@ ITEM_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data"
 def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
     cfg = live.cfg
     metrics = Metrics(live)
+    writable = live.writable and api_key is not None  # items can be added and deleted
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -172,7 +173,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
         return {"id": row["id"], "metadata": row["metadata"], "attributes": attrs, **item_ref(row["id"])}
 
     def check_key(request: Request) -> None:
-        if api_key is None or not live.writable:
+        if not writable:
             raise ApiError(403, "the catalog is read-only: start 'fashionlens serve' with an API key "
                                 f"(environment variable {cfg.api_key_env}) to add or delete items")
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
@@ -218,7 +219,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
     async def health():
         count = await run_in_threadpool(live.count)
         return {"status": "ok", "items": count, "attributes": live.attributes is not None,
-                "writable": live.writable and api_key is not None}
+                "writable": writable}
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus():
@@ -235,7 +236,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
                 "attributes": [{"attribute": n, "name": display_name(n), "values": v}
                                for n, v in attrs.schema.items()] if attrs else [],
                 "default_k": cfg.default_k, "max_k": cfg.max_k, "max_upload_mb": cfg.max_upload_mb,
-                "writable": live.writable and api_key is not None}
+                "writable": writable}
 
     @app.post("/api/search", tags=["search"], openapi_extra=PHOTO_BODY)
     async def search(request: Request):

@@ -81,8 +81,8 @@ def decode_photo(data: bytes, max_pixels: int, draft: int = DRAFT_SIZE) -> Photo
         raise BadPhoto("the photo is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as header:
-            size, fmt = header.size, (header.format or "bin").lower()
-        first = open_image(data, draft_size=draft, max_pixels=max_pixels)
+            photo = Photo(data, header.size, (header.format or "bin").lower(), max_pixels)
+        photo.at(draft)
     except ImageError as exc:
         raise BadPhoto(str(exc).removeprefix("upload: ")) from None
     except UnidentifiedImageError:
@@ -91,8 +91,6 @@ def decode_photo(data: bytes, max_pixels: int, draft: int = DRAFT_SIZE) -> Photo
         raise BadPhoto(f"too many pixels ({exc})") from None
     except Exception as exc:  # a codec bug: a 422, not a crash
         raise BadPhoto(f"cannot decode ({type(exc).__name__})") from None
-    photo = Photo(data, size, fmt, max_pixels)
-    photo._decoded[draft if fmt == "jpeg" else 0] = first
     return photo
 
 
@@ -219,16 +217,14 @@ class LiveCatalog:
         """Add one item; durable when it returns. :class:`Conflict` if the id is taken."""
         if not self.writable:
             raise Conflict("the catalog is read-only")
-        with self.lock:
-            if self.index.store.get_item(item_id) is not None:
-                raise Conflict(f"item {item_id!r} exists; DELETE it first to replace it")
+        with self.lock:  # before the models' work; checked again under the lock that commits
+            self._check_free(item_id)
         vec = self.embed(photo)
         results = self.explain_batch(photo.at(self.explainer.size)) if self.explain_batch else None
         path = self._save_upload(photo)
         store = self.index.store
         with self.lock:
-            if store.get_item(item_id) is not None:  # added meanwhile by another request
-                raise Conflict(f"item {item_id!r} exists; DELETE it first to replace it")
+            self._check_free(item_id)  # added meanwhile by another request?
             if not path.exists():  # removed meanwhile with an item that had the same photo
                 path = self._save_upload(photo)
             with store.db:  # one transaction: the item is all there or not at all
@@ -237,17 +233,18 @@ class LiveCatalog:
                 rowid = cur.lastrowid
                 chunk = store.next_chunk()
                 self.index.chunks.write(chunk, np.asarray([rowid], np.int64), vec[None])
-                store.db.execute("INSERT INTO chunks (chunk, n) VALUES (?, 1)", (chunk,))
-                store.db.execute("UPDATE items SET state='embedded', chunk=? WHERE rowid=?", (chunk, rowid))
+                store.record_chunk(chunk, [rowid])
                 if results is not None:
                     attrs = self.attributes
-                    rows = item_rows(rowid, results, photo.size, photo.at(self.explainer.size).size, attrs.schema,
-                                     attrs.projection)
-                    store.db.executemany("INSERT OR REPLACE INTO item_attributes VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-                    store.db.execute("INSERT OR REPLACE INTO attribute_state VALUES (?, NULL)", (rowid,))
+                    store.record_attributes(item_rows(rowid, results, photo.size, photo.at(self.explainer.size).size,
+                                                      attrs.schema, attrs.projection), [rowid])
             self.index.load().add_with_ids(vec[None].astype(np.float32), np.asarray([rowid], np.int64))
             self._unsaved_chunks.append(chunk)
             return self._item(item_id)  # as added, whatever a DELETE does next
+
+    def _check_free(self, item_id: str) -> None:
+        if self.index.store.get_item(item_id) is not None:
+            raise Conflict(f"item {item_id!r} exists; DELETE it first to replace it")
 
     def remove(self, item_id: str) -> None:
         if not self.writable:
