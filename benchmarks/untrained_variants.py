@@ -1,0 +1,157 @@
+"""Changes to the untrained embedded default that need no training, on buyers' photos.
+
+Issue 3 asks for +5 points top-1 over the untrained default on consumer photos; before training
+anything, this measures what the cheap, training-free changes are worth: the pooling of the final
+map, the input size, the scale of the garment in the query, centring each domain on its mean, and
+BatchNorm statistics recomputed per domain (AdaBN; the target photos' labels are never read).
+Every row: consumer ``validation/`` -> the whole catalog, hit = a listed articleType, exactly as
+the trainer's ``query_top*`` (``QueryValidation``); ``test/`` is never touched.
+
+    python benchmarks/untrained_variants.py configs/recipe-cached-cpu.yaml \
+        [--cache320 runs/cache-lite0-320] [--only pooling size zoom centring adabn]
+
+Catalog and query maps come from the feature caches (built on first use: ~4 min at 224 px, ~12
+at 320 px here); query zoom and AdaBN run the backbone on the photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _common import emit
+from PIL import Image
+
+GROUPS = ("pooling", "size", "zoom", "centring", "adabn")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="a cached-training config (its catalog, val_queries, feature_cache)")
+    parser.add_argument("--cache320", default="runs/cache-lite0-320", help="feature cache at 320 px")
+    parser.add_argument("--target", default="../shared/data/consumer/train", help="unlabeled target photos")
+    parser.add_argument("--sample", type=int, default=1024, help="photos per domain for means and BatchNorm statistics")
+    parser.add_argument("--only", nargs="*", choices=GROUPS, help="groups of rows (default: all)")
+    args = parser.parse_args()
+
+    from fashionlens.data.catalog import Missing, open_catalog
+    from fashionlens.data.transforms import Preprocess, letterbox
+    from fashionlens.models.builder import build_model
+    from fashionlens.training import load_train_config
+    from fashionlens.training.feature_cache import FeatureCache
+    from fashionlens.training.validation import QueryValidation
+
+    torch.manual_seed(0)
+    cfg = load_train_config(args.config, [])
+    q = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
+    is_query = set(map(str, q.query_paths)).__contains__
+    model, data_cfg = build_model(cfg.model.model_copy(update={"neck": {"type": "gap"}, "num_identities": None}))
+    model.eval()
+    size = int(data_cfg["input_size"][-1])
+    pre = Preprocess(size, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+    caches = {size: FeatureCache.for_model(cfg.feature_cache, cfg.model, size)}
+    caches[size].ensure(q.all_paths())
+    rng = np.random.default_rng(0)
+    target = sorted(Path(it.path) for it in open_catalog(Path(args.target)) if not isinstance(it, Missing))
+    target = [target[i] for i in sorted(rng.permutation(len(target))[:args.sample])]
+    catalog_sample = [q.gallery_paths[i] for i in sorted(rng.permutation(len(q.gallery_paths))[:args.sample])]
+
+    def pooled(cache, paths, pool) -> torch.Tensor:
+        return torch.cat([pool(torch.stack([cache.load(cache.locate(p)) for p in paths[s:s + 512]]).float())
+                          for s in range(0, len(paths), 512)])
+
+    def gap(t):
+        return t.mean((2, 3))
+
+    def gem(p):
+        return lambda t: t.clamp(min=1e-6).pow(p).mean((2, 3)).pow(1 / p)
+
+    def row(query: Callable, gallery: Callable) -> dict:
+        return q.evaluate(lambda paths: F.normalize(query(paths) if is_query(str(paths[0])) else gallery(paths), dim=1))
+
+    @torch.no_grad()
+    def forward(m, paths, prep=pre) -> torch.Tensor:
+        return torch.cat([m(torch.stack([prep(Image.open(p).convert("RGB")) for p in paths[s:s + 64]]))["embedding"]
+                          for s in range(0, len(paths), 64)])
+
+    rows: dict[str, dict] = {}
+
+    def record(name: str, result: dict) -> None:
+        rows[name] = result
+        print(name, result, file=sys.stderr, flush=True)
+
+    groups = args.only or GROUPS
+    cached_gap = lambda paths: pooled(caches[size], paths, gap)  # noqa: E731
+    record("gap (the embedded default)", row(cached_gap, cached_gap))
+    if "pooling" in groups:
+        pools = {"max": lambda t: t.amax((2, 3)), "gem p=1.5": gem(1.5), "gem p=2": gem(2), "gem p=3": gem(3)}
+        for name, pool in pools.items():
+            fn = lambda paths, pool=pool: pooled(caches[size], paths, pool)  # noqa: E731
+            record(f"pooling: {name}", row(fn, fn))
+    if "size" in groups:
+        caches[320] = FeatureCache.for_model(args.cache320, cfg.model, 320)
+        caches[320].ensure(q.all_paths())
+        at = {s: (lambda paths, s=s: pooled(caches[s], paths, gap)) for s in (size, 320)}
+        record("size: queries and catalog 320 px", row(at[320], at[320]))
+        record(f"size: queries {size}, catalog 320 px", row(at[size], at[320]))
+        record(f"size: queries 320, catalog {size} px", row(at[320], at[size]))
+    if "zoom" in groups:
+        # The garment fills a buyer's photo but not a catalog photo (worn by a model): shrink
+        # the query inside the canvas so the garment's scale comes nearer the catalog's.
+        def inner(side: int):
+            def prep(img):
+                canvas = Image.new("RGB", (size, size))
+                canvas.paste(letterbox(img, side), ((size - side) // 2,) * 2)
+                return pre(canvas)  # the letterbox of a square canvas is the canvas
+            return prep
+        for side in (192, 160):
+            record(f"zoom: query shrunk to {side} of {size} px", row(lambda paths, s=side: forward(model, paths, inner(s)), cached_gap))
+    if "centring" in groups:
+        caches[size].ensure(target)
+        mu_catalog = pooled(caches[size], catalog_sample, gap).mean(0)
+        mu_target = pooled(caches[size], target, gap).mean(0)
+        record("centring: both on the catalog's mean",
+               row(lambda p: cached_gap(p) - mu_catalog, lambda p: cached_gap(p) - mu_catalog))
+        record("centring: each domain on its own mean (queries: unlabeled consumer train/)",
+               row(lambda p: cached_gap(p) - mu_target, lambda p: cached_gap(p) - mu_catalog))
+    if "adabn" in groups:
+        @torch.no_grad()
+        def recalibrated(paths) -> torch.nn.Module:
+            m = copy.deepcopy(model).eval()  # dropout and drop-path stay off
+            for bn in (b for b in m.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)):
+                bn.reset_running_stats()
+                bn.momentum = None  # cumulative mean over every batch
+                bn.train()
+            forward(m, paths)
+            return m.eval()
+        on_target = recalibrated(target)
+        record("adabn: queries with the target's BatchNorm statistics, catalog ImageNet's",
+               row(lambda p: forward(on_target, p), cached_gap))
+        on_catalog = recalibrated(catalog_sample)
+        gallery = dict(zip(map(str, q.gallery_paths), forward(on_catalog, q.gallery_paths)))
+        record("adabn: each domain with its own BatchNorm statistics",
+               row(lambda p: forward(on_target, p), lambda p: torch.stack([gallery[str(x)] for x in p])))
+        # How far the catalog's own statistics move a catalog photo's embedding (cosine with
+        # its embedding under ImageNet's statistics), against two different catalog photos.
+        before = F.normalize(cached_gap(catalog_sample), dim=1)
+        after = torch.stack([gallery[str(p)] for p in catalog_sample])
+        rows["adabn: cosine of a catalog photo's embeddings, catalog vs ImageNet statistics"] = round(
+            float((before * after).sum(1).mean()), 4)
+        rows["cosine of two different catalog photos, ImageNet statistics"] = round(
+            float((before @ before.T).fill_diagonal_(float("nan")).nanmean()), 4)
+    emit({"benchmark": "untrained_variants", "config": args.config, "sample": args.sample, "rows": rows})
+
+
+if __name__ == "__main__":
+    from fashionlens.errors import UserError
+
+    try:
+        main()
+    except UserError as exc:  # a bad config or data folder: the message, not a traceback
+        sys.exit(f"error: {exc}")
