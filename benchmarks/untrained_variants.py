@@ -42,9 +42,11 @@ def main() -> None:
 
     from fashionlens.data.catalog import Missing, open_catalog
     from fashionlens.data.transforms import Preprocess, letterbox
+    from fashionlens.index.embedding import decode_batches
     from fashionlens.models.builder import build_model
     from fashionlens.training import load_train_config
     from fashionlens.training.feature_cache import FeatureCache
+    from fashionlens.training.trainer import make_embed
     from fashionlens.training.validation import QueryValidation
 
     torch.manual_seed(0)
@@ -75,10 +77,8 @@ def main() -> None:
     def row(query: Callable, gallery: Callable) -> dict:
         return q.evaluate(lambda paths: F.normalize(query(paths) if is_query(str(paths[0])) else gallery(paths), dim=1))
 
-    @torch.no_grad()
     def forward(m, paths, prep=pre) -> torch.Tensor:
-        return torch.cat([m(torch.stack([prep(Image.open(p).convert("RGB")) for p in paths[s:s + 64]]))["embedding"]
-                          for s in range(0, len(paths), 64)])
+        return make_embed(m, "cpu", None, prep)(paths)  # NaN rows (left out) for unreadable photos
 
     rows: dict[str, dict] = {}
 
@@ -104,14 +104,18 @@ def main() -> None:
     if "zoom" in groups:
         # The garment fills a buyer's photo but not a catalog photo (worn by a model): shrink
         # the query inside the canvas so the garment's scale comes nearer the catalog's.
-        def inner(side: int):
-            def prep(img):
-                canvas = Image.new("RGB", (size, size))
-                canvas.paste(letterbox(img, side), ((size - side) // 2,) * 2)
-                return pre(canvas)  # the letterbox of a square canvas is the canvas
-            return prep
+        class Shrunk(Preprocess):
+            def __init__(self, side: int):
+                super().__init__(size, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
+                self.side = side
+
+            def __call__(self, img):
+                canvas = Image.new("RGB", (self.size, self.size))
+                canvas.paste(letterbox(img, self.side), ((self.size - self.side) // 2,) * 2)
+                return super().__call__(canvas)  # the letterbox of a square canvas is the canvas
         for side in (192, 160):
-            record(f"zoom: query shrunk to {side} of {size} px", row(lambda paths, s=side: forward(model, paths, inner(s)), cached_gap))
+            record(f"zoom: query shrunk to {side} of {size} px",
+                   row(lambda paths, s=side: forward(model, paths, Shrunk(s)), cached_gap))
     if "centring" in groups:
         caches[size].ensure(target)
         mu_catalog = pooled(caches[size], catalog_sample, gap).mean(0)
@@ -128,15 +132,17 @@ def main() -> None:
                 bn.reset_running_stats()
                 bn.momentum = None  # cumulative mean over every batch
                 bn.train()
-            forward(m, paths)
+            for _, batch, _ in decode_batches(list(enumerate(map(str, paths))), pre, 64, 0):
+                if batch is not None:
+                    m(batch)
             return m.eval()
-        on_target = recalibrated(target)
+        queries = forward(recalibrated(target), q.query_paths)  # used by both rows below
         record("adabn: queries with the target's BatchNorm statistics, catalog ImageNet's",
-               row(lambda p: forward(on_target, p), cached_gap))
+               row(lambda p: queries, cached_gap))
         on_catalog = recalibrated(catalog_sample)
         gallery = dict(zip(map(str, q.gallery_paths), forward(on_catalog, q.gallery_paths)))
         record("adabn: each domain with its own BatchNorm statistics",
-               row(lambda p: forward(on_target, p), lambda p: torch.stack([gallery[str(x)] for x in p])))
+               row(lambda p: queries, lambda p: torch.stack([gallery[str(x)] for x in p])))
         # How far the catalog's own statistics move a catalog photo's embedding (cosine with
         # its embedding under ImageNet's statistics), against two different catalog photos.
         before = F.normalize(cached_gap(catalog_sample), dim=1)
