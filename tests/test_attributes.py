@@ -241,13 +241,10 @@ def test_blanking_and_faithfulness(explainer, dataset):
     assert 0 < result["mean"]["box_area"] <= 1 and result["mean"]["original"] > 0
 
 
-def test_street_tags_train_and_pointing_counts(tmp_path):
-    """A street tag classifier trains on tags.csv; the pointing game tries every (photo, tag)
-    present in a mask once, and with a tolerance as large as the photo every try is a hit."""
-    from fashionlens.data.street import read_labels, read_street
-    from fashionlens.evaluation.pointing import evaluate_pointing
-
-    root = tmp_path / "street"
+def make_street(root: Path) -> dict[str, int]:
+    """24 noise photos of 40 x 30 px tagged hair (all), dress (odd), shoes (not a multiple of 3);
+    the first 12 with masks (hair on top, dress in the middle, shoes at the bottom). Returns how
+    many masks show dress and shoes."""
     (root / "photos").mkdir(parents=True)
     (root / "masks").mkdir()
     (root / "labels.txt").write_text("null\ndress\nhair\nshoes\n")
@@ -270,6 +267,17 @@ def test_street_tags_train_and_pointing_counts(tmp_path):
             Image.fromarray(mask).save(root / "masks" / f"{i:04d}.png")
         rows.append(f"photos/{i:04d}.jpg,{kind}," + ",".join(tags))
     (root / "tags.csv").write_text("photo,annotation,tags...\n" + "\n".join(rows) + "\n")
+    return present
+
+
+def test_street_tags_train_and_pointing_counts(tmp_path):
+    """A street tag classifier trains on tags.csv; the pointing game tries every (photo, tag)
+    present in a mask once, and with a tolerance as large as the photo every try is a hit."""
+    from fashionlens.data.street import read_labels, read_street
+    from fashionlens.evaluation.pointing import evaluate_pointing
+
+    root = tmp_path / "street"
+    present = make_street(root)
     cfg = tiny(root, tmp_path / "run", format="street", min_tag_photos=5, epochs=1, test_fraction=0.0)
     train_attributes(cfg)
     model, cfg, _ = load_attribute_model(tmp_path / "run" / "last")
@@ -281,6 +289,29 @@ def test_street_tags_train_and_pointing_counts(tmp_path):
     assert {tag: exact[tag]["photos"] for tag in present} == present and exact["hair"]["photos"] == 12
     assert all(loose[tag]["pointing"] == 1.0 for tag in loose)
     assert all(0.0 <= exact[tag]["iou"] <= 1.0 for tag in exact)
+
+
+def test_pointing_loss_trains_on_the_masks_of_training_photos(tmp_path):
+    """pointing_loss: the street masks of the training photos enter the loss (logged per epoch,
+    and falling as the heads learn where each tag is); it needs masks and cached maps."""
+    root = tmp_path / "street"
+    make_street(root)
+    run = tmp_path / "run"
+    cfg = tiny(root, run, format="street", min_tag_photos=5, epochs=4, test_fraction=0.0, val_fraction=0.2,
+               lr=0.05, optimizer="adam", feature_cache=str(tmp_path / "cache"), pointing_loss=1.0,
+               model={"backbone": "lite0", "pretrained": True, "input_size": 64, "freeze_backbone": True,
+                      "neck": {"type": "gap", "normalize": False}})
+    train_attributes(cfg)
+    rows = read_rows(run / "metrics.csv", 99)
+    pointing = [float(r["pointing"]) for r in rows]
+    assert len(pointing) == 4 and all(p > 0 for p in pointing)
+    assert pointing[-1] < pointing[0]
+    with pytest.raises(ValueError, match="pointing_loss needs pixel masks"):
+        tiny(root, run, format="street", pointing_loss=1.0)  # no feature cache
+    with pytest.raises(ValueError, match="pointing_loss needs pixel masks"):
+        tiny(root, run, pointing_loss=1.0, feature_cache=str(tmp_path / "cache"),
+             model={"backbone": "lite0", "pretrained": True, "input_size": 64, "freeze_backbone": True,
+                    "neck": {"type": "gap", "normalize": False}})  # fashionai: no masks
 
 
 def test_flip_averages_each_photo_with_its_mirror_image(tmp_path):

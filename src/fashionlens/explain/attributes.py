@@ -42,9 +42,14 @@ class Letterbox:
         return self.size / max(self.width, self.height)
 
     @property
+    def inner(self) -> tuple[int, int]:
+        """(width, height) of the resized photo inside the letterbox."""
+        return max(1, round(self.width * self.scale)), max(1, round(self.height * self.scale))
+
+    @property
     def offset(self) -> tuple[int, int]:
         """(left, top) padding, as :func:`fashionlens.data.transforms.letterbox` pastes."""
-        nw, nh = max(1, round(self.width * self.scale)), max(1, round(self.height * self.scale))
+        nw, nh = self.inner
         return (self.size - nw) // 2, (self.size - nh) // 2
 
     def box_to_photo(self, box: Sequence[int]) -> tuple[int, int, int, int]:
@@ -59,7 +64,7 @@ class Letterbox:
     def map_to_photo(self, cam: np.ndarray) -> np.ndarray:
         """A (size, size) map of the input -> (height, width) over the photo (bilinear)."""
         left, top = self.offset
-        nw, nh = max(1, round(self.width * self.scale)), max(1, round(self.height * self.scale))
+        nw, nh = self.inner
         inner = np.ascontiguousarray(cam[top:top + nh, left:left + nw], dtype=np.float32)
         return np.asarray(Image.fromarray(inner).resize((self.width, self.height), Image.BILINEAR))
 
@@ -123,7 +128,7 @@ class AttributeExplainer:
             mode, box_threshold, method, device, roi_size)
         head = model.attr_head
         self.schema, self.slices = head.schema, head.slices
-        self.weight = torch.cat([h.weight for h in head.heads]).detach()
+        self.weight = head.weight.detach()
         self.size = int(model.data_config["input_size"][-1])
         self.preprocess = Preprocess(self.size, model.data_config["mean"], model.data_config["std"])
         self.target_layer = backbone_stages(model.backbone)[-1][1]

@@ -71,6 +71,11 @@ class AttributeHead(nn.Module):
         # A ModuleList (not ModuleDict): attribute names may contain dots.
         self.heads = nn.ModuleList(nn.Linear(in_dim, len(v)) for v in self.schema.values())
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """(out_dim, in_dim): every value's weight row, in column order (part of the graph)."""
+        return torch.cat([head.weight for head in self.heads], dim=0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(x) for head in self.heads], dim=1)
 

@@ -36,13 +36,15 @@ class AttributeSet:
     images: list[Path]
     targets: np.ndarray
     mask: np.ndarray
+    masks: list[Path | None] | None = None  # street: each image's pixel mask (labels.txt indices), if any
 
     @property
     def slices(self) -> dict[str, slice]:
         return attribute_slices(self.schema)
 
     def subset(self, rows: np.ndarray) -> AttributeSet:
-        return AttributeSet(self.root, self.schema, [self.images[i] for i in rows], self.targets[rows], self.mask[rows])
+        return AttributeSet(self.root, self.schema, [self.images[i] for i in rows], self.targets[rows], self.mask[rows],
+                            None if self.masks is None else [self.masks[i] for i in rows])
 
 
 def read_attribute_set(root: str | Path, fmt: str = "fashionai", labels: str | Path | None = None,
@@ -65,6 +67,7 @@ def read_attribute_set(root: str | Path, fmt: str = "fashionai", labels: str | P
         photos = read_street(root)
         full = tag_schema(photos, min_photos=min_tag_photos)
         rows = street_labels(photos, full)
+        mask_of = {photo.image: photo.mask for photo in photos}
     else:
         raise UserError(f"unknown attribute data format {fmt!r}: use fashionai or street")
     if attributes:
@@ -76,7 +79,8 @@ def read_attribute_set(root: str | Path, fmt: str = "fashionai", labels: str | P
     if not rows:
         raise UserError(f"{root}: no labeled image")
     images, targets, mask = attribute_table(rows, full)
-    return AttributeSet(root, full, images, targets, mask)
+    masks = [mask_of.get(image) for image in images] if fmt == "street" else None
+    return AttributeSet(root, full, images, targets, mask, masks)
 
 
 def split_part(path: Path, root: Path, seed: int, val_fraction: float, test_fraction: float) -> str:

@@ -41,9 +41,11 @@ from fashionlens.training.attribute_data import AttributeSet, read_attribute_set
 from fashionlens.training.config import RunSettings, apply_overrides
 from fashionlens.training.feature_cache import FeatureCache, prepare_cache
 from fashionlens.training.run_files import load_optimizer, plot_curves, read_rows, save_optimizer, write_rows
-from fashionlens.training.trainer import check_frozen_stages, make_embed, train_dataset
+from fashionlens.losses.pointing import PointingLoss
+from fashionlens.training.attribute_masks import MaskedMapDataset, street_shares, yes_columns
+from fashionlens.training.trainer import check_frozen_stages, make_embed, map_augment, train_dataset
 
-COLUMNS = ["epoch", "step", "lr", "loss", "val_loss", "val_accuracy", "val_precision", "val_map",
+COLUMNS = ["epoch", "step", "lr", "loss", "pointing", "val_loss", "val_accuracy", "val_precision", "val_map",
            "seconds", "images_per_second"]
 ATTRIBUTE_AUGMENT = {"rot180": 0.0, "erase": 0.0, "crop": 0.5, "crop_min": 0.6}
 """Thesis B's random crop and rotation; no 180 degree turn or erasing (they change what is seen)."""
@@ -83,11 +85,17 @@ class AttributeTrainConfig(RunSettings):
     augment: dict | None = Field(None, description=f"AugmentConfig fields (None = {ATTRIBUTE_AUGMENT} over "
                                  "the thesis A defaults)")
     feature_cache: str | None = Field(None, description="folder of cached backbone maps (with model.freeze_backbone)")
+    pointing_loss: float = Field(0.0, ge=0, description="street, with feature_cache: weight of the pointing loss "
+                                 "on training photos with masks (each present tag's CAM, as a softmax over the map's "
+                                 "cells, should put its mass on the tag's mask; fashionlens.losses.pointing); 0 = off")
     out: str = Field("runs/attributes", description="run folder: metrics.csv, curves.png, config.yaml, last/, best/")
 
     @model_validator(mode="after")
     def _check(self) -> AttributeTrainConfig:
         self.check_cache()
+        if self.pointing_loss > 0 and (self.format != "street" or not self.feature_cache):
+            raise ValueError("pointing_loss needs pixel masks (format: street) and feature_cache (the "
+                             "map-level augmentations are applied to maps and masks together)")
         if self.augment is None:
             self.augment = dict(ATTRIBUTE_AUGMENT)
         return self
@@ -213,7 +221,13 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
         needed = [data.images[i] for i in np.concatenate([parts["train"], parts["val"]])]
         cache = prepare_cache(cfg.feature_cache, model_cfg, size, needed, cfg.device, cfg.workers, emit)
     samples = [(data.images[i], int(i)) for i in parts["train"]]  # label = row of data: its targets
-    train_ds = train_dataset(cfg, samples, cache, size, mean, std)
+    pointing = yes = None
+    if cfg.pointing_loss > 0:
+        shares = street_shares(data, parts["train"], size, tuple(cache.shape[-2:]))
+        train_ds = MaskedMapDataset(samples, cache, shares, len(data.schema), map_augment(cfg))
+        pointing, yes = PointingLoss(), torch.tensor(yes_columns(data), device=cfg.device)
+    else:
+        train_ds = train_dataset(cfg, samples, cache, size, mean, std)
     loss_fn = AttributeLoss(cfg.loss, list(data.slices.values()))
     mask = torch.from_numpy(data.mask)
     use_amp = cfg.amp and cfg.device.startswith("cuda")
@@ -235,11 +249,18 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
         lr = _lr(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        total, n_images, t0 = 0.0, 0, time.perf_counter()
-        for b, (images, index) in enumerate(loader, 1):
+        total, pointed, n_images, t0 = 0.0, 0.0, 0, time.perf_counter()
+        for b, (images, index, *masked) in enumerate(loader, 1):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(images.to(cfg.device, non_blocking=True), from_map=cache is not None)["attr_logits"]
-            loss = loss_fn(logits.float(), targets[index].to(cfg.device), mask[index].to(cfg.device))
+                outputs = model(images.to(cfg.device, non_blocking=True), from_map=cache is not None,
+                                return_map=pointing is not None)
+            loss = loss_fn(outputs["attr_logits"].float(), targets[index].to(cfg.device), mask[index].to(cfg.device))
+            if pointing is not None:  # masked = (shares, has) of MaskedMapDataset
+                has = masked[1].to(cfg.device)
+                term = pointing(outputs["feature_map"][has].float(), model.attr_head.weight[yes],
+                                masked[0].to(cfg.device)[has])
+                loss = loss + cfg.pointing_loss * term
+                pointed += term.item()
             if not torch.isfinite(loss):
                 raise RuntimeError(f"epoch {epoch}: the loss is {float(loss)}; lower lr?")
             optimizer.zero_grad(set_to_none=True)
@@ -252,12 +273,13 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
                if len(parts["val"]) else None)
         mean_val = val["mean"] if val else {}
         row = {"epoch": epoch, "step": step, "lr": round(lr, 8), "loss": round(total / max(batches, 1), 6),
+               "pointing": round(pointed / max(batches, 1), 6) if pointing is not None else None,
                "val_loss": mean_val.get("loss"), "val_accuracy": mean_val.get("accuracy"),
                "val_precision": mean_val.get(f"precision@{cfg.threshold:g}"), "val_map": mean_val.get("mAP"),
                "seconds": round(seconds, 3), "images_per_second": round(n_images / seconds, 2) if seconds else None}
         rows.append(row)
         write_rows(out / "metrics.csv", rows, COLUMNS)
-        plot_curves(rows, out / "curves.png", losses=("loss", "val_loss"),
+        plot_curves(rows, out / "curves.png", losses=("loss", "pointing", "val_loss"),
                     scores=("val_accuracy", "val_precision", "val_map"), score_label="mean over attributes")
         score = row["val_accuracy"] if row["val_accuracy"] is not None else -row["loss"]
         improved = score > best

@@ -95,13 +95,18 @@ def identity_terms(outputs: dict, labels: torch.Tensor, id_loss, num_classes: in
     return loss
 
 
+def map_augment(cfg) -> MapAugment:
+    """The map-level augmentations of ``cfg.augment`` (flip, 180 degree rotation, crop)."""
+    aug = AugmentConfig(**(cfg.augment or {}))
+    return MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min)
+
+
 def train_dataset(cfg: TrainConfig, samples, cache: FeatureCache | None, size: int, mean, std):
     """The training set with its augmentations: cached maps (flip, 180 degree rotation, crop on
     the map) when ``cache`` is given, else decoded photos (every augmentation of ``cfg.augment``)."""
-    aug = AugmentConfig(**(cfg.augment or {}))
     if cache is not None:
-        return CachedMapDataset(samples, cache, MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min))
-    return IdentityDataset(samples, TrainPreprocess(size, mean, std, aug))
+        return CachedMapDataset(samples, cache, map_augment(cfg))
+    return IdentityDataset(samples, TrainPreprocess(size, mean, std, AugmentConfig(**(cfg.augment or {}))))
 
 
 def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Preprocess | None,
