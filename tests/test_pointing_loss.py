@@ -14,20 +14,22 @@ from fashionlens.training.attribute_masks import MaskedMapDataset, cell_shares
 from fashionlens.training.feature_cache import MapAugment
 
 
-def brute_force(feature_map, weight, targets, min_share=0.0):
-    """Cell by cell: -log of the softmax mass of the CAM on the mask, mean over non-empty pairs."""
+def brute_force(feature_map, weight, targets, min_share=0.0, by_share=False):
+    """Cell by cell: -log of the softmax mass of the CAM on the mask (each cell weighted by its
+    share with ``by_share``), mean over non-empty pairs."""
     n, c, h, w = feature_map.shape
     losses = []
     for i in range(n):
         for m in range(weight.shape[0]):
             cams = [sum(float(weight[m, k]) * float(feature_map[i, k, y, x]) for k in range(c))
                     for y in range(h) for x in range(w)]
-            on = [float(targets[i, m, y, x]) > min_share for y in range(h) for x in range(w)]
+            shares = [float(targets[i, m, y, x]) for y in range(h) for x in range(w)]
+            on = [v > min_share for v in shares]
             if not any(on):
                 continue
             z = max(cams)
             total = sum(math.exp(v - z) for v in cams)
-            inside = sum(math.exp(v - z) for v, o in zip(cams, on) if o)
+            inside = sum(math.exp(v - z) * (share if by_share else 1.0) for v, o, share in zip(cams, on, shares) if o)
             losses.append(-math.log(inside / total))
     return sum(losses) / len(losses)
 
@@ -39,8 +41,10 @@ def test_pointing_loss_matches_a_triple_loop():
     targets = (torch.rand(3, 2, 4, 3, generator=g) > 0.6).float() * torch.rand(3, 2, 4, 3, generator=g)
     targets[1, 0] = 0  # an empty mask: no loss for that pair
     for min_share in (0.0, 0.3):
-        got = PointingLoss(min_share)(t, weight, targets)
-        assert got.item() == pytest.approx(brute_force(t, weight, targets, min_share), rel=1e-5)
+        for cells in ("touched", "share"):
+            got = PointingLoss(min_share, cells)(t, weight, targets)
+            want = brute_force(t, weight, targets, min_share, cells == "share")
+            assert got.item() == pytest.approx(want, rel=1e-5)
 
 
 def test_pointing_loss_properties():

@@ -7,7 +7,8 @@ its Grad-CAM is the ReLU of those per-cell terms (:func:`fashionlens.explain.cam
 The loss treats each (photo, tag present in the photo's mask) pair's per-cell terms as logits
 of a softmax over the cells and asks for its mass to lie on the tag's cells:
 
-    loss = - log sum_{cells on the mask} softmax_cells(w_c . T)
+    loss = - log sum_{cells on the mask} softmax_cells(w_c . T)            (cells="touched")
+    loss = - log sum_cells share(cell) * softmax_cells(w_c . T)            (cells="share")
 
 It depends only on the differences between cells, so the image-level logit (their mean,
 trained by the classification loss) is left free; it is smallest when the map's peak lies on
@@ -28,16 +29,20 @@ class PointingLoss(nn.Module):
 
     ``feature_map``: T (N, C, h, w); ``weight``: (M, C), one head row per target channel (the
     tag's ``yes`` column); ``targets``: (N, M, H, W), the share of each cell on the tag's mask,
-    at T's resolution or any multiple of it (average-pooled down to h x w). A cell counts as on
-    the mask when its share exceeds ``min_share``. Pairs whose mask is empty give no loss; the
-    loss is the mean over the other pairs, and 0 (attached to the graph) when there are none.
+    at T's resolution or any multiple of it (average-pooled down to h x w). ``cells="touched"``:
+    every cell whose share exceeds ``min_share`` counts fully; ``"share"``: each cell counts by
+    its share, which pulls the peak onto the cells the tag covers most (small garments).
+    Pairs whose mask is empty give no loss; the loss is the mean over the other pairs, and 0
+    (attached to the graph) when there are none.
     """
 
-    def __init__(self, min_share: float = 0.0):
+    def __init__(self, min_share: float = 0.0, cells: str = "touched"):
         super().__init__()
         if not 0.0 <= min_share < 1.0:
             raise ValueError(f"min_share must be in [0, 1), got {min_share}")
-        self.min_share = float(min_share)
+        if cells not in ("touched", "share"):
+            raise ValueError(f"cells must be touched or share, got {cells!r}")
+        self.min_share, self.cells = float(min_share), cells
 
     def forward(self, feature_map: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
         n, c, h, w = feature_map.shape
@@ -46,11 +51,14 @@ class PointingLoss(nn.Module):
                              f"{tuple(weight.shape)}, targets {tuple(targets.shape)}")
         if targets.shape[-2:] != (h, w):
             targets = F.adaptive_avg_pool2d(targets.float(), (h, w))
-        on = (targets > self.min_share).flatten(2)  # (N, M, cells)
+        shares = targets.float().flatten(2)  # (N, M, cells)
+        on = shares > self.min_share
         present = on.any(-1)
         cams = torch.einsum("mc,nchw->nmhw", weight.to(feature_map.dtype), feature_map).flatten(2).float()
         if not bool(present.any()):
             return cams.sum() * 0.0
         log_p = torch.log_softmax(cams, dim=-1)
+        if self.cells == "share":
+            log_p = log_p + torch.log(shares.masked_fill(~on, 0.0))  # log(0) = -inf: off the mask
         inside = torch.logsumexp(log_p.masked_fill(~on, float("-inf")), dim=-1)  # log of the mass on the mask
         return -inside[present].mean()

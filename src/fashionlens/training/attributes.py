@@ -88,6 +88,8 @@ class AttributeTrainConfig(RunSettings):
     pointing_loss: float = Field(0.0, ge=0, description="street, with feature_cache: weight of the pointing loss "
                                  "on training photos with masks (each present tag's CAM, as a softmax over the map's "
                                  "cells, should put its mass on the tag's mask; fashionlens.losses.pointing); 0 = off")
+    pointing_cells: Literal["touched", "share"] = Field("touched", description="pointing loss: every cell the "
+                                                        "mask touches counts fully, or each by the share it covers")
     out: str = Field("runs/attributes", description="run folder: metrics.csv, curves.png, config.yaml, last/, best/")
 
     @model_validator(mode="after")
@@ -225,7 +227,7 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
     if cfg.pointing_loss > 0:
         shares = street_shares(data, parts["train"], size, tuple(cache.shape[-2:]))
         train_ds = MaskedMapDataset(samples, cache, shares, len(data.schema), map_augment(cfg))
-        pointing, yes = PointingLoss(), torch.tensor(yes_columns(data), device=cfg.device)
+        pointing, yes = PointingLoss(cells=cfg.pointing_cells), torch.tensor(yes_columns(data), device=cfg.device)
     else:
         train_ds = train_dataset(cfg, samples, cache, size, mean, std)
     loss_fn = AttributeLoss(cfg.loss, list(data.slices.values()))
