@@ -2,13 +2,15 @@
 
 Issue 3 asks for +5 points top-1 over the untrained default on consumer photos; before training
 anything, this measures what the cheap, training-free changes are worth: the pooling of the final
-map, the input size, the scale of the garment in the query, centring each domain on its mean, and
-BatchNorm statistics recomputed per domain (AdaBN; the target photos' labels are never read).
+map, the input size, the scale of the garment in the query, centring each domain on its mean,
+BatchNorm statistics recomputed per domain (AdaBN; the target photos' labels are never read),
+linear maps fitted on the catalog's pooled features (PCA whitening, whitening within articleType,
+the ImageNet classifier's logits), and query / database-side expansion with nearest catalog items.
 Every row: consumer ``validation/`` -> the whole catalog, hit = a listed articleType, exactly as
 the trainer's ``query_top*`` (``QueryValidation``); ``test/`` is never touched.
 
     python benchmarks/untrained_variants.py configs/recipe-cached-cpu.yaml \
-        [--cache320 runs/cache-lite0-320] [--only pooling size zoom centring adabn]
+        [--cache320 runs/cache-lite0-320] [--only pooling size zoom centring adabn projection expansion]
 
 Catalog and query maps come from the feature caches (built on first use: ~4 min at 224 px, ~12
 at 320 px here); query zoom and AdaBN run the backbone on the photos.
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from _common import emit
 from PIL import Image
 
-GROUPS = ("pooling", "size", "zoom", "centring", "adabn")
+GROUPS = ("pooling", "size", "zoom", "centring", "adabn", "projection", "expansion")
 
 
 def main() -> None:
@@ -151,7 +153,56 @@ def main() -> None:
             float((before * after).sum(1).mean()), 4)
         rows["cosine of two different catalog photos, ImageNet statistics"] = round(
             float((before @ before.T).fill_diagonal_(float("nan")).nanmean()), 4)
+    if "projection" in groups or "expansion" in groups:
+        linear_and_expansion(q, pooled(caches[size], q.gallery_paths, gap), cached_gap, row, record, groups,
+                             cfg.model.backbone)
     emit({"benchmark": "untrained_variants", "config": args.config, "sample": args.sample, "rows": rows})
+
+
+def linear_and_expansion(q, gallery: torch.Tensor, cached_gap: Callable, row: Callable, record: Callable,
+                         groups, backbone: str) -> None:
+    """Rows on the pooled features: linear maps fitted on the catalog (``gallery``, its pooled
+    maps in ``q.gallery_paths`` order) applied to both domains, and nearest-neighbour expansion."""
+    at = {str(p): i for i, p in enumerate(q.gallery_paths)}
+    mu = gallery.mean(0)
+    if "projection" in groups:
+        _, s, vh = torch.linalg.svd(gallery - mu, full_matrices=False)
+        eig = s ** 2 / len(gallery)
+        for dims, power in ((256, 0.25), (256, 0.5), (1280, 0.25)):
+            proj = vh[:dims].T / eig[:dims] ** power
+            fn = lambda paths, proj=proj: (cached_gap(paths) - mu) @ proj  # noqa: E731
+            record(f"projection: PCA whitening fitted on the catalog, {dims} dims, eigenvalues^-{power}", row(fn, fn))
+        labels = sorted(set(q.gallery_values))
+        y = torch.tensor([labels.index(v) for v in q.gallery_values])
+        means = torch.stack([gallery[y == c].mean(0) for c in range(len(labels))])
+        within = gallery - means[y]
+        cov = within.T @ within / len(within)
+        cov = 0.5 * cov + 0.5 * cov.diagonal().mean() * torch.eye(len(cov))  # shrunk: 71 classes, 1,280 dims
+        whiten = torch.linalg.cholesky(torch.linalg.inv(cov))
+        fn = lambda paths: (cached_gap(paths) - mu) @ whiten  # noqa: E731
+        record("projection: whitening within articleType, fitted on the catalog's labels", row(fn, fn))
+        if backbone == "lite0":
+            from fashionlens.models.backbones import lite0_weights_path
+
+            state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+            w, b = state["_fc.weight"].float(), state["_fc.bias"].float()
+            fn = lambda paths: cached_gap(paths) @ w.T + b  # noqa: E731
+            record("projection: the ImageNet classifier's 1,000 logits", row(fn, fn))
+    if "expansion" in groups:
+        unit = F.normalize(gallery, dim=1)
+
+        def expanded(k: int) -> Callable:  # average query expansion (Chum et al. 2007)
+            def fn(paths):
+                x = F.normalize(cached_gap(paths), dim=1)
+                return x + unit[(x @ unit.T).topk(k, dim=1).indices].sum(1)
+            return fn
+        for k in (1, 3, 10):
+            record(f"expansion: query + its {k} nearest catalog items", row(expanded(k), cached_gap))
+        for k in (2, 3):  # database-side augmentation: each item + its k-1 nearest (itself first)
+            near = torch.cat([(unit[s:s + 2048] @ unit.T).topk(k, dim=1).indices for s in range(0, len(unit), 2048)])
+            augmented = unit[near].sum(1)
+            fn = lambda paths, a=augmented: a[[at[str(p)] for p in paths]]  # noqa: E731
+            record(f"expansion: each catalog item + its {k - 1} nearest catalog items (DBA)", row(cached_gap, fn))
 
 
 if __name__ == "__main__":
