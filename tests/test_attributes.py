@@ -17,7 +17,7 @@ from fashionlens.explain.attributes import AttributeExplainer, Letterbox, find_a
 from fashionlens.explain.faithfulness import blank, faithfulness, random_box_like
 from fashionlens.training.attribute_data import read_attribute_set, split_part, split_rows
 from fashionlens.training.attributes import (AttributeTrainConfig, load_attribute_config, load_attribute_model,
-                                             train_attributes)
+                                             read_config_data, train_attributes)
 from fashionlens.training.run_files import read_rows
 
 from conftest import run_cli_inprocess
@@ -242,9 +242,9 @@ def test_blanking_and_faithfulness(explainer, dataset):
 
 
 def make_street(root: Path) -> dict[str, int]:
-    """24 noise photos of 40 x 30 px tagged hair (all), dress (odd), shoes (not a multiple of 3);
-    the first 12 with masks (hair on top, dress in the middle, shoes at the bottom). Returns how
-    many masks show dress and shoes."""
+    """24 noise photos of 40 x 30 px tagged hair (all), dress (odd), shoes (not a multiple of 3),
+    each painted where its mask puts it (hair dark on top, a red dress in the middle, blue shoes at
+    the bottom); the first 12 with masks. Returns how many masks show dress and shoes."""
     (root / "photos").mkdir(parents=True)
     (root / "masks").mkdir()
     (root / "labels.txt").write_text("null\ndress\nhair\nshoes\n")
@@ -253,7 +253,12 @@ def make_street(root: Path) -> dict[str, int]:
     for i in range(24):
         tags = ["hair"] + (["dress"] if i % 2 else []) + (["shoes"] if i % 3 else [])
         arr = rng.integers(0, 255, (40, 30, 3)).astype(np.uint8)
-        Image.fromarray(arr).save(root / "photos" / f"{i:04d}.jpg")
+        arr[:8] = 20
+        if "dress" in tags:
+            arr[10:30, 5:25] = (200, 30, 30)
+        if "shoes" in tags:
+            arr[34:, 10:20] = (30, 30, 200)
+        Image.fromarray(arr).save(root / "photos" / f"{i:04d}.png")
         kind = "pixel" if i < 12 else "image"
         if kind == "pixel":
             mask = np.zeros((40, 30), np.uint8)
@@ -265,7 +270,7 @@ def make_street(root: Path) -> dict[str, int]:
                 mask[34:, 10:20] = 3
                 present["shoes"] += 1
             Image.fromarray(mask).save(root / "masks" / f"{i:04d}.png")
-        rows.append(f"photos/{i:04d}.jpg,{kind}," + ",".join(tags))
+        rows.append(f"photos/{i:04d}.png,{kind}," + ",".join(tags))
     (root / "tags.csv").write_text("photo,annotation,tags...\n" + "\n".join(rows) + "\n")
     return present
 
@@ -293,25 +298,52 @@ def test_street_tags_train_and_pointing_counts(tmp_path):
 
 def test_pointing_loss_trains_on_the_masks_of_training_photos(tmp_path):
     """pointing_loss: the street masks of the training photos enter the loss (logged per epoch,
-    and falling as the heads learn where each tag is); it needs masks and cached maps."""
+    falling), and each tag's "yes" CAM learns where its mask is: the shoes' peak in the bottom row
+    of the map, the hair's in the top row. It needs masks and cached maps; a mask of the wrong
+    size, a set without masks and a resume with other pointing settings are refused."""
+    from fashionlens.data.street import read_street
+    from fashionlens.training.attribute_masks import yes_columns
+
     root = tmp_path / "street"
     make_street(root)
     run = tmp_path / "run"
-    cfg = tiny(root, run, format="street", min_tag_photos=5, epochs=4, test_fraction=0.0, val_fraction=0.2,
-               lr=0.05, optimizer="adam", feature_cache=str(tmp_path / "cache"), pointing_loss=1.0,
-               model={"backbone": "lite0", "pretrained": True, "input_size": 64, "freeze_backbone": True,
-                      "neck": {"type": "gap", "normalize": False}})
+    model_cfg = {"backbone": "lite0", "pretrained": True, "input_size": 96, "freeze_backbone": True,
+                 "neck": {"type": "gap", "normalize": False}}
+    cfg = tiny(root, run, format="street", min_tag_photos=5, epochs=6, test_fraction=0.0, val_fraction=0.2,
+               lr=0.02, optimizer="adam", feature_cache=str(tmp_path / "cache"), pointing_loss=3.0, model=model_cfg,
+               augment={"hflip": 0.5, "rot180": 0.0, "crop": 0.0})
     train_attributes(cfg)
     rows = read_rows(run / "metrics.csv", 99)
     pointing = [float(r["pointing"]) for r in rows]
-    assert len(pointing) == 4 and all(p > 0 for p in pointing)
+    assert len(pointing) == 6 and all(p > 0 for p in pointing)
     assert pointing[-1] < pointing[0]
+    model, _, _ = load_attribute_model(run / "last")
+    data, parts = read_config_data(cfg)
+    assert yes_columns(data) == [1, 3, 5]  # dress, hair, shoes: each [no, yes]
+    explainer = AttributeExplainer(model, cfg.loss)
+    masked = [p for p in read_street(root) if p.mask is not None]
+    x = torch.stack([explainer.preprocess(Image.open(p.image).convert("RGB")) for p in masked])
+    _, tmap = explainer._forward(x)  # the 3 x 3 map of a 96 px input
+    cams = torch.einsum("mc,nchw->nmhw", model.attr_head.weight.detach()[[3, 5]], tmap)  # hair, shoes "yes"
+    peak_row = cams.flatten(2).argmax(-1) // cams.shape[-1]
+    shoes = [n for n, p in enumerate(masked) if "shoes" in p.tags]
+    assert (peak_row[shoes, 1] == 2).float().mean() >= 0.75
+    assert (peak_row[:, 0] == 0).float().mean() >= 0.75
+    # refused: another pointing setting on resume; no training photo with a mask; a mask of the wrong size
+    with pytest.raises(UserError, match="same pointing settings"):
+        train_attributes(cfg.model_copy(update={"epochs": 7, "pointing_cells": "share"}))
+    for mask in (root / "masks").glob("*.png"):
+        Image.open(mask).transpose(Image.Transpose.TRANSPOSE).save(mask)
+    with pytest.raises(UserError, match="mask of 40 x 30 px for a photo of 30 x 40"):
+        train_attributes(cfg.model_copy(update={"out": str(tmp_path / "run2")}))
+    tags = root / "tags.csv"
+    tags.write_text(tags.read_text().replace(",pixel,", ",image,"))
+    with pytest.raises(UserError, match="has a mask"):
+        train_attributes(cfg.model_copy(update={"out": str(tmp_path / "run3")}))
     with pytest.raises(ValueError, match="pointing_loss needs pixel masks"):
         tiny(root, run, format="street", pointing_loss=1.0)  # no feature cache
     with pytest.raises(ValueError, match="pointing_loss needs pixel masks"):
-        tiny(root, run, pointing_loss=1.0, feature_cache=str(tmp_path / "cache"),
-             model={"backbone": "lite0", "pretrained": True, "input_size": 64, "freeze_backbone": True,
-                    "neck": {"type": "gap", "normalize": False}})  # fashionai: no masks
+        tiny(root, run, pointing_loss=1.0, feature_cache=str(tmp_path / "cache"), model=model_cfg)  # fashionai
 
 
 def test_flip_averages_each_photo_with_its_mirror_image(tmp_path):

@@ -109,3 +109,17 @@ def test_masked_dataset_flips_map_and_shares_together():
     assert s[0, :, :-1].sum() == 0
     t, label, s, has = ds[1]  # no mask: zeros, has False
     assert label == 1 and not has and s.sum() == 0
+
+
+def test_masked_dataset_draws_one_augmentation_for_map_and_shares():
+    """Flip, 180 degree turn and crop: one random draw for map and shares together."""
+    pattern = torch.rand(1, 6, 6, generator=torch.Generator().manual_seed(0))
+    ds = MaskedMapDataset([("a", 0)], _Cache({"a": torch.cat([pattern, 2 * pattern])}), {0: pattern.clone()}, 1,
+                          MapAugment(hflip=0.5, rot180=0.5, crop=1.0, crop_min=0.3))
+    changed = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        t, _, s, has = ds[0]
+        assert has and torch.allclose(t[0], s[0]) and torch.allclose(t[1], 2 * s[0])
+        changed += not torch.allclose(s[0], pattern[0])
+    assert changed >= 15  # the crop (probability 1) moves nearly every draw

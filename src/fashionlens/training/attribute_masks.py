@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from fashionlens.errors import UserError
 from fashionlens.explain.attributes import Letterbox
 
 
@@ -68,13 +69,27 @@ class MaskedMapDataset(Dataset):
 
 def street_shares(data, rows: Sequence[int], size: int, cells: tuple[int, int]) -> dict[int, torch.Tensor]:
     """Row -> (tags, h, w) :func:`cell_shares` of the schema's tags, for the ``rows`` of a street
-    :class:`~fashionlens.training.attribute_data.AttributeSet` that have a mask."""
+    :class:`~fashionlens.training.attribute_data.AttributeSet` that have a mask. A mask whose
+    size is not its photo's is a :class:`UserError` (its cells would not be the photo's)."""
     from fashionlens.data.street import read_labels, read_mask
 
     labels = read_labels(data.root)
     ids = [labels.index(tag) if tag in labels else -1 for tag in data.schema]
-    return {int(i): torch.from_numpy(cell_shares(read_mask(data.masks[i], labels), ids, size, cells))
-            for i in rows if data.masks[i] is not None}
+    out = {}
+    for i in rows:
+        if data.masks[i] is None:
+            continue
+        mask = read_mask(data.masks[i], labels)
+        try:
+            with Image.open(data.images[i]) as photo:
+                width, height = photo.size
+        except OSError:  # an unreadable photo is left out of training by the feature cache
+            continue
+        if mask.shape != (height, width):
+            raise UserError(f"{data.masks[i]}: mask of {mask.shape[1]} x {mask.shape[0]} px for a photo of "
+                            f"{width} x {height} px ({data.images[i]})")
+        out[int(i)] = torch.from_numpy(cell_shares(mask, ids, size, cells))
+    return out
 
 
 def yes_columns(data) -> list[int]:

@@ -47,6 +47,8 @@ from fashionlens.training.trainer import check_frozen_stages, make_embed, map_au
 
 COLUMNS = ["epoch", "step", "lr", "loss", "pointing", "val_loss", "val_accuracy", "val_precision", "val_map",
            "seconds", "images_per_second"]
+POINTING_DEFAULTS = {"pointing_loss": 0.0, "pointing_cells": "touched"}
+"""Settings a resumed run must share with its checkpoint (runs saved before they existed: these)."""
 ATTRIBUTE_AUGMENT = {"rot180": 0.0, "erase": 0.0, "crop": 0.5, "crop_min": 0.6}
 """Thesis B's random crop and rotation; no 180 degree turn or erasing (they change what is seen)."""
 
@@ -207,6 +209,10 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
         model, saved_cfg, extra = load_checkpoint(last_dir)
         if saved_cfg.model_dump(exclude={"pretrained"}) != model_cfg.model_dump(exclude={"pretrained"}):
             raise UserError(f"{last_dir}: trained with a different model or schema; choose a new out folder")
+        saved = {k: (extra.get("config") or {}).get(k, default) for k, default in POINTING_DEFAULTS.items()}
+        if saved != {k: getattr(cfg, k) for k in POINTING_DEFAULTS}:
+            raise UserError(f"{last_dir}: trained with {saved}; resume with the same pointing settings, "
+                            "or choose a new out folder")
         start_epoch, step = int(extra["epoch"]) + 1, int(extra["step"])
         best = float(extra["best_accuracy"]) if extra.get("best_accuracy") is not None else float("-inf")
     else:
@@ -226,6 +232,8 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
     pointing = yes = None
     if cfg.pointing_loss > 0:
         shares = street_shares(data, parts["train"], size, tuple(cache.shape[-2:]))
+        if not shares:
+            raise UserError(f"pointing_loss: none of the {len(parts['train'])} training photos of {cfg.data} has a mask")
         train_ds = MaskedMapDataset(samples, cache, shares, len(data.schema), map_augment(cfg))
         pointing, yes = PointingLoss(cells=cfg.pointing_cells), torch.tensor(yes_columns(data), device=cfg.device)
     else:
