@@ -302,7 +302,7 @@ def test_pointing_loss_trains_on_the_masks_of_training_photos(tmp_path):
     of the map, the hair's in the top row. It needs masks and cached maps; a mask of the wrong
     size, a set without masks and a resume with other pointing settings are refused."""
     from fashionlens.data.street import read_street
-    from fashionlens.training.attribute_masks import yes_columns
+    from fashionlens.data.street import yes_columns
 
     root = tmp_path / "street"
     make_street(root)

@@ -146,10 +146,11 @@ def street_labels(photos: list[StreetPhoto], schema: dict[str, list[str]]) -> li
             for photo in photos for tag in schema]
 
 
-def read_mask(path: Path, labels: list[str]) -> np.ndarray:
+def read_mask(path: Path, labels: list[str], photo_size: tuple[int, int] | None = None) -> np.ndarray:
     """``(H, W)`` int64 label indices from a single-channel (L, P, I) mask PNG.
 
-    A multi-channel image or a value outside ``[0, len(labels))`` raises :class:`UserError`.
+    A multi-channel image, a value outside ``[0, len(labels))``, or (with ``photo_size``, the
+    (width, height) of the mask's photo) a mask of another size raises :class:`UserError`.
     """
     path = Path(path)
     try:
@@ -160,6 +161,9 @@ def read_mask(path: Path, labels: list[str]) -> np.ndarray:
         raise UserError(f"{path}: cannot read mask ({error})") from None
     if array.ndim != 2:
         raise UserError(f"{path}: mask must be single-channel, got mode {mode}")
+    if photo_size is not None and array.shape != (photo_size[1], photo_size[0]):
+        raise UserError(f"{path}: mask of {array.shape[1]} x {array.shape[0]} px for a photo of "
+                        f"{photo_size[0]} x {photo_size[1]} px")
     array = array.astype(np.int64)
     bad = (array < 0) | (array >= len(labels))
     if bad.any():
@@ -173,3 +177,11 @@ def tag_mask(mask: np.ndarray, labels: list[str], tag: str) -> np.ndarray:
     if tag not in labels:
         raise ValueError(f"unknown tag {tag!r}")
     return np.asarray(mask) == labels.index(tag)
+
+
+def yes_columns(head, tags: list[str] | None = None) -> list[int]:
+    """The logit column of each tag's ``yes`` value, for ``tags`` (default: every tag, in schema
+    order) of anything with a tag ``schema`` and its column ``slices`` (an attribute set, an
+    attribute head, an explainer)."""
+    chosen = head.schema if tags is None else tags
+    return [head.slices[tag].start + list(head.schema[tag]).index("yes") for tag in chosen]

@@ -135,7 +135,7 @@ def evaluate_pointing(explainer, photos, labels: list[str], tolerances: tuple[in
     Returns ``{"tolerance_<t>": PointingTally.per_tag(), ...}`` plus ``"photos"``.
     """
     from fashionlens.data.images import open_image
-    from fashionlens.data.street import read_mask, tag_mask
+    from fashionlens.data.street import read_mask, tag_mask, yes_columns
     from fashionlens.explain.attributes import Letterbox
     from fashionlens.explain.cam import largest_region_box
 
@@ -146,17 +146,15 @@ def evaluate_pointing(explainer, photos, labels: list[str], tolerances: tuple[in
             progress(n, len(photos))
         if photo.mask is None:
             continue
-        mask = read_mask(photo.mask, labels)
+        image = open_image(photo.image)
+        mask = read_mask(photo.mask, labels, image.size)
         present = [tag for tag in explainer.schema if tag_mask(mask, labels, tag).any()]
         if not present:
             continue
-        image = open_image(photo.image)
-        if (image.height, image.width) != mask.shape:
-            raise ValueError(f"{photo.mask}: mask {mask.shape} and photo {image.size[::-1]} differ in size")
         used += 1
         x = explainer.preprocess(image).to(explainer.device)[None]
         _, tmap = explainer._forward(x)
-        columns = [explainer.slices[tag].start + explainer.schema[tag].index("yes") for tag in present]
+        columns = yes_columns(explainer, present)
         cams = explainer.cams(x, tmap, [columns])[0]
         geometry = Letterbox(image.width, image.height, explainer.size)
         for tag, cam in zip(present, cams):

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from fashionlens.errors import UserError
+from fashionlens.data.street import read_labels, read_mask
 from fashionlens.explain.attributes import Letterbox
+from fashionlens.training.feature_cache import CachedMapDataset
 
 
 def cell_shares(mask: np.ndarray, label_ids: Sequence[int], size: int, cells: tuple[int, int]) -> np.ndarray:
@@ -46,8 +47,6 @@ class MaskedMapDataset(Dataset):
 
     def __init__(self, samples: Sequence[tuple[Path, int]], cache, shares: dict[int, torch.Tensor], channels: int,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        from fashionlens.training.feature_cache import CachedMapDataset
-
         self.base = CachedMapDataset(samples, cache)  # no augmentation there: it is applied here, jointly
         self.labels = self.base.labels
         self.shares, self.channels, self.augment = shares, channels, augment
@@ -71,27 +70,16 @@ def street_shares(data, rows: Sequence[int], size: int, cells: tuple[int, int]) 
     """Row -> (tags, h, w) :func:`cell_shares` of the schema's tags, for the ``rows`` of a street
     :class:`~fashionlens.training.attribute_data.AttributeSet` that have a mask. A mask whose
     size is not its photo's is a :class:`UserError` (its cells would not be the photo's)."""
-    from fashionlens.data.street import read_labels, read_mask
-
     labels = read_labels(data.root)
     ids = [labels.index(tag) if tag in labels else -1 for tag in data.schema]
     out = {}
     for i in rows:
         if data.masks[i] is None:
             continue
-        mask = read_mask(data.masks[i], labels)
         try:
             with Image.open(data.images[i]) as photo:
-                width, height = photo.size
+                photo_size = photo.size
         except OSError:  # an unreadable photo is left out of training by the feature cache
             continue
-        if mask.shape != (height, width):
-            raise UserError(f"{data.masks[i]}: mask of {mask.shape[1]} x {mask.shape[0]} px for a photo of "
-                            f"{width} x {height} px ({data.images[i]})")
-        out[int(i)] = torch.from_numpy(cell_shares(mask, ids, size, cells))
+        out[int(i)] = torch.from_numpy(cell_shares(read_mask(data.masks[i], labels, photo_size), ids, size, cells))
     return out
-
-
-def yes_columns(data) -> list[int]:
-    """The logit column of each tag's ``yes`` value, in schema order."""
-    return [data.slices[tag].start + list(values).index("yes") for tag, values in data.schema.items()]

@@ -42,13 +42,14 @@ from fashionlens.training.config import RunSettings, apply_overrides
 from fashionlens.training.feature_cache import FeatureCache, prepare_cache
 from fashionlens.training.run_files import load_optimizer, plot_curves, read_rows, save_optimizer, write_rows
 from fashionlens.losses.pointing import PointingLoss
-from fashionlens.training.attribute_masks import MaskedMapDataset, street_shares, yes_columns
+from fashionlens.data.street import yes_columns
+from fashionlens.training.attribute_masks import MaskedMapDataset, street_shares
 from fashionlens.training.trainer import check_frozen_stages, make_embed, map_augment, train_dataset
 
 COLUMNS = ["epoch", "step", "lr", "loss", "pointing", "val_loss", "val_accuracy", "val_precision", "val_map",
            "seconds", "images_per_second"]
-POINTING_DEFAULTS = {"pointing_loss": 0.0, "pointing_cells": "touched"}
-"""Settings a resumed run must share with its checkpoint (runs saved before they existed: these)."""
+POINTING_SETTINGS = ("pointing_loss", "pointing_cells")
+"""Settings a resumed run must share with its checkpoint (runs saved before they existed: the defaults)."""
 ATTRIBUTE_AUGMENT = {"rot180": 0.0, "erase": 0.0, "crop": 0.5, "crop_min": 0.6}
 """Thesis B's random crop and rotation; no 180 degree turn or erasing (they change what is seen)."""
 
@@ -209,8 +210,9 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
         model, saved_cfg, extra = load_checkpoint(last_dir)
         if saved_cfg.model_dump(exclude={"pretrained"}) != model_cfg.model_dump(exclude={"pretrained"}):
             raise UserError(f"{last_dir}: trained with a different model or schema; choose a new out folder")
-        saved = {k: (extra.get("config") or {}).get(k, default) for k, default in POINTING_DEFAULTS.items()}
-        if saved != {k: getattr(cfg, k) for k in POINTING_DEFAULTS}:
+        saved = {k: (extra.get("config") or {}).get(k, AttributeTrainConfig.model_fields[k].default)
+                 for k in POINTING_SETTINGS}
+        if saved != {k: getattr(cfg, k) for k in POINTING_SETTINGS}:
             raise UserError(f"{last_dir}: trained with {saved}; resume with the same pointing settings, "
                             "or choose a new out folder")
         start_epoch, step = int(extra["epoch"]) + 1, int(extra["step"])
