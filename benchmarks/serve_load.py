@@ -4,7 +4,8 @@
 
 1. The model alone: the index's own embedder on the same query photos, already decoded, in
    batches of ``max_batch`` (the server's batch size): photos per second. This is the ceiling of
-   any server on this machine.
+   any server on this machine. Measured before and after the load (a shared machine's speed
+   drifts within minutes); the share is taken against the mean of the two.
 2. The server as a separate process (default settings), ``--concurrency`` clients each sending
    multipart searches one after the other (keep-alive), ``--requests`` in all after a warm-up:
    latency percentiles, throughput, errors, and the server's own batch sizes (from /metrics).
@@ -78,6 +79,12 @@ def load(url: str, photos: list[bytes], n: int, concurrency: int, k: int, explai
     return latencies, errors
 
 
+def cpu_idle() -> tuple[int, int]:
+    """(idle, total) jiffies of the whole machine so far (Linux /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -104,15 +111,19 @@ def main() -> None:
     paths = [it.path for it in iter_image_folder(Path(args.photos))][:200]
     photos = [p.read_bytes() for p in paths]
     batch = ServeConfig.load(args.config).max_batch
-    alone = model_alone(Path(args.index), paths, batch)
+    before = model_alone(Path(args.index), paths, batch)
     with Server(Path(args.index), config=args.config) as srv:
         load(srv.url, photos, args.warmup, args.concurrency, args.k, args.explain)
         t, server_cpu, client_cpu = time.perf_counter(), cpu_seconds(srv.proc.pid), time.process_time()
+        idle = cpu_idle()
         latencies, errors = load(srv.url, photos, args.requests, args.concurrency, args.k, args.explain)
         seconds = time.perf_counter() - t
+        idle = [b - a for a, b in zip(idle, cpu_idle())]
         server_cpu, client_cpu = cpu_seconds(srv.proc.pid) - server_cpu, time.process_time() - client_cpu
         metrics = srv.client.get("/metrics").text
         items = srv.client.get("/health").json()["items"]
+    after = model_alone(Path(args.index), paths, batch)
+    alone = (before + after) / 2
     throughput = len(latencies) / seconds
     emit({"benchmark": "serve_load", "index": args.index, "items": items, "photos": len(photos),
           "requests": len(latencies), "concurrency": args.concurrency, "k": args.k, "explain": args.explain,
@@ -121,11 +132,13 @@ def main() -> None:
           "p99_ms": round(percentile(latencies, 99), 1), "max_ms": round(max(latencies), 1),
           "mean_ms": round(statistics.mean(latencies), 1), "seconds": round(seconds, 2),
           "throughput_rps": round(throughput, 2), "model_alone_photos_per_s": round(alone, 2),
+          "model_alone_before_after": [round(before, 2), round(after, 2)],
           "throughput_share_of_model": round(throughput / alone, 3),
           "mean_server_batch": batch_sizes(metrics),
           # the load generator runs on the same cores: its CPU time is taken from the server's
           "server_cpu_ms_per_request": round(1000 * server_cpu / len(latencies), 1),
           "client_cpu_ms_per_request": round(1000 * client_cpu / len(latencies), 1),
+          "machine_idle_share_under_load": round(idle[0] / idle[1], 3) if idle[1] else None,
           "model_alone_cpu_ms_per_photo": round(1000 * os.cpu_count() / alone, 1)})
 
 
