@@ -5,12 +5,15 @@ anything, this measures what the cheap, training-free changes are worth: the poo
 map, the input size, the scale of the garment in the query, centring each domain on its mean,
 BatchNorm statistics recomputed per domain (AdaBN; the target photos' labels are never read),
 linear maps fitted on the catalog's pooled features (PCA whitening, whitening within articleType,
-the ImageNet classifier's logits), and query / database-side expansion with nearest catalog items.
+the ImageNet classifier's logits), query / database-side expansion with nearest catalog items, and
+test-time flipping (each photo's embedding averaged with its mirror image's; also for the trained
+models given with ``--checkpoint``).
 Every row: consumer ``validation/`` -> the whole catalog, hit = a listed articleType, exactly as
 the trainer's ``query_top*`` (``QueryValidation``); ``test/`` is never touched.
 
     python benchmarks/untrained_variants.py configs/recipe-cached-cpu.yaml \
-        [--cache320 runs/cache-lite0-320] [--only pooling size zoom centring adabn projection expansion]
+        [--cache320 runs/cache-lite0-320] [--only pooling size zoom centring adabn projection expansion flip]
+        [--checkpoint runs/recipe-cached/best]
 
 Catalog and query maps come from the feature caches (built on first use: ~4 min at 224 px, ~12
 at 320 px here); query zoom and AdaBN run the backbone on the photos.
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from _common import emit
 from PIL import Image
 
-GROUPS = ("pooling", "size", "zoom", "centring", "adabn", "projection", "expansion")
+GROUPS = ("pooling", "size", "zoom", "centring", "adabn", "projection", "expansion", "flip")
 
 
 def main() -> None:
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--target", default="../shared/data/consumer/train", help="unlabeled target photos")
     parser.add_argument("--sample", type=int, default=1024, help="photos per domain for means and BatchNorm statistics")
     parser.add_argument("--only", nargs="*", choices=GROUPS, help="groups of rows (default: all)")
+    parser.add_argument("--checkpoint", nargs="*", default=[], help="trained models for the flip rows")
     args = parser.parse_args()
 
     from fashionlens.data.catalog import Missing, open_catalog
@@ -153,6 +157,18 @@ def main() -> None:
             float((before * after).sum(1).mean()), 4)
         rows["cosine of two different catalog photos, ImageNet statistics"] = round(
             float((before @ before.T).fill_diagonal_(float("nan")).nanmean()), 4)
+    if "flip" in groups:
+        from fashionlens.models.builder import load_checkpoint
+
+        trained = {"the embedded default": (model, pre)}
+        for ckpt in args.checkpoint:
+            net, _, _ = load_checkpoint(ckpt, "cpu")
+            dc = net.data_config
+            trained[ckpt] = (net.eval(), Preprocess(size, tuple(dc["mean"]), tuple(dc["std"])))
+        for name, (net, prep) in trained.items():
+            for flip in (False, True):
+                fn = make_embed(net, "cpu", None, prep, flip=flip)
+                record(f"flip: {name}, {'mean with the mirror image' if flip else 'as is'} (from images)", row(fn, fn))
     if "projection" in groups or "expansion" in groups:
         linear_and_expansion(q, pooled(caches[size], q.gallery_paths, gap), cached_gap, row, record, groups,
                              cfg.model.backbone)
