@@ -10,7 +10,8 @@ or dress; Bottomwear: lower; Dress: dress, upper or lower; shoes: shoes), one ma
 and embedded again. Buyers' photos stay whole (the garment fills them).
 
 Rows: consumer ``validation/`` -> the whole catalog, the untrained default and a trained
-checkpoint, the catalog whole / cropped (apparel) / cropped (Topwear only), with per-label top-1.
+checkpoint, the catalog whole / cropped (apparel) / cropped (Topwear only) / each cropped item's
+whole and cropped embeddings averaged, with per-label top-1.
 ``test/`` is never touched.
 
     python benchmarks/garment_crop.py --checkpoint runs/recipe-cached/best > benchmarks/results/garment_crop.json
@@ -27,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -73,7 +75,8 @@ def main() -> None:
         for word in words.split():
             lut[labels.index(word)] = g
     backbone = create_offline("lite0").eval()
-    pre = Preprocess(SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    data_cfg = timm.data.resolve_data_config({}, model=backbone)
+    pre = Preprocess(SIZE, tuple(data_cfg["mean"]), tuple(data_cfg["std"]))
 
     @torch.no_grad()
     def maps(x: torch.Tensor) -> torch.Tensor:
@@ -148,9 +151,12 @@ def main() -> None:
 
     results = []
     for name in models:
-        for variant, crop_subs in (("whole", ()), ("cropped: apparel and shoes", tuple(CROP_GROUPS)),
-                                   ("cropped: Topwear only", ("Topwear",))):
-            look = {p: cropped[name][p] if subs[p] in crop_subs else whole[name][p] for p in q.gallery_paths}
+        for variant, crop_subs, mean in (("whole", (), False), ("cropped: apparel and shoes", tuple(CROP_GROUPS), False),
+                                         ("cropped: Topwear only", ("Topwear",), False),
+                                         ("whole + cropped averaged: apparel and shoes", tuple(CROP_GROUPS), True),
+                                         ("whole + cropped averaged: Topwear only", ("Topwear",), True)):
+            look = {p: (F.normalize(cropped[name][p] + whole[name][p], dim=0) if mean else cropped[name][p])
+                    if subs[p] in crop_subs else whole[name][p] for p in q.gallery_paths}
             look.update(queries[name])
             row = q.evaluate(lambda paths: torch.stack([look[p] for p in paths]))
             results.append({"model": name, "catalog": variant, **row, "per_label_top1": _per_label(q, look)})
