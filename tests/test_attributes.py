@@ -275,7 +275,7 @@ def make_street(root: Path) -> dict[str, int]:
     return present
 
 
-def test_street_tags_train_and_pointing_counts(tmp_path):
+def test_street_tags_train_and_pointing_counts(tmp_path, monkeypatch):
     """A street tag classifier trains on tags.csv; the pointing game tries every (photo, tag)
     present in a mask once, and with a tolerance as large as the photo every try is a hit."""
     from fashionlens.data.street import read_labels, read_street
@@ -294,6 +294,20 @@ def test_street_tags_train_and_pointing_counts(tmp_path):
     assert {tag: exact[tag]["photos"] for tag in present} == present and exact["hair"]["photos"] == 12
     assert all(loose[tag]["pointing"] == 1.0 for tag in loose)
     assert all(0.0 <= exact[tag]["iou"] <= 1.0 for tag in exact)
+
+    # a photo whose mask holds none of the classifier's tags is skipped before it is decoded
+    import dataclasses
+
+    import fashionlens.data.images as images_mod
+
+    decoded = []
+    real_open = images_mod.open_image
+    monkeypatch.setattr(images_mod, "open_image", lambda path, **kw: decoded.append(Path(path)) or real_open(path, **kw))
+    street = read_street(root)
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(root / "masks" / "empty.png")
+    no_tags = [dataclasses.replace(street[0], mask=root / "masks" / "empty.png")]
+    assert evaluate_pointing(explainer, no_tags, read_labels(root))["photos"] == 0 and decoded == []
+    assert evaluate_pointing(explainer, street[1:2], read_labels(root))["photos"] == 1 and decoded == [street[1].image]
 
 
 def test_pointing_loss_trains_on_the_masks_of_training_photos(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fashionlens.data import images as images_mod
-from fashionlens.data.images import ImageError, open_image
+from fashionlens.data.images import ImageError, image_size, open_image
 from fashionlens.data.transforms import Preprocess, letterbox
 
 
@@ -160,3 +160,19 @@ def test_preprocess_normalises_padding_and_content():
     assert torch.allclose(t[:, 0, 0], torch.tensor([-1.0, -1.0, -1.0]))  # zero padding
     assert torch.allclose(t[:, 16, 16], torch.tensor([1.0, -1.0, 1.0]))
     assert pre.describe()["letterbox"] == 32
+
+
+def test_image_size_reads_the_header_only(tmp_path, monkeypatch):
+    """Width and height without decoding: a PNG that is all header still gives its size, and a
+    missing file, a text file or a decompression bomb is an ImageError naming the file."""
+    assert image_size(_noise_jpeg(tmp_path / "ok.jpg", 64, 48)) == (64, 48)
+    assert image_size(_png_header_only(tmp_path / "header.png", 300, 200)) == (300, 200)
+    with pytest.raises(ImageError):  # the same file cannot be decoded
+        open_image(tmp_path / "header.png")
+    with pytest.raises(ImageError, match="no such file"):
+        image_size(tmp_path / "absent.jpg")
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(ImageError, match="notes.jpg: not an image"):
+        image_size(tmp_path / "notes.jpg")
+    with pytest.raises(ImageError, match="huge.png: too many pixels"):
+        image_size(_png_header_only(tmp_path / "huge.png", 50_000, 50_000))

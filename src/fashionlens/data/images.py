@@ -56,3 +56,19 @@ def open_image(source: Path | bytes, *, draft_size: int | None = None, max_pixel
         raise ImageError(f"{name}: too many pixels ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: broken image ({exc})") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header, without decoding its pixels
+    (:class:`ImageError` if it is missing or not an image)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: too many pixels ({exc})") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None

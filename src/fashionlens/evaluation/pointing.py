@@ -134,7 +134,7 @@ def evaluate_pointing(explainer, photos, labels: list[str], tolerances: tuple[in
     pixels); IoU of the box of the CAM's largest region with the box around the tag's mask.
     Returns ``{"tolerance_<t>": PointingTally.per_tag(), ...}`` plus ``"photos"``.
     """
-    from fashionlens.data.images import open_image
+    from fashionlens.data.images import image_size, open_image
     from fashionlens.data.street import read_mask, tag_mask, yes_columns
     from fashionlens.explain.attributes import Letterbox
     from fashionlens.explain.cam import largest_region_box
@@ -146,11 +146,11 @@ def evaluate_pointing(explainer, photos, labels: list[str], tolerances: tuple[in
             progress(n, len(photos))
         if photo.mask is None:
             continue
-        image = open_image(photo.image)
-        mask = read_mask(photo.mask, labels, image.size)
+        mask = read_mask(photo.mask, labels, image_size(photo.image))  # the header: no decoding yet
         present = [tag for tag in explainer.schema if tag_mask(mask, labels, tag).any()]
         if not present:
             continue
+        image = open_image(photo.image)
         used += 1
         x = explainer.preprocess(image).to(explainer.device)[None]
         _, tmap = explainer._forward(x)
