@@ -24,7 +24,8 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "git": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            # "-dirty": run with uncommitted changes (the JSON then names the commit before them)
+            "git": subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
                                   capture_output=True, text=True).stdout.strip()}
 
 

@@ -16,7 +16,7 @@ whole and cropped embeddings averaged, with per-label top-1.
 
     python benchmarks/garment_crop.py --checkpoint runs/recipe-cached/best > benchmarks/results/garment_crop.json
 
-~20 min here (two cores): five backbone passes over the catalog.
+~22 min here (two cores): five backbone passes over the catalog.
 """
 
 from __future__ import annotations
@@ -194,8 +194,9 @@ def _box(cells: np.ndarray, groups: list[int] | None, size: tuple[int, int], mar
     w, h = size
     scale = max(w, h) / SIZE  # letterbox cells back to the photo's pixels
     ox, oy = (SIZE - w / scale) / 2, (SIZE - h / scale) / 2
-    return (int(round(max(0, (x0 * CELL - ox) * scale))), int(round(max(0, (y0 * CELL - oy) * scale))),
-            int(round(min(w, (x1 * CELL - ox) * scale))), int(round(min(h, (y1 * CELL - oy) * scale))))
+    box = (int(round(max(0, (x0 * CELL - ox) * scale))), int(round(max(0, (y0 * CELL - oy) * scale))),
+           int(round(min(w, (x1 * CELL - ox) * scale))), int(round(min(h, (y1 * CELL - oy) * scale))))
+    return box if box[2] > box[0] and box[3] > box[1] else None  # a region inside the padding
 
 
 def _per_label(q, look: dict) -> dict:

@@ -27,7 +27,7 @@ def main() -> None:
 
     embedder = build_embedder(args.model)
     size = embedder.preprocess.size
-    x = torch.randn(max(args.sizes), 3, size, size).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(max(args.sizes), 3, size, size)  # plain NCHW, as the server stacks its photos
     for b in args.sizes:  # warm-up: the first call of each shape is slower
         embedder.embed_tensors(x[:b])
     rounds = []

@@ -46,9 +46,10 @@ def main() -> None:
         dims = {name: neck.out_dim for name, neck in model.neck.necks.items()}
         parts = [F.normalize(make_embed(model, "cpu", cache, None, key=f"{name}.embedding", dim=dims[name])(paths), dim=1)
                  for name in (args.gap, args.lan)]
-        if gap is not None and not torch.allclose(gap, parts[0], atol=1e-4):
+        if gap is None:
+            gap = parts[0]
+        elif not torch.allclose(gap, parts[0], atol=1e-4):
             raise SystemExit(f"{ckpt}: its GAP embedding differs from the first checkpoint's (another backbone?)")
-        gap = parts[0]
         branches.append(parts[1])
         single = torch.cat([gap, args.lan_weight * parts[1]], 1)
         rows.append({"model": ckpt, **q.evaluate(lambda ps, e=single: e[[row_of[p] for p in ps]])})

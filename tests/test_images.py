@@ -171,8 +171,12 @@ def test_image_size_reads_the_header_only(tmp_path, monkeypatch):
         open_image(tmp_path / "header.png")
     with pytest.raises(ImageError, match="no such file"):
         image_size(tmp_path / "absent.jpg")
+    with pytest.raises(ImageError, match="is a folder"):
+        image_size(tmp_path)
     (tmp_path / "notes.jpg").write_text("not an image")
     with pytest.raises(ImageError, match="notes.jpg: not an image"):
         image_size(tmp_path / "notes.jpg")
     with pytest.raises(ImageError, match="huge.png: too many pixels"):
         image_size(_png_header_only(tmp_path / "huge.png", 50_000, 50_000))
+    with pytest.raises(ImageError, match="big.png: too many pixels"):  # Pillow's warning range
+        image_size(_png_header_only(tmp_path / "big.png", 10_000, 10_000))

@@ -62,13 +62,17 @@ def image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` of an image file from its header, without decoding its pixels
     (:class:`ImageError` if it is missing or not an image)."""
     try:
-        with Image.open(path) as img:
-            return img.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # as open_image refuses them
+            with Image.open(path) as img:
+                return img.size
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{path}: too many pixels ({exc})") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
