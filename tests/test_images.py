@@ -164,7 +164,8 @@ def test_preprocess_normalises_padding_and_content():
 
 def test_image_size_reads_the_header_only(tmp_path, monkeypatch):
     """Width and height without decoding: a PNG that is all header still gives its size, and a
-    missing file, a text file or a decompression bomb is an ImageError naming the file."""
+    missing file, a folder, a text file, a photo over the pixel limit or a decompression bomb is
+    an ImageError naming the file."""
     assert image_size(_noise_jpeg(tmp_path / "ok.jpg", 64, 48)) == (64, 48)
     assert image_size(_png_header_only(tmp_path / "header.png", 300, 200)) == (300, 200)
     with pytest.raises(ImageError):  # the same file cannot be decoded
@@ -176,6 +177,8 @@ def test_image_size_reads_the_header_only(tmp_path, monkeypatch):
     (tmp_path / "notes.jpg").write_text("not an image")
     with pytest.raises(ImageError, match="notes.jpg: not an image"):
         image_size(tmp_path / "notes.jpg")
+    with pytest.raises(ImageError, match="mid.png: 7000x7000 pixels is over the limit"):  # as open_image
+        image_size(_png_header_only(tmp_path / "mid.png", 7_000, 7_000))
     with pytest.raises(ImageError, match="huge.png: too many pixels"):
         image_size(_png_header_only(tmp_path / "huge.png", 50_000, 50_000))
     with pytest.raises(ImageError, match="big.png: too many pixels"):  # Pillow's warning range

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -26,6 +28,24 @@ def open_image(source: Path | bytes, *, draft_size: int | None = None, max_pixel
     than ``max_pixels`` (default :data:`MAX_PIXELS`) are refused from their header, before any
     decoding.
     """
+    with _opened(source, max_pixels) as img:
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        return img.convert("RGB")
+
+
+def image_size(source: Path | bytes, *, max_pixels: int | None = None) -> tuple[int, int]:
+    """``(width, height)`` of an image from its header, without decoding its pixels; refused
+    (:class:`ImageError`) exactly as :func:`open_image` would refuse it before decoding."""
+    with _opened(source, max_pixels) as img:
+        return img.size
+
+
+@contextmanager
+def _opened(source: Path | bytes, max_pixels: int | None) -> Iterator[Image.Image]:
+    """``source`` opened lazily (header read, pixels not yet decoded); any failure, also one
+    while the caller decodes inside the ``with``, becomes an :class:`ImageError`."""
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
@@ -44,10 +64,7 @@ def open_image(source: Path | bytes, *, draft_size: int | None = None, max_pixel
                 raise ImageError(
                     f"{name}: {img.width}x{img.height} pixels is over the limit of {max_pixels:,}"
                 )
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            return img.convert("RGB")
+            yield img
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -56,23 +73,3 @@ def open_image(source: Path | bytes, *, draft_size: int | None = None, max_pixel
         raise ImageError(f"{name}: too many pixels ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: broken image ({exc})") from None
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file from its header, without decoding its pixels
-    (:class:`ImageError` if it is missing or not an image)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # as open_image refuses them
-            with Image.open(path) as img:
-                return img.size
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: too many pixels ({exc})") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
