@@ -5,7 +5,7 @@ with offline weights exists here, so this trains one on the shared street photos
 a small segmentation head (1x1 conv + BatchNorm + ReLU + 3x3 conv, 8 groups: background, skin and
 hair, upper garment, lower garment, dress, shoes, accessories, legwear) on the frozen Lite0's maps
 at strides 8, 16 and 32, brought to 14 x 14 at 224 px. Each catalog photo is then cut to the
-largest connected region (scipy.ndimage) of the groups its ``subCategory`` names (Topwear: upper
+largest 8-connected region (``explain.cam.region_mask``) of the groups its ``subCategory`` names (Topwear: upper
 or dress; Bottomwear: lower; Dress: dress, upper or lower; shoes: shoes), one map cell of margin,
 and embedded again. Buyers' photos stay whole (the garment fills them).
 
@@ -34,7 +34,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from _common import SHARED, emit
 from PIL import Image
-from scipy import ndimage
 
 # CCP's 59 tags in coarse groups (index 0, "null", and anything unlisted: background)
 GROUPS = {
@@ -61,10 +60,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40, help="epochs of the segmentation head")
     args = parser.parse_args()
 
-    from fashionlens.data.street import read_labels, read_street
+    from fashionlens.data.street import read_labels, read_mask, read_street
     from fashionlens.data.transforms import Preprocess
     from fashionlens.models.backbones import create_offline
     from fashionlens.models.embedder import build_embedder
+    from fashionlens.training.attribute_masks import cell_shares
     from fashionlens.training.validation import QueryValidation
 
     torch.manual_seed(0)
@@ -89,12 +89,12 @@ def main() -> None:
     x, y = [], []
     for photo in photos:
         img = Image.open(photo.image).convert("RGB")
-        mask = lut[_letterbox_mask(Image.open(photo.mask))]
+        grouped = lut[read_mask(photo.mask, labels)]
         for flip in (False, True):
             x.append(pre(img.transpose(Image.FLIP_LEFT_RIGHT) if flip else img))
-            m = mask[:, ::-1] if flip else mask
-            onehot = torch.from_numpy(np.eye(len(NAMES), dtype=np.float32)[m.copy()]).permute(2, 0, 1)
-            y.append(F.avg_pool2d(onehot[None], CELL)[0])  # each cell's share of each group
+            m = np.ascontiguousarray(grouped[:, ::-1] if flip else grouped)
+            garments = cell_shares(m, range(1, len(NAMES)), SIZE, (SIZE // CELL,) * 2)  # each cell's share
+            y.append(torch.from_numpy(np.concatenate([1 - garments.sum(0, keepdims=True), garments])))  # + background
     feats = torch.cat([maps(torch.stack(x[i:i + 32])) for i in range(0, len(x), 32)])
     shares = torch.stack(y)
     n = len(photos)
@@ -165,38 +165,22 @@ def main() -> None:
           "catalog_photos_cropped": n_cropped, "rows": results})
 
 
-def _letterbox_mask(mask: Image.Image) -> np.ndarray:
-    """The mask placed as :func:`letterbox` places its photo (nearest neighbour, padding = 0)."""
-    w, h = mask.size
-    scale = SIZE / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = Image.new("L", (SIZE, SIZE), 0)
-    canvas.paste(mask.resize((nw, nh), Image.NEAREST), ((SIZE - nw) // 2, (SIZE - nh) // 2))
-    return np.asarray(canvas)
-
-
 def _box(cells: np.ndarray, groups: list[int] | None, size: tuple[int, int], margin: int = 1, min_cells: int = 3):
-    """The photo's box around the largest connected region of ``groups`` in the map of argmax
-    groups (None: no such region of ``min_cells``, or no groups for the item's subCategory)."""
-    if not groups:
+    """The photo's crop box (left, top, right, bottom) around the largest connected region of
+    ``groups`` in the map of argmax groups, ``margin`` cells wider (None: no such region of
+    ``min_cells``, or no groups for the item's subCategory)."""
+    from fashionlens.explain.attributes import Letterbox
+    from fashionlens.explain.cam import region_mask
+
+    region = region_mask(np.isin(cells, groups).astype(np.float32), 1.0) if groups else None
+    if region is None or region.sum() < min_cells:
         return None
-    region = np.isin(cells, groups)
-    lab, count = ndimage.label(region)
-    if not count:
-        return None
-    sizes = ndimage.sum(region, lab, range(1, count + 1))
-    if sizes.max() < min_cells:
-        return None
-    ys, xs = np.nonzero(lab == int(np.argmax(sizes)) + 1)
+    ys, xs = np.nonzero(region)
     n = cells.shape[0]
-    y0, y1 = max(ys.min() - margin, 0), min(ys.max() + 1 + margin, n)
-    x0, x1 = max(xs.min() - margin, 0), min(xs.max() + 1 + margin, n)
-    w, h = size
-    scale = max(w, h) / SIZE  # letterbox cells back to the photo's pixels
-    ox, oy = (SIZE - w / scale) / 2, (SIZE - h / scale) / 2
-    box = (int(round(max(0, (x0 * CELL - ox) * scale))), int(round(max(0, (y0 * CELL - oy) * scale))),
-           int(round(min(w, (x1 * CELL - ox) * scale))), int(round(min(h, (y1 * CELL - oy) * scale))))
-    return box if box[2] > box[0] and box[3] > box[1] else None  # a region inside the padding
+    x0, y0 = max(xs.min() - margin, 0), max(ys.min() - margin, 0)
+    x1, y1 = min(xs.max() + 1 + margin, n), min(ys.max() + 1 + margin, n)
+    x, y, w, h = Letterbox(*size, SIZE).box_to_photo((x0 * CELL, y0 * CELL, (x1 - x0) * CELL, (y1 - y0) * CELL))
+    return x, y, x + w, y + h
 
 
 def _per_label(q, look: dict) -> dict:
