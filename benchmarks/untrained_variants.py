@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from _common import emit
 from PIL import Image
 
-GROUPS = ("pooling", "size", "zoom", "centring", "adabn", "projection", "expansion", "flip")
+GROUPS = ("pooling", "size", "zoom", "centring", "adabn", "projection", "expansion", "flip", "layers")
 
 
 def main() -> None:
@@ -170,10 +170,47 @@ def main() -> None:
             for flip in (False, True):
                 fn = make_embed(net, "cpu", None, prep, flip=flip)
                 record(f"flip: {name}, {'mean with the mirror image' if flip else 'as is'} (from images)", row(fn, fn))
+    if "layers" in groups:
+        layer_rows(model, pre, q, row, record)
     if "projection" in groups or "expansion" in groups:
         linear_and_expansion(q, pooled(caches[size], q.gallery_paths, gap), cached_gap, row, record, groups,
                              cfg.model.backbone)
     emit({"benchmark": "untrained_variants", "config": args.config, "sample": args.sample, "rows": rows})
+
+
+@torch.no_grad()
+def layer_rows(model, pre, q, row: Callable, record: Callable) -> None:
+    """Rows on the pooled maps of the backbone's middle stages, alone and each L2-normalised and
+    concatenated to the final pooled feature: mid-level features (parts, textures) may carry
+    across domains better than the last, most ImageNet-specific ones."""
+    from fashionlens.index.embedding import decode_batches
+
+    taps = ("blocks.3", "blocks.4", "blocks.5", "blocks.6")
+    modules = dict(model.backbone.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [modules[t].register_forward_hook(lambda m, i, o, t=t: seen.__setitem__(t, o.mean((2, 3))))
+             for t in taps]
+    feats: dict[str, dict[str, torch.Tensor]] = {t: {} for t in taps + ("final",)}
+    paths = list(map(str, q.all_paths()))
+    try:
+        for keys, batch, _ in decode_batches(list(zip(paths, paths)), pre, 64, 1):
+            if batch is None:
+                continue
+            final = model.backbone.forward_features(batch).mean((2, 3))
+            for t, out in list(seen.items()) + [("final", final)]:
+                feats[t].update(zip(keys, out))
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def embed(parts: tuple[str, ...]) -> Callable:
+        def fn(ps):
+            return torch.cat([F.normalize(torch.stack([feats[t].get(str(p), torch.full_like(next(iter(
+                feats[t].values())), float("nan"))) for p in ps]), dim=1) for t in parts], dim=1)
+        return fn
+    for parts in [("final",), *[(t,) for t in taps], ("final", "blocks.6"), ("final", "blocks.5"),
+                  ("final", "blocks.4"), ("final", "blocks.5", "blocks.6"), ("final", "blocks.4", "blocks.5")]:
+        record(f"layers: {' + '.join(parts)} (pooled, each L2-normalised)", row(embed(parts), embed(parts)))
 
 
 def linear_and_expansion(q, gallery: torch.Tensor, cached_gap: Callable, row: Callable, record: Callable,
