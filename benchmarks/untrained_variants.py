@@ -7,12 +7,12 @@ BatchNorm statistics recomputed per domain (AdaBN; the target photos' labels are
 linear maps fitted on the catalog's pooled features (PCA whitening, whitening within articleType,
 the ImageNet classifier's logits), query / database-side expansion with nearest catalog items, and
 test-time flipping (each photo's embedding averaged with its mirror image's; also for the trained
-models given with ``--checkpoint``).
+models given with ``--checkpoint``), and the pooled maps of the backbone's middle stages.
 Every row: consumer ``validation/`` -> the whole catalog, hit = a listed articleType, exactly as
 the trainer's ``query_top*`` (``QueryValidation``); ``test/`` is never touched.
 
     python benchmarks/untrained_variants.py configs/recipe-cached-cpu.yaml \
-        [--cache320 runs/cache-lite0-320] [--only pooling size zoom centring adabn projection expansion flip]
+        [--cache320 runs/cache-lite0-320] [--only pooling size zoom centring adabn projection expansion flip layers]
         [--checkpoint runs/recipe-cached/best]
 
 Catalog and query maps come from the feature caches (built on first use: ~4 min at 224 px, ~12
