@@ -307,3 +307,82 @@ def test_val_field_missing_from_the_catalog(catalog, tmp_path):
     queries, mapping = make_queries(catalog, tmp_path / "queries")
     with pytest.raises(UserError, match="no catalog item has a value in the column 'colour'"):
         QueryValidation.load(queries, mapping, catalog, "colour")
+
+
+def test_augmented_views_are_the_backbone_on_augmented_photos(catalog, tmp_path):
+    from fashionlens.training.feature_cache import view_caches
+
+    paths = image_paths(catalog)[:6]
+    plain = new_cache(tmp_path / "cache")
+    plain.ensure(paths, batch_size=4)
+    off = {"hflip": 0.0, "rot180": 0.0, "rotate": 0.0, "color": 0.0, "erase": 0.0}
+    # no augmentation at all: a view is the plain map
+    same = FeatureCache(tmp_path / "same", "lite0", SIZE, True, augment=off, view=1)
+    same.ensure(paths, batch_size=4)
+    assert torch.allclose(same.stack(paths), plain.stack(paths), atol=1e-3)
+    # a flip with probability 1: the maps of the mirrored photos
+    flipped = FeatureCache(tmp_path / "flip", "lite0", SIZE, True, augment={**off, "hflip": 1.0}, view=1)
+    flipped.ensure(paths, batch_size=4)
+    backbone, cfg = create_backbone("lite0", pretrained=True)
+    pre = Preprocess(SIZE, tuple(cfg["mean"]), tuple(cfg["std"]))
+    with torch.no_grad():
+        ref = backbone.eval().forward_features(torch.stack([pre(open_image(p)) for p in paths]).flip(-1))
+    assert torch.allclose(flipped.stack(paths), ref, atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(flipped.stack(paths), plain.stack(paths), atol=1e-1)
+    # random augmentations: each view draws its own, a rebuild draws the same, and the caller's
+    # random state is left alone
+    model_cfg = tiny_config(catalog, tmp_path, model={"backbone": "lite0", "pretrained": True, "input_size": SIZE,
+                                                      "freeze_backbone": True}).model
+    erase = {**off, "erase": 1.0, "erase_min": 0.3, "erase_max": 0.5}
+    views = view_caches(tmp_path / "cache", model_cfg, SIZE, erase, 2)
+    assert [v.folder.parent for v in views] == [views[0].folder.parent] * 2
+    assert views[0].folder.parent.parent == tmp_path / "cache"
+    torch.manual_seed(5)
+    for v in views:
+        v.ensure(paths, batch_size=4)
+    after = torch.rand(())
+    torch.manual_seed(5)
+    assert torch.rand(()) == after
+    again = view_caches(tmp_path / "again", model_cfg, SIZE, erase, 1)[0]
+    again.ensure(paths, batch_size=4)
+    assert torch.equal(again.stack(paths), views[0].stack(paths))
+    assert not torch.allclose(views[0].stack(paths), views[1].stack(paths), atol=1e-2)
+    # other settings, another folder; a view folder opened with other settings is refused
+    assert view_caches(tmp_path / "cache", model_cfg, SIZE, off, 1)[0].folder.parent != views[0].folder.parent
+    with pytest.raises(UserError, match="holds maps"):
+        FeatureCache(views[0].folder, "lite0", SIZE, True, augment=off, view=1)
+    with pytest.raises(UserError, match="holds maps"):
+        new_cache(views[0].folder)
+    # the dataset draws the plain map or a view; a photo missing from a view comes from the others
+    only_some = FeatureCache(tmp_path / "some", "lite0", SIZE, True, augment={**off, "hflip": 1.0}, view=2)
+    only_some.ensure(paths[:1], batch_size=4)
+    ds = CachedMapDataset([(p, 0) for p in paths], plain, None, [flipped, only_some])
+    torch.manual_seed(0)
+    draws = torch.stack([ds[1][0] for _ in range(30)])
+    is_plain = [torch.equal(d, plain.get(paths[1])) for d in draws]
+    is_flip = [torch.equal(d, flipped.get(paths[1])) for d in draws]
+    assert all(a or b for a, b in zip(is_plain, is_flip)) and any(is_plain) and any(is_flip)
+    torch.manual_seed(0)
+    draws0 = [ds[0][0] for _ in range(60)]
+    assert any(torch.equal(d, only_some.get(paths[0])) for d in draws0)
+
+
+def test_training_with_augmented_views(catalog, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(catalog, out, feature_cache=str(tmp_path / "cache"), feature_cache_views=2, epochs=1,
+                      batches_per_epoch=2, augment={"rotate": 1.0, "erase": 1.0},
+                      model={"backbone": "lite0", "pretrained": True, "input_size": SIZE, "freeze_backbone": True,
+                             "neck": {"type": "lan", "branches": 2, "dim": 16}})
+    events = []
+    train(cfg, progress=events.append)
+    views = [e["view"] for e in events if e["event"] == "cache" and "view" in e]
+    assert views == [1, 2]
+    folders = sorted((tmp_path / "cache").glob("views-*/v*"))
+    assert [f.name for f in folders] == ["v1", "v2"]
+    n_train = sum(1 for _ in image_paths(catalog))
+    for f in folders:
+        assert json.loads((f / "part-0000" / "state.json").read_text())["done"] <= n_train
+        assert json.loads((f / "meta.json").read_text())["augment"]["rotate"] == 1.0
+    assert (out / "best").exists() or (out / "last").exists()
+    with pytest.raises(ValueError, match="feature_cache_views needs feature_cache"):
+        tiny_config(catalog, tmp_path, feature_cache_views=1)

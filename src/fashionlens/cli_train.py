@@ -55,7 +55,8 @@ class _RichTrainProgress:
             if dropped:
                 self.console.print(f"[dim]dropped: {dropped}[/dim]")
         elif kind == "cache":
-            self.console.print(f"feature cache: {event['images']} images needed")
+            what = f"augmented view {event['view']}" if event.get("view") else "feature cache"
+            self.console.print(f"{what}: {event['images']} images needed")
         elif kind == "cache_unreadable":
             shown = ", ".join(event["images"][:3]) + (" ..." if len(event["images"]) > 3 else "")
             self.console.print(f"[yellow]{len(event['images'])} image(s) cannot be read and are left out: {shown}[/yellow]")

@@ -29,6 +29,8 @@ class RunSettings(Config):
                 raise ValueError("feature_cache needs model.freeze_backbone: true (cached maps are of the frozen backbone)")
             if not self.model.pretrained:
                 raise ValueError("feature_cache needs model.pretrained: true (maps of random weights differ per run)")
+        elif getattr(self, "feature_cache_views", 0):
+            raise ValueError("feature_cache_views needs feature_cache (the views are kept beside its maps)")
 
     @classmethod
     def help_text(cls) -> str:
@@ -68,7 +70,11 @@ class TrainConfig(RunSettings):
     augment: dict | None = Field(None, description="AugmentConfig fields (None = thesis defaults)")
     feature_cache: str | None = Field(None, description="folder of cached backbone feature maps: with "
                                       "model.freeze_backbone, train the necks (and the stages from model.trainable_from) on maps computed once (built "
-                                      "on first use, reused by later runs); hflip, rot180 and crop act on the maps, the other augmentations not")
+                                      "on first use, reused by later runs); hflip, rot180 and crop act on the maps, the other augmentations only through feature_cache_views")
+    feature_cache_views: int = Field(0, ge=0, le=64, description="with feature_cache: also cache this many "
+                                     "augmented views of each training photo (every augmentation of `augment`, "
+                                     "one backbone pass per photo and view); each batch item is the plain map "
+                                     "or one of its views at random")
     # cross-domain validation (selects the best checkpoint when given)
     val_queries: str | None = Field(None, description="labelled query photos (folder of <label>/ folders), "
                                     "searched against the whole catalog each epoch, e.g. consumer/validation")

@@ -13,10 +13,19 @@ memory map), ``paths.txt`` (the absolute image paths, one per line) and ``state.
 (``{"done": rows written, "unreadable": [...]}``). Rows are written in order and ``done`` is
 updated after each batch, so an interrupted build resumes where it stopped. Asking for paths
 that the cache lacks adds a new part; nothing already written is rewritten.
+
+Augmented views (``augment`` and ``view``): a cache whose maps are of photos put through the
+image-level training augmentations (crop, flips, small rotation, brightness/contrast, erasing),
+one random draw per photo and view. :func:`view_caches` keeps N of them beside a plain cache
+and :class:`CachedMapDataset` picks the plain map or one of the views at random, which brings
+the augmentations the maps cannot express back into cached training, at the price of one
+backbone pass per photo and view. Each part's draws are seeded with (view, first row), so a
+rebuild draws the same views; a build resumed in the middle of a part draws new ones from there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fashionlens.data.augment import crop_box
+from fashionlens.data.augment import AugmentConfig, TrainPreprocess, crop_box
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_json
@@ -66,16 +75,19 @@ class FeatureCache:
     """Feature maps of ``backbone`` at ``input_size`` for a growing set of image paths."""
 
     def __init__(self, folder: str | Path, backbone: str, input_size: int, pretrained: bool = True,
-                 stage: str | None = None):
+                 stage: str | None = None, augment: dict | None = None, view: int | None = None):
         self.folder = Path(folder)
+        if (augment is None) != (view is None):
+            raise ValueError("an augmented view needs both augment and view")
+        augment = AugmentConfig(**augment).model_dump() if augment is not None else None
         self.key = {"backbone": backbone, "pretrained": bool(pretrained), "input_size": int(input_size),
-                    "stage": stage}
+                    "stage": stage, "augment": augment, "view": view}
         meta_path = self.folder / META
         if self.folder.exists() and not self.folder.is_dir():
             raise UserError(f"{self.folder}: the feature cache must be a folder")
         if meta_path.is_file():
             self.meta = _read_json(meta_path)
-            saved = {k: self.meta.get(k) for k in self.key}  # caches made before "stage" existed: None
+            saved = {k: self.meta.get(k) for k in self.key}  # keys added later ("stage", "augment"): None
             if saved != self.key:
                 raise UserError(f"{self.folder}: this feature cache holds maps of {saved}, not {self.key}; "
                                 "use another feature_cache folder")
@@ -88,9 +100,12 @@ class FeatureCache:
         self._load_parts()
 
     @classmethod
-    def for_model(cls, folder: str | Path, model_cfg, input_size: int) -> FeatureCache:
-        """The cache of the frozen part of the model of ``model_cfg`` (a ModelConfig)."""
-        return cls(folder, model_cfg.backbone, input_size, model_cfg.pretrained, model_cfg.trainable_from)
+    def for_model(cls, folder: str | Path, model_cfg, input_size: int, augment: dict | None = None,
+                  view: int | None = None) -> FeatureCache:
+        """The cache of the frozen part of the model of ``model_cfg`` (a ModelConfig); with
+        ``augment`` and ``view``, of one augmented view of each photo."""
+        return cls(folder, model_cfg.backbone, input_size, model_cfg.pretrained, model_cfg.trainable_from,
+                   augment, view)
 
     # -- reading ---------------------------------------------------------------------------
     def _parts(self) -> list[Path]:
@@ -149,7 +164,10 @@ class FeatureCache:
             if device == "cpu":  # TorchScript-frozen, BatchNorms folded (as the indexer does)
                 model = freeze_traced(model, torch.randn(8, 3, size, size).contiguous(
                     memory_format=torch.channels_last)) or model
-            self._model = (model, Preprocess(size, tuple(data_cfg["mean"]), tuple(data_cfg["std"])))
+            mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+            plain = Preprocess(size, mean, std)
+            augment = self.key["augment"]
+            self._model = (model, plain if augment is None else TrainPreprocess(size, mean, std, augment), plain)
         return self._model
 
     def ensure(self, paths: Sequence[str | Path], device: str = "cpu", batch_size: int = 32, workers: int = 0,
@@ -162,7 +180,8 @@ class FeatureCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         lock = exclusive_lock(self.folder, "feature cache")
         try:
-            return self._ensure(paths, device, batch_size, workers, progress)
+            with torch.random.fork_rng(devices=[]):  # building draws (weights, views) leave the caller's alone
+                return self._ensure(paths, device, batch_size, workers, progress)
         finally:
             lock.close()
 
@@ -198,16 +217,16 @@ class FeatureCache:
     def _shape(self, device: str) -> None:
         """The map shape and preprocessing into meta.json (computed with a probe, once)."""
         if "shape" not in self.meta:
-            model, preprocess = self._backbone(device)
+            model, _, plain = self._backbone(device)
             with torch.inference_mode():
-                probe = torch.zeros(1, 3, preprocess.size, preprocess.size, device=device)
+                probe = torch.zeros(1, 3, plain.size, plain.size, device=device)
                 self.meta["shape"] = list(model(probe).shape[1:])
-            self.meta.update(preprocess.describe())
+            self.meta.update(plain.describe())
             _write_json(self.folder / META, self.meta)
 
     def _fill(self, part: Path, paths: list[str], state: dict, device: str, batch_size: int, workers: int,
               progress) -> list[str]:
-        model, preprocess = self._backbone(device)
+        model, preprocess, _ = self._backbone(device)
         self._shape(device)
         try:
             maps = np.load(part / "maps.npy", mmap_mode="r+")
@@ -215,6 +234,8 @@ class FeatureCache:
             raise UserError(f"{part}: damaged feature cache part ({exc}); delete it and run again") from None
         start = state["done"]
         rows = list(enumerate(paths))[start:]
+        if self.key["view"] is not None:  # the view's draws for this part, from its first row on
+            torch.manual_seed(1_000_003 * self.key["view"] + 1_009 * len(self._parts()) + start)
         for keys, batch, errors in decode_batches(rows, preprocess, batch_size, workers, device.startswith("cuda")):
             if batch is not None:
                 with torch.inference_mode():
@@ -256,12 +277,24 @@ class MapAugment:
         return t
 
 
-def prepare_cache(folder: str | Path, model_cfg, input_size: int, paths: Sequence[str | Path], device: str,
-                  workers: int, emit: Callable[[dict], None]) -> FeatureCache:
-    """The cache of ``model_cfg``'s frozen part with the maps of ``paths`` computed, reporting
-    ``cache`` / ``cache_step`` / ``cache_unreadable`` events (the training progress' own)."""
-    cache = FeatureCache.for_model(folder, model_cfg, input_size)
-    emit({"event": "cache", "images": len(paths)})
+def view_caches(folder: str | Path, model_cfg, input_size: int, augment: dict | None, views: int
+                ) -> list[FeatureCache]:
+    """``views`` caches of augmented views beside the plain cache ``folder``:
+    ``folder/views-<hash of the augmentation settings>/vN``, so that other settings get other folders."""
+    settings = AugmentConfig(**(augment or {})).model_dump()
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return [FeatureCache.for_model(Path(folder) / f"views-{digest}" / f"v{v}", model_cfg, input_size, settings, v)
+            for v in range(1, views + 1)]
+
+
+def prepare_cache(folder: str | Path | FeatureCache, model_cfg, input_size: int, paths: Sequence[str | Path],
+                  device: str, workers: int, emit: Callable[[dict], None]) -> FeatureCache:
+    """The cache of ``model_cfg``'s frozen part (or the given :class:`FeatureCache`, e.g. an
+    augmented view) with the maps of ``paths`` computed, reporting ``cache`` / ``cache_step`` /
+    ``cache_unreadable`` events (the training progress' own)."""
+    cache = folder if isinstance(folder, FeatureCache) else FeatureCache.for_model(folder, model_cfg, input_size)
+    view = cache.key["view"]
+    emit({"event": "cache", "images": len(paths), **({"view": view} if view else {})})
     unreadable = cache.ensure(paths, device=device, workers=workers,
                               progress=lambda d, n: emit({"event": "cache_step", "done": d, "total": n}))
     if unreadable:
@@ -270,19 +303,29 @@ def prepare_cache(folder: str | Path, model_cfg, input_size: int, paths: Sequenc
 
 
 class CachedMapDataset(Dataset):
-    """``ds[i]`` -> (cached feature map, label) for ``samples`` of (image path, label)."""
+    """``ds[i]`` -> (cached feature map, label) for ``samples`` of (image path, label).
+
+    With ``views`` (augmented-view caches, :func:`view_caches`), each item is the plain map or
+    one of the photo's views, uniformly at random (torch's global generator); a photo missing
+    from a view is drawn from the others."""
 
     def __init__(self, samples: Sequence[tuple[Path, int]], cache: FeatureCache,
-                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        located = [(cache.locate(p), label) for p, label in samples]  # paths resolved once, here
-        self.samples = [(loc, label) for loc, label in located if loc is not None]
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 views: Sequence[FeatureCache] = ()):
+        caches = [cache, *views]
+        self.samples = []
+        for p, label in samples:  # paths resolved once, here
+            found = [(c, loc) for c in caches if (loc := c.locate(p)) is not None] if p in cache else []
+            if found:
+                self.samples.append((found, label))
         self.labels = [label for _, label in self.samples]
-        self.cache, self.augment = cache, augment
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        location, label = self.samples[index]
-        t = self.cache.load(location)
+        found, label = self.samples[index]
+        cache, location = found[int(torch.randint(len(found), ())) if len(found) > 1 else 0]
+        t = cache.load(location)
         return (self.augment(t) if self.augment else t), label

@@ -19,7 +19,9 @@ writes every file. Logged losses are rank 0's.
 
 Cached maps: with ``model.freeze_backbone`` and ``feature_cache``, rank 0 first computes the
 backbone's maps of every training, validation and query image (:mod:`feature_cache`); training
-and validation then run the neck and heads on the maps (``model(maps, from_map=True)``).
+and validation then run the neck and heads on the maps (``model(maps, from_map=True)``). With
+``feature_cache_views`` it also caches that many augmented views of each training photo, and each
+batch item is the plain map or one of its views.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, 
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
-from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment, prepare_cache
+from fashionlens.training.feature_cache import (CachedMapDataset, FeatureCache, MapAugment, prepare_cache,
+                                                view_caches)
 from fashionlens.training.run_files import load_optimizer, plot_curves, read_rows, save_optimizer, write_rows
 from fashionlens.training.validation import QueryValidation, validation_row
 
@@ -101,11 +104,13 @@ def map_augment(cfg) -> MapAugment:
     return MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min)
 
 
-def train_dataset(cfg: TrainConfig, samples, cache: FeatureCache | None, size: int, mean, std):
+def train_dataset(cfg: TrainConfig, samples, cache: FeatureCache | None, size: int, mean, std,
+                  views: list[FeatureCache] = ()):
     """The training set with its augmentations: cached maps (flip, 180 degree rotation, crop on
-    the map) when ``cache`` is given, else decoded photos (every augmentation of ``cfg.augment``)."""
+    the map, and the augmented ``views``) when ``cache`` is given, else decoded photos (every
+    augmentation of ``cfg.augment``)."""
     if cache is not None:
-        return CachedMapDataset(samples, cache, map_augment(cfg))
+        return CachedMapDataset(samples, cache, map_augment(cfg), views)
     return IdentityDataset(samples, TrainPreprocess(size, mean, std, AugmentConfig(**(cfg.augment or {}))))
 
 
@@ -288,7 +293,17 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
                                      {name: label for label, name in enumerate(split.train_identities)})
         if mined_share is not None and extras:
             weights = _share_weights([label for _, label in samples], n_source, mined_share)
-    train_ds = train_dataset(cfg, samples, cache, size, mean, std)
+    views = []
+    if cache is not None and cfg.feature_cache_views:
+        views = view_caches(cfg.feature_cache, model_cfg, size, cfg.augment, cfg.feature_cache_views)
+        if rank == 0:  # as the plain cache: rank 0 computes, the others open the finished views
+            for view in views:
+                prepare_cache(view, model_cfg, size, [p for p, _ in samples], device, cfg.workers, emit)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            views = view_caches(cfg.feature_cache, model_cfg, size, cfg.augment, cfg.feature_cache_views)
+    train_ds = train_dataset(cfg, samples, cache, size, mean, std, views)
     val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
     embed = make_embed(model, device, cache, Preprocess(size, mean, std), workers=cfg.workers)
     sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, extra_negatives=extras,
