@@ -3,6 +3,7 @@ reaches every caller of its batch and no other, and several workers run batches 
 
 from __future__ import annotations
 
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -93,3 +94,39 @@ def test_a_model_that_loses_results_fails_its_callers():
             batcher("x")
     finally:
         batcher.close()
+
+
+def test_model_workers_auto_is_a_few_on_cpu_and_one_on_a_gpu(monkeypatch):
+    import fashionlens.config as config
+    from fashionlens.config import ServeConfig
+
+    for cores, expect in ((1, 1), (2, 2), (3, 3), (16, 4)):
+        monkeypatch.setattr(config, "usable_cores", lambda cores=cores: cores)
+        assert ServeConfig().resolved_model_workers() == expect
+        assert ServeConfig(device="cuda").resolved_model_workers() == 1
+        assert ServeConfig(model_workers=5).resolved_model_workers() == 5  # as given
+    for bad in (0, 65, "many"):
+        with pytest.raises(ValueError, match="model_workers"):
+            ServeConfig(model_workers=bad)
+    assert config.usable_cores() >= 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_model_threads_run_at_a_lower_priority_than_the_callers():
+    import os
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = priority()
+    batcher = Batcher(lambda items: [priority() for _ in items], max_batch=2, nice=5)
+    try:
+        assert batcher(None) == min(19, mine + 5)
+    finally:
+        batcher.close()
+    assert priority() == mine  # the caller's own thread is untouched
+    plain = Batcher(lambda items: [priority() for _ in items])
+    try:
+        assert plain(None) == mine
+    finally:
+        plain.close()

@@ -27,7 +27,7 @@ from fashionlens.config import IndexConfig
 from fashionlens.errors import UserError
 from fashionlens.index import CatalogIndex
 from fashionlens.index.pipeline import build_index
-from fashionlens.index.vectors import choose_spec, new_index
+from fashionlens.index.vectors import choose_spec, new_index, search_index
 
 
 # --- search against brute force ----------------------------------------------------------------
@@ -95,6 +95,33 @@ def test_ivfpq_skips_polysemous_training():
     "PQ{m}np" turns it off."""
     index = new_index(choose_spec(200_000, 1280))
     assert index.do_polysemous_training is False
+
+
+def test_search_index_equals_faiss_and_brute_force():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(300, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    ids = rng.permutation(10_000)[:300].astype(np.int64)
+    index = new_index(choose_spec(300, 16, "flat"))
+    index.add_with_ids(base, ids)
+    index.remove_ids(ids[:40])  # removal compacts the vectors and the id map
+    live, live_ids = base[40:], ids[40:]
+    for nq, k in ((1, 5), (4, 12), (19, 7), (25, 7), (3, 400)):  # 25: FAISS's own path; 400 > live items
+        q = rng.normal(size=(nq, 16)).astype(np.float32)
+        scores, got = search_index(index, q, k)
+        want_scores, want = index.search(q, k)
+        assert got.shape == want.shape == (nq, k) and np.array_equal(got, want)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+        exact = q @ live.T  # brute force over the live vectors
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        n = min(k, len(live))
+        assert np.array_equal(got[:, :n], live_ids[order[:, :n]])
+        assert (got[:, n:] == -1).all()
+    empty = new_index(choose_spec(0, 16, "flat"))
+    assert (search_index(empty, q[:2], 3)[1] == -1).all()
+    hnsw = new_index(choose_spec(300, 16, "hnsw"))  # not a flat index: FAISS's own search
+    hnsw.add_with_ids(base, ids)
+    assert np.array_equal(search_index(hnsw, q[:2], 5)[1], hnsw.search(q[:2], 5)[1])
 
 
 def test_choose_spec():

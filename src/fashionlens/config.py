@@ -6,13 +6,22 @@ Every artefact records the configuration that made it (an index stores it in its
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fashionlens.errors import UserError
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def read_yaml_mapping(path: Path | str) -> dict:
@@ -135,11 +144,29 @@ class ServeConfig(Config):
     max_k: int = Field(100, ge=1, le=1000, description="largest k a client may ask")
     max_batch: int = Field(8, ge=1, le=256, description="concurrent photos embedded as one batch")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more photos")
-    model_workers: int = Field(1, ge=1, le=64, description="batches run side by side, each model call on "
-                               "cores / model_workers threads")
+    model_workers: int | Literal["auto"] = Field(
+        "auto", description="batches run side by side, each model call on cores / model_workers threads; auto: "
+        "min(cores, 4) on CPU (forwards on fewer threads each leave no core idle at OpenMP barriers; on 2 cores "
+        "it took the machine's idle share under load from 0.2 to 0.05, docs/BENCHMARKS.md), 1 on a GPU")
     persist_seconds: float = Field(300.0, ge=1, description="the FAISS file is rewritten this often after "
                                    "changes (and at shutdown); SQLite and the vector chunks are durable at once")
     device: str = Field("cpu", description="torch device of the models")
+    @field_validator("model_workers")
+    @classmethod
+    def _workers_range(cls, value):
+        if value != "auto" and not 1 <= value <= 64:
+            raise ValueError("model_workers must be 'auto' or a whole number from 1 to 64")
+        return value
+
+    def resolved_model_workers(self) -> int:
+        """``model_workers`` as a number (see its description)."""
+        if self.model_workers != "auto":
+            return int(self.model_workers)
+        return 1 if self.device != "cpu" else min(4, usable_cores())
+
+    model_nice: int = Field(5, ge=0, le=19, description="how much lower than the request threads the model "
+                            "threads run (Linux thread nice value; 0 = same): answers and new requests are never "
+                            "queued behind a forward")
     faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of each vector search (one query "
                                "vector each; more only contend with the model on a small machine)")
     optimize: Literal["auto", "jit", "none"] = Field("auto", description="embedding model speed-up (see index)")

@@ -18,7 +18,7 @@ import numpy as np
 from fashionlens.errors import UserError
 from fashionlens.index.store import CatalogStore
 from fashionlens.index.vectors import (
-    ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, sample_for_training,
+    ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, sample_for_training, search_index,
     supports_remove,
 )
 from fashionlens.locks import exclusive_lock
@@ -187,7 +187,7 @@ class CatalogIndex:
             raise UserError(f"{self.folder}: query vectors have {queries.shape[-1]} dims, the index {index.d}")
         dead = len(self.store.tombstones())
         fetch = min(k + dead, max(index.ntotal, 1))
-        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        scores, ids = search_index(index, np.ascontiguousarray(queries, dtype=np.float32), fetch)
         rows = self.store.get_rows(sorted({int(i) for i in ids.ravel() if i >= 0}))
         results = []
         for q_scores, q_ids in zip(scores, ids):

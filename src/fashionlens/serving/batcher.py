@@ -9,11 +9,26 @@ runs the model once; ``workers`` such threads take batches side by side. Written
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Lower the calling thread's CPU priority by ``nice`` (Linux gives each thread its own nice
+    value; elsewhere, or without permission, nothing changes). True when it was applied."""
+    tid = getattr(threading, "get_native_id", lambda: None)()
+    if tid is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        return True
+    except OSError:
+        return False
 
 
 class Closing(Exception):
@@ -32,8 +47,10 @@ def _settle(future: Future, result=None, error: BaseException | None = None) -> 
 
 class Batcher:
     def __init__(self, fn: Callable[[Sequence], Sequence], max_batch: int = 8, max_wait: float = 0.002,
-                 name: str = "batcher", on_batch: Callable[[int], None] | None = None, workers: int = 1):
+                 name: str = "batcher", on_batch: Callable[[int], None] | None = None, workers: int = 1,
+                 nice: int = 0):
         self.fn, self.max_batch, self.max_wait, self.on_batch = fn, max_batch, max_wait, on_batch
+        self.nice = nice
         self._queue: queue.Queue = queue.Queue()
         self._closing, self._closed = threading.Lock(), False
         self._threads = [threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True) for n in range(workers)]
@@ -68,6 +85,8 @@ class Batcher:
                 _settle(left[1], error=Closing("the server is shutting down"))
 
     def _run(self) -> None:
+        if self.nice:
+            lower_thread_priority(self.nice)
         while True:
             first = self._queue.get()
             if first is None:

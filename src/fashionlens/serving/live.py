@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fashionlens.config import SearchConfig, ServeConfig
+from fashionlens.config import SearchConfig, ServeConfig, usable_cores
 from fashionlens.data.images import ImageError, open_image
 from fashionlens.index.attributes import item_rows
 from fashionlens.index.query import DRAFT_SIZE, ExplainedHit, Searcher
@@ -132,12 +132,13 @@ class LiveCatalog:
             self.index.close()
             raise
         self.model_lock = threading.Lock()  # the explainer serves batches and explanation images
-        if cfg.model_workers > 1:  # each batch on its own cores: no idle cores between batches
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.model_workers))
-        self.batch = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed",
-                             workers=cfg.model_workers)
-        self.explain_batch = Batcher(self._explain, cfg.max_batch, cfg.batch_wait_ms / 1000, "explain") \
-            if self.explainer else None
+        workers = cfg.resolved_model_workers()
+        if workers > 1:  # each batch on its own cores: no idle cores between batches
+            torch.set_num_threads(max(1, usable_cores() // workers))
+        self.batch = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed", workers=workers,
+                             nice=cfg.model_nice)
+        self.explain_batch = Batcher(self._explain, cfg.max_batch, cfg.batch_wait_ms / 1000, "explain",
+                                     nice=cfg.model_nice) if self.explainer else None
         self._unsaved_chunks: list[int] = []
         self._unsaved_removed: list[int] = []
         self._last_save = time.monotonic()
