@@ -3,9 +3,11 @@
     python benchmarks/serve_load.py INDEX_DIR [--photos DIR] [--requests 500] [--concurrency 8]
 
 1. The model alone: the index's own embedder on the same query photos, already decoded, in
-   batches of ``max_batch`` (the server's batch size): photos per second. This is the ceiling of
-   any server on this machine. Measured before and after the load (a shared machine's speed
-   drifts within minutes); the share is taken against the mean of the two.
+   batches of ``max_batch`` (the server's batch size): photos per second, in one stream on all
+   cores and in as many streams side by side as the server's ``model_workers`` (at least two),
+   each on its share of the cores. The faster is the ceiling of any server on this machine.
+   Measured before and after the load (a shared machine's speed drifts within minutes); the
+   share is taken against the mean of the two.
 2. The server as a separate process (default settings), ``--concurrency`` clients each sending
    multipart searches one after the other (keep-alive), ``--requests`` in all after a warm-up:
    latency percentiles, throughput, errors, and the server's own batch sizes (from /metrics).
@@ -14,6 +16,8 @@
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import re
 import statistics
@@ -23,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import torch
 from _common import SHARED, emit, percentile
 
-from fashionlens.config import ServeConfig
+from fashionlens.config import ServeConfig, usable_cores
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.data.images import open_image
 from fashionlens.index import CatalogIndex
@@ -33,29 +38,73 @@ from fashionlens.index.query import embedder_for
 from fashionlens.serving.process import Server
 
 
-def model_alone(index_dir: Path, photos: list[Path], batch: int, rounds: int = 3) -> float:
-    """Photos per second of the embedder alone (decoded photos, batches of ``batch``)."""
+def model_alone(index_dir: Path, photos: list[Path], batch: int, rounds: int = 3, streams: int = 1) -> float:
+    """Photos per second of the embedder alone (decoded photos, batches of ``batch``), in
+    ``streams`` threads side by side, each on cores / streams torch threads (as the server's
+    ``model_workers``)."""
     index = CatalogIndex(index_dir)
     try:
         embedder = embedder_for(index)
     finally:
         index.close()
     images = [open_image(p, draft_size=embedder.preprocess.size) for p in photos]
-    embedder.embed_images(images[:batch])  # warm-up
-    best = 0.0
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for start in range(0, len(images), batch):
-            embedder.embed_images(images[start:start + batch])
-        best = max(best, len(images) / (time.perf_counter() - t))
-    return best
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, usable_cores() // streams))
+    try:
+        embedder.embed_images(images[:batch])  # warm-up
+        share = [images[s::streams] for s in range(streams)]
+
+        def run(part):
+            for start in range(0, len(part), batch):
+                embedder.embed_images(part[start:start + batch])
+        best = 0.0
+        with ThreadPoolExecutor(streams) as pool:
+            for _ in range(rounds):
+                t = time.perf_counter()
+                list(pool.map(run, share))
+                best = max(best, len(images) / (time.perf_counter() - t))
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
-def load(url: str, photos: list[bytes], n: int, concurrency: int, k: int, explain: bool) -> tuple[list, list]:
+def multipart(photo: bytes, fields: dict[str, str], boundary: str) -> bytes:
+    """A multipart/form-data body: the photo as ``image`` and the text ``fields``."""
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+             for name, value in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.jpg"\r\n'
+                 f'Content-Type: image/jpeg\r\n\r\n'.encode() + photo + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+def load(url: str, photos: list[bytes], n: int, concurrency: int, k: int, explain: bool,
+         client_kind: str = "plain") -> tuple[list, list]:
+    """``n`` searches from ``concurrency`` client threads, each one after the other on a
+    keep-alive connection; every answer is checked (200 and k results).
+
+    ``plain`` (default) sends request bodies encoded once beforehand through the standard
+    library's http.client; ``httpx`` encodes each request with httpx, as an application would.
+    The client shares the server's cores, so the lighter it is, the less it takes from the server."""
     latencies, errors, lock, counter = [], [], threading.Lock(), iter(range(n))
+    boundary = "fashionlens-load-test-boundary"
+    fields = {"k": str(k), "explain": str(explain).lower()}
+    bodies = [multipart(p, fields, boundary) for p in photos] if client_kind == "plain" else []
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+
+    def send(conn, i):
+        if client_kind == "plain":
+            conn.request("POST", "/api/search", body=bodies[i % len(bodies)],
+                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            r = conn.getresponse()
+            body = r.read()
+            return r.status, (json.loads(body) if r.status == 200 else None)
+        r = conn.post("/api/search", files={"image": ("q.jpg", photos[i % len(photos)], "image/jpeg")}, data=fields)
+        return r.status_code, (r.json() if r.status_code == 200 else None)
 
     def client(_):
-        with httpx.Client(base_url=url, timeout=60) as c:
+        conn = (http.client.HTTPConnection(host, int(port), timeout=60) if client_kind == "plain"
+                else httpx.Client(base_url=url, timeout=60))
+        try:
             while True:
                 with lock:
                     i = next(counter, None)
@@ -63,16 +112,19 @@ def load(url: str, photos: list[bytes], n: int, concurrency: int, k: int, explai
                     return
                 t = time.perf_counter()
                 try:
-                    r = c.post("/api/search", files={"image": ("q.jpg", photos[i % len(photos)], "image/jpeg")},
-                               data={"k": str(k), "explain": str(explain).lower()})
-                    ok = r.status_code == 200 and len(r.json()["results"]) == k
-                except httpx.HTTPError as exc:
-                    ok, r = False, exc
+                    status, doc = send(conn, i)
+                    ok, what = status == 200 and len(doc["results"]) == k, status
+                except (httpx.HTTPError, OSError, http.client.HTTPException) as exc:
+                    ok, what = False, exc
+                    if client_kind == "plain":  # a broken connection is not reused
+                        conn.close()
                 ms = (time.perf_counter() - t) * 1000
                 with lock:
                     latencies.append(ms)
                     if not ok:
-                        errors.append(str(getattr(r, "status_code", r)))
+                        errors.append(str(what))
+        finally:
+            conn.close()
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(client, range(concurrency)))
@@ -107,39 +159,50 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=12)
     parser.add_argument("--explain", action="store_true", help="explained searches (needs index-attributes)")
     parser.add_argument("--config", help="the server's YAML config (default: its defaults)")
+    parser.add_argument("--client", choices=("plain", "httpx"), default="plain",
+                        help="plain: bodies encoded once, http.client (light); httpx: encoded per request")
     args = parser.parse_args()
     paths = [it.path for it in iter_image_folder(Path(args.photos))][:200]
     photos = [p.read_bytes() for p in paths]
-    batch = ServeConfig.load(args.config).max_batch
-    before = model_alone(Path(args.index), paths, batch)
+    serve_cfg = ServeConfig.load(args.config)
+    batch = serve_cfg.max_batch
+    # the ceiling: the model's best on this machine, one stream on every core or as many
+    # streams as the server's workers (at least two), whichever is faster
+    streams = sorted({1, max(2, serve_cfg.resolved_model_workers())})
+
+    def ceiling() -> dict[int, float]:
+        return {n: model_alone(Path(args.index), paths, batch, streams=n) for n in streams}
+    before = ceiling()
     with Server(Path(args.index), config=args.config) as srv:
-        load(srv.url, photos, args.warmup, args.concurrency, args.k, args.explain)
+        load(srv.url, photos, args.warmup, args.concurrency, args.k, args.explain, args.client)
         t, server_cpu, client_cpu = time.perf_counter(), cpu_seconds(srv.proc.pid), time.process_time()
         idle = cpu_idle()
-        latencies, errors = load(srv.url, photos, args.requests, args.concurrency, args.k, args.explain)
+        latencies, errors = load(srv.url, photos, args.requests, args.concurrency, args.k, args.explain, args.client)
         seconds = time.perf_counter() - t
         idle = [b - a for a, b in zip(idle, cpu_idle())]
         server_cpu, client_cpu = cpu_seconds(srv.proc.pid) - server_cpu, time.process_time() - client_cpu
         metrics = srv.client.get("/metrics").text
         items = srv.client.get("/health").json()["items"]
-    after = model_alone(Path(args.index), paths, batch)
-    alone = (before + after) / 2
+    after = ceiling()
+    per_streams = {n: (before[n] + after[n]) / 2 for n in streams}
+    alone = max(per_streams.values())
     throughput = len(latencies) / seconds
     emit({"benchmark": "serve_load", "index": args.index, "items": items, "photos": len(photos),
-          "requests": len(latencies), "concurrency": args.concurrency, "k": args.k, "explain": args.explain,
+          "requests": len(latencies), "concurrency": args.concurrency, "client": args.client, "k": args.k, "explain": args.explain,
           "errors": len(errors), "error_samples": errors[:5],
           "p50_ms": round(percentile(latencies, 50), 1), "p90_ms": round(percentile(latencies, 90), 1),
           "p99_ms": round(percentile(latencies, 99), 1), "max_ms": round(max(latencies), 1),
           "mean_ms": round(statistics.mean(latencies), 1), "seconds": round(seconds, 2),
           "throughput_rps": round(throughput, 2), "model_alone_photos_per_s": round(alone, 2),
-          "model_alone_before_after": [round(before, 2), round(after, 2)],
+          "model_alone_before_after": [round(max(before.values()), 2), round(max(after.values()), 2)],
+          "model_alone_photos_per_s_by_streams": {str(n): round(v, 2) for n, v in per_streams.items()},
           "throughput_share_of_model": round(throughput / alone, 3),
           "mean_server_batch": batch_sizes(metrics),
           # the load generator runs on the same cores: its CPU time is taken from the server's
           "server_cpu_ms_per_request": round(1000 * server_cpu / len(latencies), 1),
           "client_cpu_ms_per_request": round(1000 * client_cpu / len(latencies), 1),
           "machine_idle_share_under_load": round(idle[0] / idle[1], 3) if idle[1] else None,
-          "model_alone_cpu_ms_per_photo": round(1000 * os.cpu_count() / alone, 1)})
+          "model_alone_cpu_ms_per_photo": round(1000 * usable_cores() / alone, 1)})
 
 
 if __name__ == "__main__":
