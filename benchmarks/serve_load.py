@@ -114,7 +114,7 @@ def load(url: str, photos: list[bytes], n: int, concurrency: int, k: int, explai
                 try:
                     status, doc = send(conn, i)
                     ok, what = status == 200 and len(doc["results"]) == k, status
-                except (httpx.HTTPError, OSError, http.client.HTTPException) as exc:
+                except (httpx.HTTPError, OSError, http.client.HTTPException, ValueError, KeyError, TypeError) as exc:
                     ok, what = False, exc
                     if client_kind == "plain":  # a broken connection is not reused
                         conn.close()

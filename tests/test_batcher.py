@@ -100,13 +100,15 @@ def test_model_workers_auto_is_a_few_on_cpu_and_one_on_a_gpu(monkeypatch):
     import fashionlens.config as config
     from fashionlens.config import ServeConfig
 
-    for cores, expect in ((1, 1), (2, 2), (3, 3), (16, 4)):
+    for cores, expect in ((1, 1), (2, 2), (3, 3), (5, 1), (6, 3), (8, 4), (16, 4)):  # workers divide the cores
         monkeypatch.setattr(config, "usable_cores", lambda cores=cores: cores)
         assert ServeConfig().resolved_model_workers() == expect
-        assert ServeConfig(device="cuda").resolved_model_workers() == 1
+        assert ServeConfig(device="cpu:0").resolved_model_workers() == expect
+        assert ServeConfig(device="cuda:1").resolved_model_workers() == 1
         assert ServeConfig(model_workers=5).resolved_model_workers() == 5  # as given
-    for bad in (0, 65, "many"):
-        with pytest.raises(ValueError, match="model_workers"):
+    assert ServeConfig(model_workers="2").model_workers == 2 and ServeConfig(model_workers=" AUTO").model_workers == "auto"
+    for bad in (0, 65, "many", True, 2.5):
+        with pytest.raises(ValueError, match="model_workers must be 'auto' or a whole number"):
             ServeConfig(model_workers=bad)
     assert config.usable_cores() >= 1
 

@@ -379,10 +379,14 @@ def test_training_with_augmented_views(catalog, tmp_path):
     assert views == [1, 2]
     folders = sorted((tmp_path / "cache").glob("views-*/v*"))
     assert [f.name for f in folders] == ["v1", "v2"]
-    n_train = sum(1 for _ in image_paths(catalog))
-    for f in folders:
-        assert json.loads((f / "part-0000" / "state.json").read_text())["done"] <= n_train
-        assert json.loads((f / "meta.json").read_text())["augment"]["rotate"] == 1.0
+    from fashionlens.training.trainer import split_for
+    split = split_for(cfg)
+    for f in folders:  # every training photo has its view
+        view = FeatureCache(f, "lite0", SIZE, True, augment=json.loads((f / "meta.json").read_text())["augment"],
+                            view=int(f.name[1:]))
+        assert view.key["augment"]["rotate"] == 1.0
+        assert split.train and all(p in view for p, _ in split.train)
+        assert split.val and not any(p in view for p, _ in split.val)  # views are of training photos only
     assert (out / "best").exists() or (out / "last").exists()
     with pytest.raises(ValueError, match="feature_cache_views needs feature_cache"):
         tiny_config(catalog, tmp_path, feature_cache_views=1)

@@ -97,7 +97,7 @@ def test_ivfpq_skips_polysemous_training():
     assert index.do_polysemous_training is False
 
 
-def test_search_index_equals_faiss_and_brute_force():
+def test_search_index_equals_faiss_and_brute_force(monkeypatch):
     rng = np.random.default_rng(3)
     base = rng.normal(size=(300, 16)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)
@@ -106,9 +106,14 @@ def test_search_index_equals_faiss_and_brute_force():
     index.add_with_ids(base, ids)
     index.remove_ids(ids[:40])  # removal compacts the vectors and the id map
     live, live_ids = base[40:], ids[40:]
+    calls = []
+    own = type(index).search
+    monkeypatch.setattr(type(index), "search", lambda self, x, k, **kw: calls.append(len(x)) or own(self, x, k, **kw))
     for nq, k in ((1, 5), (4, 12), (19, 7), (25, 7), (3, 400)):  # 25: FAISS's own path; 400 > live items
         q = rng.normal(size=(nq, 16)).astype(np.float32)
+        calls.clear()
         scores, got = search_index(index, q, k)
+        assert calls == ([] if nq < 20 else [nq])  # below 20 queries, FAISS's own search is not used
         want_scores, want = index.search(q, k)
         assert got.shape == want.shape == (nq, k) and np.array_equal(got, want)
         np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)

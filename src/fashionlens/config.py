@@ -146,29 +146,38 @@ class ServeConfig(Config):
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more photos")
     model_workers: int | Literal["auto"] = Field(
         "auto", description="batches run side by side, each model call on cores / model_workers threads; auto: "
-        "min(cores, 4) on CPU (forwards on fewer threads each leave no core idle at OpenMP barriers; on 2 cores "
-        "it took the machine's idle share under load from 0.2 to 0.05, docs/BENCHMARKS.md), 1 on a GPU")
+        "on CPU the most workers up to 4 that divide the cores (forwards on fewer threads each leave no core "
+        "idle at OpenMP barriers; on 2 cores the idle share under load fell from 0.2 to 0.05, "
+        "docs/BENCHMARKS.md), 1 on a GPU")
     persist_seconds: float = Field(300.0, ge=1, description="the FAISS file is rewritten this often after "
                                    "changes (and at shutdown); SQLite and the vector chunks are durable at once")
     device: str = Field("cpu", description="torch device of the models")
-    @field_validator("model_workers")
+    @field_validator("model_workers", mode="before")
     @classmethod
     def _workers_range(cls, value):
-        if value != "auto" and not 1 <= value <= 64:
-            raise ValueError("model_workers must be 'auto' or a whole number from 1 to 64")
-        return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if isinstance(value, bool) or not text.isdigit() or not 1 <= int(text) <= 64:
+            raise ValueError(f"model_workers must be 'auto' or a whole number from 1 to 64, not {value!r}")
+        return int(text)
 
     def resolved_model_workers(self) -> int:
-        """``model_workers`` as a number (see its description)."""
+        """``model_workers`` as a number: as given, or for ``auto`` 1 on a GPU and on CPU the
+        most workers up to 4 that share the cores evenly (each gets cores / workers threads)."""
         if self.model_workers != "auto":
             return int(self.model_workers)
-        return 1 if self.device != "cpu" else min(4, usable_cores())
+        if self.device.split(":")[0].strip().lower() != "cpu":
+            return 1
+        cores = usable_cores()
+        return max(w for w in range(1, 5) if cores % w == 0)
 
     model_nice: int = Field(5, ge=0, le=19, description="how much lower than the request threads the model "
                             "threads run (Linux thread nice value; 0 = same): answers and new requests are never "
                             "queued behind a forward")
-    faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of each vector search (one query "
-                               "vector each; more only contend with the model on a small machine)")
+    faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of each FAISS search (exact flat "
+                               "searches of under 20 queries run on torch's threads instead); more only contend "
+                               "with the model on a small machine")
     optimize: Literal["auto", "jit", "none"] = Field("auto", description="embedding model speed-up (see index)")
     thumbnail_px: int = Field(256, ge=16, le=2048, description="longest side of result thumbnails")
     search: SearchConfig = Field(default_factory=SearchConfig,

@@ -19,8 +19,8 @@ image-level training augmentations (crop, flips, small rotation, brightness/cont
 one random draw per photo and view. :func:`view_caches` keeps N of them beside a plain cache
 and :class:`CachedMapDataset` picks the plain map or one of the views at random, which brings
 the augmentations the maps cannot express back into cached training, at the price of one
-backbone pass per photo and view. Each part's draws are seeded with (view, first row), so a
-rebuild draws the same views; a build resumed in the middle of a part draws new ones from there.
+backbone pass per photo and view. Each part's draws are seeded with (view, part, first row), so
+a rebuild draws the same views; a build resumed in the middle of a part draws new ones from there.
 """
 
 from __future__ import annotations
@@ -234,8 +234,9 @@ class FeatureCache:
             raise UserError(f"{part}: damaged feature cache part ({exc}); delete it and run again") from None
         start = state["done"]
         rows = list(enumerate(paths))[start:]
-        if self.key["view"] is not None:  # the view's draws for this part, from its first row on
-            torch.manual_seed(1_000_003 * self.key["view"] + 1_009 * len(self._parts()) + start)
+        if self.key["view"] is not None:  # the view's draws for this part, from this row on
+            seed = hashlib.sha256(f"{self.key['view']}/{part.name}/{start}".encode()).digest()[:8]
+            torch.default_generator.manual_seed(int.from_bytes(seed, "little"))  # CPU only: fork_rng saved it
         for keys, batch, errors in decode_batches(rows, preprocess, batch_size, workers, device.startswith("cuda")):
             if batch is not None:
                 with torch.inference_mode():
@@ -314,10 +315,10 @@ class CachedMapDataset(Dataset):
                  views: Sequence[FeatureCache] = ()):
         caches = [cache, *views]
         self.samples = []
-        for p, label in samples:  # paths resolved once, here
-            found = [(c, loc) for c in caches if (loc := c.locate(p)) is not None] if p in cache else []
-            if found:
-                self.samples.append((found, label))
+        for p, label in samples:  # paths resolved here, once
+            if cache.locate(p) is None:  # not in the plain cache: left out, as the trainer does
+                continue
+            self.samples.append(([(c, loc) for c in caches if (loc := c.locate(p)) is not None], label))
         self.labels = [label for _, label in self.samples]
         self.augment = augment
 

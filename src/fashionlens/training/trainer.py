@@ -295,8 +295,8 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
             weights = _share_weights([label for _, label in samples], n_source, mined_share)
     views = []
     if cache is not None and cfg.feature_cache_views:
-        views = view_caches(cfg.feature_cache, model_cfg, size, cfg.augment, cfg.feature_cache_views)
         if rank == 0:  # as the plain cache: rank 0 computes, the others open the finished views
+            views = view_caches(cfg.feature_cache, model_cfg, size, cfg.augment, cfg.feature_cache_views)
             for view in views:
                 prepare_cache(view, model_cfg, size, [p for p, _ in samples], device, cfg.workers, emit)
         if world > 1:
