@@ -38,18 +38,22 @@ from fashionlens.index.query import embedder_for
 from fashionlens.serving.process import Server
 
 
-def model_alone(index_dir: Path, photos: list[Path], batch: int, rounds: int = 3, streams: int = 1) -> float:
-    """Photos per second of the embedder alone (decoded photos, batches of ``batch``), in
-    ``streams`` threads side by side, each on cores / streams torch threads (as the server's
-    ``model_workers``)."""
+def decoded(index_dir: Path, photos: list[Path]) -> tuple:
+    """The index's embedder and ``photos`` decoded as the server decodes uploads."""
     index = CatalogIndex(index_dir)
     try:
         embedder = embedder_for(index)
     finally:
         index.close()
-    images = [open_image(p, draft_size=embedder.preprocess.size) for p in photos]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, usable_cores() // streams))
+    return embedder, [open_image(p, draft_size=embedder.preprocess.size) for p in photos]
+
+
+def model_alone(embedder, images: list, batch: int, threads: int, rounds: int = 3, streams: int = 1) -> float:
+    """Photos per second of the embedder alone (decoded photos, batches of ``batch``), in
+    ``streams`` threads side by side, each on ``threads`` torch threads (as the server's
+    ``model_workers``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         embedder.embed_images(images[:batch])  # warm-up
         share = [images[s::streams] for s in range(streams)]
@@ -65,7 +69,7 @@ def model_alone(index_dir: Path, photos: list[Path], batch: int, rounds: int = 3
                 best = max(best, len(images) / (time.perf_counter() - t))
         return best
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def multipart(photo: bytes, fields: dict[str, str], boundary: str) -> bytes:
@@ -170,8 +174,10 @@ def main() -> None:
     # streams as the server's workers (at least two), whichever is faster
     streams = sorted({1, max(2, serve_cfg.resolved_model_workers())})
 
+    embedder, images = decoded(Path(args.index), paths)
+
     def ceiling() -> dict[int, float]:
-        return {n: model_alone(Path(args.index), paths, batch, streams=n) for n in streams}
+        return {n: model_alone(embedder, images, batch, serve_cfg.model_threads(n), streams=n) for n in streams}
     before = ceiling()
     with Server(Path(args.index), config=args.config) as srv:
         load(srv.url, photos, args.warmup, args.concurrency, args.k, args.explain, args.client)

@@ -203,10 +203,12 @@ def layer_rows(model, pre, q, row: Callable, record: Callable) -> None:
         for h in hooks:
             h.remove()
 
+    missing = {t: torch.full_like(next(iter(f.values())), float("nan")) for t, f in feats.items()}  # unreadable
+
     def embed(parts: tuple[str, ...]) -> Callable:
         def fn(ps):
-            return torch.cat([F.normalize(torch.stack([feats[t].get(str(p), torch.full_like(next(iter(
-                feats[t].values())), float("nan"))) for p in ps]), dim=1) for t in parts], dim=1)
+            return torch.cat([F.normalize(torch.stack([feats[t].get(str(p), missing[t]) for p in ps]), dim=1)
+                              for t in parts], dim=1)
         return fn
     for parts in [("final",), *[(t,) for t in taps], ("final", "blocks.6"), ("final", "blocks.5"),
                   ("final", "blocks.4"), ("final", "blocks.5", "blocks.6"), ("final", "blocks.4", "blocks.5")]:

@@ -152,6 +152,17 @@ class ServeConfig(Config):
     persist_seconds: float = Field(300.0, ge=1, description="the FAISS file is rewritten this often after "
                                    "changes (and at shutdown); SQLite and the vector chunks are durable at once")
     device: str = Field("cpu", description="torch device of the models")
+    model_nice: int = Field(5, ge=0, le=19, description="how much lower than the request threads the model "
+                            "threads run (Linux thread nice value; 0 = same): answers and new requests are never "
+                            "queued behind a forward")
+    faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of each FAISS search (exact flat "
+                               "searches of under 20 queries run on torch's threads instead); more only contend "
+                               "with the model on a small machine")
+    optimize: Literal["auto", "jit", "none"] = Field("auto", description="embedding model speed-up (see index)")
+    thumbnail_px: int = Field(256, ge=16, le=2048, description="longest side of result thumbnails")
+    search: SearchConfig = Field(default_factory=SearchConfig,
+                                 description="defaults of each search: min_confidence, max_pool, max_reasons")
+
     @field_validator("model_workers", mode="before")
     @classmethod
     def _workers_range(cls, value):
@@ -172,13 +183,7 @@ class ServeConfig(Config):
         cores = usable_cores()
         return max(w for w in range(1, 5) if cores % w == 0)
 
-    model_nice: int = Field(5, ge=0, le=19, description="how much lower than the request threads the model "
-                            "threads run (Linux thread nice value; 0 = same): answers and new requests are never "
-                            "queued behind a forward")
-    faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of each FAISS search (exact flat "
-                               "searches of under 20 queries run on torch's threads instead); more only contend "
-                               "with the model on a small machine")
-    optimize: Literal["auto", "jit", "none"] = Field("auto", description="embedding model speed-up (see index)")
-    thumbnail_px: int = Field(256, ge=16, le=2048, description="longest side of result thumbnails")
-    search: SearchConfig = Field(default_factory=SearchConfig,
-                                 description="defaults of each search: min_confidence, max_pool, max_reasons")
+    def model_threads(self, workers: int | None = None) -> int:
+        """torch threads of each model call with ``workers`` side by side (default: the resolved
+        ``model_workers``): the usable cores shared evenly, at least one."""
+        return max(1, usable_cores() // (workers or self.resolved_model_workers()))

@@ -21,9 +21,9 @@ from concurrent.futures import Future
 def lower_thread_priority(nice: int) -> bool:
     """Lower the calling thread's CPU priority by ``nice`` (Linux gives each thread its own nice
     value; elsewhere, or without permission, nothing changes). True when it was applied."""
-    tid = getattr(threading, "get_native_id", lambda: None)()
-    if tid is None or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
+    tid = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
         return True

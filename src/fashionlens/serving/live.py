@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fashionlens.config import SearchConfig, ServeConfig, usable_cores
+from fashionlens.config import SearchConfig, ServeConfig
 from fashionlens.data.images import ImageError, open_image
 from fashionlens.index.attributes import item_rows
 from fashionlens.index.query import DRAFT_SIZE, ExplainedHit, Searcher
@@ -134,7 +134,7 @@ class LiveCatalog:
         self.model_lock = threading.Lock()  # the explainer serves batches and explanation images
         workers = cfg.resolved_model_workers()
         if workers > 1:  # each batch on its own cores: no idle cores between batches
-            torch.set_num_threads(max(1, usable_cores() // workers))
+            torch.set_num_threads(cfg.model_threads(workers))
         self.batch = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed", workers=workers,
                              nice=cfg.model_nice)
         self.explain_batch = Batcher(self._explain, cfg.max_batch, cfg.batch_wait_ms / 1000, "explain",

@@ -278,22 +278,24 @@ class MapAugment:
         return t
 
 
-def view_caches(folder: str | Path, model_cfg, input_size: int, augment: dict | None, views: int
-                ) -> list[FeatureCache]:
-    """``views`` caches of augmented views beside the plain cache ``folder``:
-    ``folder/views-<hash of the augmentation settings>/vN``, so that other settings get other folders."""
+def view_cache(folder: str | Path, model_cfg, input_size: int, augment: dict | None, view: int) -> FeatureCache:
+    """Augmented view ``view`` (1, 2 ...) beside the plain cache ``folder``:
+    ``folder/views-<hash of the augmentation settings>/v<view>``, so that other settings get other folders."""
     settings = AugmentConfig(**(augment or {})).model_dump()
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return [FeatureCache.for_model(Path(folder) / f"views-{digest}" / f"v{v}", model_cfg, input_size, settings, v)
-            for v in range(1, views + 1)]
+    return FeatureCache.for_model(Path(folder) / f"views-{digest}" / f"v{view}", model_cfg, input_size, settings, view)
 
 
-def prepare_cache(folder: str | Path | FeatureCache, model_cfg, input_size: int, paths: Sequence[str | Path],
-                  device: str, workers: int, emit: Callable[[dict], None]) -> FeatureCache:
-    """The cache of ``model_cfg``'s frozen part (or the given :class:`FeatureCache`, e.g. an
-    augmented view) with the maps of ``paths`` computed, reporting ``cache`` / ``cache_step`` /
-    ``cache_unreadable`` events (the training progress' own)."""
-    cache = folder if isinstance(folder, FeatureCache) else FeatureCache.for_model(folder, model_cfg, input_size)
+def view_caches(folder: str | Path, model_cfg, input_size: int, augment: dict | None, views: int
+                ) -> list[FeatureCache]:
+    """Views 1 .. ``views`` (:func:`view_cache`)."""
+    return [view_cache(folder, model_cfg, input_size, augment, v) for v in range(1, views + 1)]
+
+
+def fill_cache(cache: FeatureCache, paths: Sequence[str | Path], device: str, workers: int,
+               emit: Callable[[dict], None]) -> FeatureCache:
+    """``cache`` with the maps of ``paths`` computed, reporting ``cache`` / ``cache_step`` /
+    ``cache_unreadable`` events (the training progress' own; ``view`` for an augmented view)."""
     view = cache.key["view"]
     emit({"event": "cache", "images": len(paths), **({"view": view} if view else {})})
     unreadable = cache.ensure(paths, device=device, workers=workers,
@@ -301,6 +303,13 @@ def prepare_cache(folder: str | Path | FeatureCache, model_cfg, input_size: int,
     if unreadable:
         emit({"event": "cache_unreadable", "images": unreadable})
     return cache
+
+
+def prepare_cache(folder: str | Path, model_cfg, input_size: int, paths: Sequence[str | Path], device: str,
+                  workers: int, emit: Callable[[dict], None]) -> FeatureCache:
+    """The cache of ``model_cfg``'s frozen part in ``folder`` with the maps of ``paths`` computed
+    (:func:`fill_cache`)."""
+    return fill_cache(FeatureCache.for_model(folder, model_cfg, input_size), paths, device, workers, emit)
 
 
 class CachedMapDataset(Dataset):
@@ -313,12 +322,13 @@ class CachedMapDataset(Dataset):
     def __init__(self, samples: Sequence[tuple[Path, int]], cache: FeatureCache,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  views: Sequence[FeatureCache] = ()):
-        caches = [cache, *views]
         self.samples = []
-        for p, label in samples:  # paths resolved here, once
-            if cache.locate(p) is None:  # not in the plain cache: left out, as the trainer does
+        for p, label in samples:  # paths resolved here, once per cache
+            plain = cache.locate(p)
+            if plain is None:  # not in the plain cache: left out, as the trainer does
                 continue
-            self.samples.append(([(c, loc) for c in caches if (loc := c.locate(p)) is not None], label))
+            self.samples.append(([(cache, plain)] + [(v, loc) for v in views if (loc := v.locate(p)) is not None],
+                                 label))
         self.labels = [label for _, label in self.samples]
         self.augment = augment
 

@@ -48,8 +48,7 @@ from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, 
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
-from fashionlens.training.feature_cache import (CachedMapDataset, FeatureCache, MapAugment, prepare_cache,
-                                                view_caches)
+from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment, fill_cache, view_cache
 from fashionlens.training.run_files import load_optimizer, plot_curves, read_rows, save_optimizer, write_rows
 from fashionlens.training.validation import QueryValidation, validation_row
 
@@ -102,6 +101,16 @@ def map_augment(cfg) -> MapAugment:
     """The map-level augmentations of ``cfg.augment`` (flip, 180 degree rotation, crop)."""
     aug = AugmentConfig(**(cfg.augment or {}))
     return MapAugment(aug.hflip, aug.rot180, aug.crop, aug.crop_min)
+
+
+def _shared_cache(make: Callable[[], FeatureCache], paths, device: str, workers: int, emit, rank: int,
+                  world: int) -> FeatureCache:
+    """The cache ``make`` opens, with the maps of ``paths``: only rank 0 computes them, the other
+    processes open the cache once it is complete."""
+    cache = fill_cache(make(), paths, device, workers, emit) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    return cache if cache is not None else make()
 
 
 def train_dataset(cfg: TrainConfig, samples, cache: FeatureCache | None, size: int, mean, std,
@@ -276,12 +285,8 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     if cfg.feature_cache:
         needed = ([p for p, _ in split.train + split.val] + (queries.all_paths() if queries else [])
                   + (mined.paths() if mined else []))
-        if rank == 0:  # only rank 0 writes the cache; the others open it once it is complete
-            cache = prepare_cache(cfg.feature_cache, model_cfg, size, needed, device, cfg.workers, emit)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            cache = FeatureCache.for_model(cfg.feature_cache, model_cfg, size)
+        cache = _shared_cache(lambda: FeatureCache.for_model(cfg.feature_cache, model_cfg, size), needed,
+                              device, cfg.workers, emit, rank, world)
     n_source = len(split.train_identities)
     samples, extras, weights = split.train, None, None
     if mined is not None:
@@ -295,14 +300,9 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
             weights = _share_weights([label for _, label in samples], n_source, mined_share)
     views = []
     if cache is not None and cfg.feature_cache_views:
-        if rank == 0:  # as the plain cache: rank 0 computes, the others open the finished views
-            views = view_caches(cfg.feature_cache, model_cfg, size, cfg.augment, cfg.feature_cache_views)
-            for view in views:
-                prepare_cache(view, model_cfg, size, [p for p, _ in samples], device, cfg.workers, emit)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            views = view_caches(cfg.feature_cache, model_cfg, size, cfg.augment, cfg.feature_cache_views)
+        views = [_shared_cache(lambda v=v: view_cache(cfg.feature_cache, model_cfg, size, cfg.augment, v),
+                               [p for p, _ in samples], device, cfg.workers, emit, rank, world)
+                 for v in range(1, cfg.feature_cache_views + 1)]
     train_ds = train_dataset(cfg, samples, cache, size, mean, std, views)
     val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
     embed = make_embed(model, device, cache, Preprocess(size, mean, std), workers=cfg.workers)
