@@ -113,6 +113,15 @@ def test_model_workers_auto_is_a_few_on_cpu_and_one_on_a_gpu(monkeypatch):
     assert config.usable_cores() >= 1
 
 
+def test_max_batch_is_shared_evenly_among_the_model_workers():
+    from fashionlens.config import ServeConfig
+
+    for max_batch, workers, expect in ((8, 1, 8), (8, 2, 4), (7, 2, 4), (8, 3, 3), (2, 4, 1), (1, 1, 1)):
+        cfg = ServeConfig(max_batch=max_batch, model_workers=workers)
+        assert cfg.worker_batch() == expect == cfg.worker_batch(workers)
+        assert expect * workers >= max_batch > (expect - 1) * workers  # the smallest even share that covers it
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
 def test_model_threads_run_at_a_lower_priority_than_the_callers():
     import os

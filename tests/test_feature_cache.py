@@ -15,7 +15,7 @@ from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.models.backbones import create_backbone
 from fashionlens.models.builder import load_checkpoint
-from fashionlens.training import TrainConfig, train
+from fashionlens.training import train
 from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment
 from fashionlens.training.validation import QueryValidation, identity_hit_rate
 from test_trainer import N_IDS, PER_ID, catalog, read_metrics, tiny_config  # noqa: F401 (fixture)

@@ -11,6 +11,7 @@ import json
 import shutil
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -372,3 +373,35 @@ def test_every_upload_format_is_known_to_pillow():
 
     Image.init()
     assert set(UPLOAD_FORMATS) <= set(Image.OPEN)
+
+
+def test_model_workers_share_max_batch_and_embed_as_one_model(world):
+    """Two workers on an even share of ``max_batch`` each: every model call stays within its
+    share, and every photo gets the vector the single-worker server gives it."""
+    import torch
+
+    from fashionlens.config import ServeConfig
+    from fashionlens.serving.live import LiveCatalog, decode_photo
+
+    threads = torch.get_num_threads()  # the server sets the process's torch threads
+    photos = [decode_photo(photo(world, n % 12), max_pixels=10**7) for n in range(24)]
+    try:
+        one = LiveCatalog(world["index"], ServeConfig(model_workers=1))
+        try:
+            expect = [one.embed(p) for p in photos]
+        finally:
+            one.close()
+        live = LiveCatalog(world["index"], ServeConfig(model_workers=2, max_batch=5))
+        sizes: list[int] = []
+        live.batch.on_batch = sizes.append
+        try:
+            assert live.batch.max_batch == 3 and len(live.batch._threads) == 2
+            with ThreadPoolExecutor(12) as pool:
+                got = list(pool.map(live.embed, photos))
+        finally:
+            live.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert sum(sizes) == len(photos) and max(sizes) <= 3
+    for vec, ref in zip(got, expect):
+        np.testing.assert_allclose(vec, ref, atol=1e-4)

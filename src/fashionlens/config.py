@@ -142,7 +142,8 @@ class ServeConfig(Config):
                             "bombs are refused from the header, before decoding)")
     default_k: int = Field(12, ge=1, le=1000, description="results per search when k is not given")
     max_k: int = Field(100, ge=1, le=1000, description="largest k a client may ask")
-    max_batch: int = Field(8, ge=1, le=256, description="concurrent photos embedded as one batch")
+    max_batch: int = Field(8, ge=1, le=256, description="photos in the model at once, shared evenly among the "
+                           "model_workers: each model call takes at most ceil(max_batch / model_workers)")
     batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="how long a batch waits for more photos")
     model_workers: int | Literal["auto"] = Field(
         "auto", description="batches run side by side, each model call on cores / model_workers threads; auto: "
@@ -182,6 +183,12 @@ class ServeConfig(Config):
             return 1
         cores = usable_cores()
         return max(w for w in range(1, 5) if cores % w == 0)
+
+    def worker_batch(self, workers: int | None = None) -> int:
+        """The most photos one model call takes with ``workers`` side by side (default: the resolved
+        ``model_workers``): ``max_batch`` shared evenly, so no worker takes a large batch while
+        another waits idle, and the photos in the model at once stay within ``max_batch``."""
+        return -(-self.max_batch // (workers or self.resolved_model_workers()))
 
     def model_threads(self, workers: int | None = None) -> int:
         """torch threads of each model call with ``workers`` side by side (default: the resolved

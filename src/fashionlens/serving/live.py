@@ -135,8 +135,8 @@ class LiveCatalog:
         workers = cfg.resolved_model_workers()
         if workers > 1:  # each batch on its own cores: no idle cores between batches
             torch.set_num_threads(cfg.model_threads(workers))
-        self.batch = Batcher(self._run_batch, cfg.max_batch, cfg.batch_wait_ms / 1000, "embed", workers=workers,
-                             nice=cfg.model_nice)
+        self.batch = Batcher(self._run_batch, cfg.worker_batch(workers), cfg.batch_wait_ms / 1000, "embed",
+                             workers=workers, nice=cfg.model_nice)
         self.explain_batch = Batcher(self._explain, cfg.max_batch, cfg.batch_wait_ms / 1000, "explain",
                                      nice=cfg.model_nice) if self.explainer else None
         self._unsaved_chunks: list[int] = []
