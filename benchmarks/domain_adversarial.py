@@ -1,0 +1,141 @@
+"""Issue 3 experiment: the cached recipe plus a domain-adversarial loss (DANN) on unlabeled buyers' photos.
+
+    python benchmarks/domain_adversarial.py configs/recipe-cached-cpu.yaml --weight 0.3 --features lan.embedding
+
+The recipe's own loop on cached maps (triplet + identity on P x K catalog batches), and each step
+also one batch of unlabeled target photos (consumer ``train/``, labels ignored) through the same
+neck. A small discriminator (Linear-ReLU-Linear) tells catalog from target by ``--features`` (an
+output of the model: ``embedding``, or one neck's, e.g. ``lan.embedding``) behind a gradient
+reversal layer with DANN's schedule (lambda = 2 / (1 + exp(-10 p)) - 1 over the run's progress p),
+so the neck learns features the discriminator cannot tell apart. ``--weight 0`` is the control
+(the same loop without the domain loss). Validation only: consumer ``validation/`` -> catalog
+each epoch; no checkpoint is written. Prints JSON with every epoch's row.
+
+An experiment, not a training option: the gradient reversal layer is written here because no
+library we depend on has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from _common import SHARED, emit
+from torch.utils.data import DataLoader
+
+from fashionlens.data.catalog import iter_image_folder
+from fashionlens.data.sampler import PKSampler
+from fashionlens.data.transforms import Preprocess
+from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
+from fashionlens.models.builder import build_model
+from fashionlens.training.config import load_train_config
+from fashionlens.training.data import split_for
+from fashionlens.training.feature_cache import prepare_cache
+from fashionlens.training.trainer import _optimizer, identity_terms, make_embed, train_dataset
+from fashionlens.training.validation import QueryValidation
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; the gradient times -lambda backward (Ganin & Lempitsky, 2015)."""
+
+    @staticmethod
+    def forward(ctx, x, lam: float):
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.lam * grad, None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="a cached-map training config, e.g. configs/recipe-cached-cpu.yaml")
+    parser.add_argument("--weight", type=float, default=0.3, help="weight of the domain loss (0: the control)")
+    parser.add_argument("--features", default="lan.embedding", help="the model output the discriminator sees")
+    parser.add_argument("--target", default=str(SHARED / "consumer" / "train"), help="unlabeled target photos")
+    parser.add_argument("--set", action="append", default=[], help="config overrides, as for fashionlens train")
+    args = parser.parse_args()
+    cfg = load_train_config(args.config, args.set)
+    if not cfg.feature_cache or not cfg.val_queries:
+        parser.error("the config needs feature_cache and val_queries")
+
+    split = split_for(cfg)
+    model_cfg = cfg.model.model_copy(update={"num_identities": len(split.train_identities) if cfg.identity > 0 else None})
+    torch.manual_seed(cfg.seed)
+    model, _ = build_model(model_cfg)
+    size, mean, std = int(model.data_config["input_size"][-1]), model.data_config["mean"], model.data_config["std"]
+    queries = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
+    target = [item.path for item in iter_image_folder(Path(args.target))]
+    needed = [p for p, _ in split.train] + queries.all_paths() + target
+    cache = prepare_cache(cfg.feature_cache, model_cfg, size, needed, cfg.device, cfg.workers, lambda event: None)
+    source_ds = train_dataset(cfg, split.train, cache, size, mean, std)
+    target_ds = train_dataset(cfg, [(p, 0) for p in target], cache, size, mean, std)
+
+    model.train()
+    probe = model(torch.stack([target_ds[0][0]] * 2), from_map=True)
+    if args.features not in probe:
+        parser.error(f"--features {args.features!r}: the model's outputs are {sorted(probe)}")
+    width = probe[args.features].shape[1]
+    disc = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    optimizer = _optimizer(cfg, model)
+    optimizer.add_param_group({"params": list(disc.parameters())})
+    embed = make_embed(model, cfg.device, cache, Preprocess(size, mean, std))
+    sampler = PKSampler(source_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch)
+    source = DataLoader(source_ds, batch_sampler=sampler)
+    target_loader = DataLoader(target_ds, batch_size=cfg.p * cfg.k, shuffle=True, drop_last=True,
+                               generator=torch.Generator().manual_seed(cfg.seed))
+    triplet = BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
+    id_loss = IdentityLoss()
+    weighted = WeightedSum({"triplet": cfg.triplet, "identity": cfg.identity, "domain": args.weight})
+
+    rows, step, total = [], 0, cfg.epochs * len(sampler)
+    targets = iter(target_loader)
+    t0 = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009)
+        sampler.set_epoch(epoch)
+        accuracy, domain_loss = [], []
+        for images, labels in source:
+            try:
+                target_maps, _ = next(targets)
+            except StopIteration:
+                targets = iter(target_loader)
+                target_maps, _ = next(targets)
+            n = len(labels)
+            outputs = model(torch.cat([images, target_maps]), from_map=True)
+            ours = {key: value[:n] for key, value in outputs.items()}
+            terms = {"triplet": triplet(ours["embedding"], labels),
+                     "identity": identity_terms(ours, labels, id_loss, len(split.train_identities))}
+            if args.weight > 0:
+                lam = 2.0 / (1.0 + math.exp(-10.0 * step / total)) - 1.0
+                logits = disc(GradientReversal.apply(outputs[args.features], lam)).squeeze(1)
+                domain = torch.cat([torch.zeros(n), torch.ones(len(target_maps))])
+                terms["domain"] = F.binary_cross_entropy_with_logits(logits, domain)
+                accuracy.append(float(((logits > 0).float() == domain).float().mean()))
+                domain_loss.append(float(terms["domain"]))
+            loss, _ = weighted(terms)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        row = {"epoch": epoch, **queries.evaluate(embed)}
+        if accuracy:
+            row["discriminator_accuracy"] = round(sum(accuracy) / len(accuracy), 3)
+            row["domain_loss"] = round(sum(domain_loss) / len(domain_loss), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    best = max(rows, key=lambda r: r["query_top1"])
+    emit({"benchmark": "domain_adversarial", "config": args.config, "sets": args.set, "weight": args.weight,
+          "features": args.features, "target": args.target, "target_photos": len(target), "epochs": rows,
+          "best_epoch": best["epoch"], "best_query_top1": best["query_top1"], "best_query_top4": best["query_top4"],
+          "seconds": round(time.perf_counter() - t0, 1)})
+
+
+if __name__ == "__main__":
+    main()
