@@ -8,8 +8,9 @@ neck. A small discriminator (Linear-ReLU-Linear) tells catalog from target by ``
 output of the model: ``embedding``, or one neck's, e.g. ``lan.embedding``) behind a gradient
 reversal layer with DANN's schedule (lambda = 2 / (1 + exp(-10 p)) - 1 over the run's progress p),
 so the neck learns features the discriminator cannot tell apart. ``--weight 0`` is the control
-(the same loop without the domain loss). Validation only: consumer ``validation/`` -> catalog
-each epoch; no checkpoint is written. Prints JSON with every epoch's row.
+(the same loop without the domain loss: the target photos still pass through the neck, so its
+BatchNorm layers normalise over both domains); ``--no-target`` leaves them out (the recipe itself). Validation only: consumer ``validation/`` -> catalog
+each epoch; ``--save DIR`` keeps the best epoch's model. Prints JSON with every epoch's row.
 
 An experiment, not a training option: the gradient reversal layer is written here because no
 library we depend on has one.
@@ -32,7 +33,7 @@ from fashionlens.data.catalog import iter_image_folder
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
-from fashionlens.models.builder import build_model
+from fashionlens.models.builder import build_model, save_checkpoint
 from fashionlens.training.config import load_train_config
 from fashionlens.training.data import split_for
 from fashionlens.training.feature_cache import prepare_cache
@@ -59,11 +60,17 @@ def main() -> None:
     parser.add_argument("--weight", type=float, default=0.3, help="weight of the domain loss (0: the control)")
     parser.add_argument("--features", default="lan.embedding", help="the model output the discriminator sees")
     parser.add_argument("--target", default=str(SHARED / "consumer" / "train"), help="unlabeled target photos")
+    parser.add_argument("--no-target", action="store_true", help="with --weight 0: no target photos in the batches "
+                        "at all (the recipe itself; with them, the neck's BatchNorm sees both domains)")
     parser.add_argument("--set", action="append", default=[], help="config overrides, as for fashionlens train")
+    parser.add_argument("--save", help="write the best epoch's model here (a checkpoint folder for --model)")
     args = parser.parse_args()
     cfg = load_train_config(args.config, args.set)
     if not cfg.feature_cache or not cfg.val_queries:
         parser.error("the config needs feature_cache and val_queries")
+    if args.no_target and args.weight > 0:
+        parser.error("--no-target is the control without target photos: it needs --weight 0")
+    device = cfg.device
 
     split = split_for(cfg)
     model_cfg = cfg.model.model_copy(update={"num_identities": len(split.train_identities) if cfg.identity > 0 else None})
@@ -77,12 +84,14 @@ def main() -> None:
     source_ds = train_dataset(cfg, split.train, cache, size, mean, std)
     target_ds = train_dataset(cfg, [(p, 0) for p in target], cache, size, mean, std)
 
+    model.to(device).eval()  # the probe must not move the neck's BatchNorm statistics
+    with torch.no_grad():
+        probe = model(torch.stack([target_ds[0][0]] * 2).to(device), from_map=True)
     model.train()
-    probe = model(torch.stack([target_ds[0][0]] * 2), from_map=True)
     if args.features not in probe:
         parser.error(f"--features {args.features!r}: the model's outputs are {sorted(probe)}")
     width = probe[args.features].shape[1]
-    disc = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    disc = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)).to(device)
     optimizer = _optimizer(cfg, model)
     optimizer.add_param_group({"params": list(disc.parameters())})
     embed = make_embed(model, cfg.device, cache, Preprocess(size, mean, std))
@@ -107,18 +116,22 @@ def main() -> None:
             except StopIteration:
                 targets = iter(target_loader)
                 target_maps, _ = next(targets)
+            if args.no_target:  # drawn all the same, so both controls use the same random numbers
+                target_maps = target_maps[:0]
+            images, labels, target_maps = images.to(device), labels.to(device), target_maps.to(device)
             n = len(labels)
             outputs = model(torch.cat([images, target_maps]), from_map=True)
             ours = {key: value[:n] for key, value in outputs.items()}
-            terms = {"triplet": triplet(ours["embedding"], labels),
-                     "identity": identity_terms(ours, labels, id_loss, len(split.train_identities))}
+            terms = {"triplet": triplet(ours["embedding"], labels)}
+            if cfg.identity > 0:
+                terms["identity"] = identity_terms(ours, labels, id_loss, len(split.train_identities))
             if args.weight > 0:
                 lam = 2.0 / (1.0 + math.exp(-10.0 * step / total)) - 1.0
                 logits = disc(GradientReversal.apply(outputs[args.features], lam)).squeeze(1)
-                domain = torch.cat([torch.zeros(n), torch.ones(len(target_maps))])
+                domain = torch.cat([torch.zeros(n), torch.ones(len(target_maps))]).to(device)
                 terms["domain"] = F.binary_cross_entropy_with_logits(logits, domain)
                 accuracy.append(float(((logits > 0).float() == domain).float().mean()))
-                domain_loss.append(float(terms["domain"]))
+                domain_loss.append(float(terms["domain"].detach()))
             loss, _ = weighted(terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,10 +141,14 @@ def main() -> None:
         if accuracy:
             row["discriminator_accuracy"] = round(sum(accuracy) / len(accuracy), 3)
             row["domain_loss"] = round(sum(domain_loss) / len(domain_loss), 3)
+        if args.save and row["query_top1"] > max((r["query_top1"] for r in rows), default=-1.0):
+            save_checkpoint(args.save, model, model_cfg, {"epoch": epoch, "metrics": row, "data_config": model.data_config,
+                                                          "train_identities": split.train_identities})
         rows.append(row)
         print(json.dumps(row), flush=True)
     best = max(rows, key=lambda r: r["query_top1"])
     emit({"benchmark": "domain_adversarial", "config": args.config, "sets": args.set, "weight": args.weight,
+          "no_target": args.no_target,
           "features": args.features, "target": args.target, "target_photos": len(target), "epochs": rows,
           "best_epoch": best["epoch"], "best_query_top1": best["query_top1"], "best_query_top4": best["query_top4"],
           "seconds": round(time.perf_counter() - t0, 1)})

@@ -5,7 +5,7 @@
 1. The model alone: the index's own embedder on the same query photos, already decoded:
    photos per second in one stream on all cores, and in as many streams side by side as the
    server's ``model_workers`` (at least two) each on its share of the cores, each at batch sizes
-   1, 2, 4, 8 up to what one model call of that layout may take (``max_batch``, or its share
+   1, 2, 3, 4, 8 up to what one model call of that layout may take (``max_batch``, or its share
    per worker). The fastest is the ceiling of any server on this machine (on a small CPU the
    model is fastest at a few photos a call, not at the largest batch).
    Measured before and after the load (a shared machine's speed drifts within minutes); the
@@ -150,8 +150,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def batch_sizes_upto(cap: int) -> list[int]:
-    """The batch sizes the ceiling is measured at: 1, 2, 4, 8 up to ``cap``, and ``cap``."""
-    return sorted({b for b in (1, 2, 4, 8) if b <= cap} | {cap})
+    """The batch sizes the ceiling is measured at: 1, 2, 3, 4, 8 up to ``cap``, and ``cap``."""
+    return sorted({b for b in (1, 2, 3, 4, 8) if b <= cap} | {cap})
 
 
 def batch_sizes(metrics: str) -> float | None:

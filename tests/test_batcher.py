@@ -119,7 +119,10 @@ def test_max_batch_is_shared_evenly_among_the_model_workers():
     for max_batch, workers, expect in ((8, 1, 8), (8, 2, 4), (7, 2, 4), (8, 3, 3), (2, 4, 1), (1, 1, 1)):
         cfg = ServeConfig(max_batch=max_batch, model_workers=workers)
         assert cfg.worker_batch() == expect == cfg.worker_batch(workers)
-        assert expect * workers >= max_batch > (expect - 1) * workers  # the smallest even share that covers it
+    for max_batch in range(1, 21):  # the smallest even share that covers max_batch
+        for workers in range(1, 6):
+            share = ServeConfig(max_batch=max_batch, model_workers=workers).worker_batch()
+            assert share * workers >= max_batch > (share - 1) * workers and share >= 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")

@@ -383,7 +383,9 @@ def test_model_workers_share_max_batch_and_embed_as_one_model(world):
     from fashionlens.config import ServeConfig
     from fashionlens.serving.live import LiveCatalog, decode_photo
 
-    threads = torch.get_num_threads()  # the server sets the process's torch threads
+    import faiss
+
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()  # the server sets both
     photos = [decode_photo(photo(world, n % 12), max_pixels=10**7) for n in range(24)]
     try:
         one = LiveCatalog(world["index"], ServeConfig(model_workers=1))
@@ -402,6 +404,7 @@ def test_model_workers_share_max_batch_and_embed_as_one_model(world):
             live.close()
     finally:
         torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(faiss_threads)
     assert sum(sizes) == len(photos) and max(sizes) <= 3
     for vec, ref in zip(got, expect):
         np.testing.assert_allclose(vec, ref, atol=1e-4)

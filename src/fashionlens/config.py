@@ -187,7 +187,8 @@ class ServeConfig(Config):
     def worker_batch(self, workers: int | None = None) -> int:
         """The most photos one model call takes with ``workers`` side by side (default: the resolved
         ``model_workers``): ``max_batch`` shared evenly, so no worker takes a large batch while
-        another waits idle, and the photos in the model at once stay within ``max_batch``."""
+        another waits idle; the photos in the model at once stay within ``max_batch`` rounded up
+        to a multiple of the workers."""
         return -(-self.max_batch // (workers or self.resolved_model_workers()))
 
     def model_threads(self, workers: int | None = None) -> int:
