@@ -32,12 +32,13 @@ from torch.utils.data import DataLoader
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
-from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
+from fashionlens.losses import IdentityLoss, WeightedSum
 from fashionlens.models.builder import build_model, save_checkpoint
 from fashionlens.training.config import load_train_config
 from fashionlens.training.data import split_for
 from fashionlens.training.feature_cache import prepare_cache
-from fashionlens.training.trainer import _optimizer, identity_terms, make_embed, train_dataset
+from fashionlens.training.trainer import (_optimizer, identity_terms, make_embed, seed_epoch, train_dataset,
+                                         triplet_loss_for)
 from fashionlens.training.validation import QueryValidation
 
 
@@ -80,7 +81,7 @@ def main() -> None:
     queries = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
     target = [item.path for item in iter_image_folder(Path(args.target))]
     needed = [p for p, _ in split.train] + queries.all_paths() + target
-    cache = prepare_cache(cfg.feature_cache, model_cfg, size, needed, cfg.device, cfg.workers, lambda event: None)
+    cache = prepare_cache(cfg.feature_cache, model_cfg, size, needed, device, cfg.workers, lambda event: None)
     source_ds = train_dataset(cfg, split.train, cache, size, mean, std)
     target_ds = train_dataset(cfg, [(p, 0) for p in target], cache, size, mean, std)
 
@@ -94,12 +95,12 @@ def main() -> None:
     disc = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)).to(device)
     optimizer = _optimizer(cfg, model)
     optimizer.add_param_group({"params": list(disc.parameters())})
-    embed = make_embed(model, cfg.device, cache, Preprocess(size, mean, std))
+    embed = make_embed(model, device, cache, Preprocess(size, mean, std))
     sampler = PKSampler(source_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch)
     source = DataLoader(source_ds, batch_sampler=sampler)
     target_loader = DataLoader(target_ds, batch_size=cfg.p * cfg.k, shuffle=True, drop_last=True,
                                generator=torch.Generator().manual_seed(cfg.seed))
-    triplet = BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
+    triplet = triplet_loss_for(cfg)
     id_loss = IdentityLoss()
     weighted = WeightedSum({"triplet": cfg.triplet, "identity": cfg.identity, "domain": args.weight})
 
@@ -107,7 +108,7 @@ def main() -> None:
     targets = iter(target_loader)
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009)
+        seed_epoch(cfg.seed, epoch)
         sampler.set_epoch(epoch)
         accuracy, domain_loss = [], []
         for images, labels in source:

@@ -29,12 +29,12 @@ def main() -> None:
     from torch.utils.data import DataLoader
 
     from fashionlens.data.sampler import PKSampler
-    from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero
+    from fashionlens.losses import IdentityLoss
     from fashionlens.models.builder import build_model
     from fashionlens.training import load_train_config
     from fashionlens.training.data import make_split
     from fashionlens.training.feature_cache import FeatureCache
-    from fashionlens.training.trainer import _optimizer, identity_terms, train_dataset
+    from fashionlens.training.trainer import _optimizer, identity_terms, train_dataset, triplet_loss_for
 
     cfg = load_train_config(args.config, args.sets)
     split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity, 0.0, cfg.seed)
@@ -48,7 +48,7 @@ def main() -> None:
     sampler = PKSampler(dataset.labels, cfg.p, cfg.k, cfg.seed, args.batches + args.warmup)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers)
     optimizer = _optimizer(cfg, model)
-    triplet = BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
+    triplet = triplet_loss_for(cfg)
     id_loss = IdentityLoss()
     use_amp = cfg.amp and cfg.device.startswith("cuda")
     n_images, t0 = 0, time.perf_counter()

@@ -44,7 +44,7 @@ from fashionlens.training.run_files import load_optimizer, plot_curves, read_row
 from fashionlens.losses.pointing import PointingLoss
 from fashionlens.data.street import yes_columns
 from fashionlens.training.attribute_masks import MaskedMapDataset, street_shares
-from fashionlens.training.trainer import check_frozen_stages, make_embed, map_augment, train_dataset
+from fashionlens.training.trainer import check_frozen_stages, make_embed, map_augment, seed_epoch, train_dataset
 
 COLUMNS = ["epoch", "step", "lr", "loss", "pointing", "val_loss", "val_accuracy", "val_precision", "val_map",
            "seconds", "images_per_second"]
@@ -252,7 +252,7 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
           "attributes": len(data.schema), "images": split_info, "device": cfg.device})
     row: dict = rows[-1] if rows else {}
     for epoch in range(start_epoch, cfg.epochs + 1):
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009)
+        seed_epoch(cfg.seed, epoch)
         targets = torch.from_numpy(resolve_maybe(data.targets, np.random.default_rng([cfg.seed, epoch]), cfg.maybe))
         order = torch.randperm(len(train_ds)).tolist()
         batch_lists = [order[b * cfg.batch_size:(b + 1) * cfg.batch_size] for b in range(batches)]

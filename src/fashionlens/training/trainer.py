@@ -97,6 +97,16 @@ def identity_terms(outputs: dict, labels: torch.Tensor, id_loss, num_classes: in
     return loss
 
 
+def triplet_loss_for(cfg: TrainConfig) -> BatchAllTripletLoss:
+    """The run's batch-all triplet loss: its margin, the mean over all valid triplets or over the non-zero ones."""
+    return BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """Reseed torch for ``epoch`` of process ``rank``: a resumed run draws what an uninterrupted one would."""
+    torch.manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
+
+
 def map_augment(cfg) -> MapAugment:
     """The map-level augmentations of ``cfg.augment`` (flip, 180 degree rotation, crop)."""
     aug = AugmentConfig(**(cfg.augment or {}))
@@ -311,7 +321,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
                         photo_keys=[str(p) for p, _ in samples] if extras else None)
     loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=device.startswith("cuda"), persistent_workers=cfg.workers > 0)
-    triplet_loss = BatchAllTripletLoss(cfg.margin, reducer=MeanAllValid() if cfg.reducer == "all" else MeanNonZero())
+    triplet_loss = triplet_loss_for(cfg)
     id_loss, weighted = IdentityLoss(), WeightedSum({"triplet": cfg.triplet, "identity": cfg.identity})
     use_amp = cfg.amp and device.startswith("cuda")
 
@@ -326,7 +336,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
           "world_size": world, "device": device})
     row: dict = rows[-1] if rows else {}
     for epoch in range(start_epoch, cfg.epochs + 1):
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + rank)
+        seed_epoch(cfg.seed, epoch, rank)
         sampler.set_epoch(epoch)
         sums = {"loss": 0.0, "triplet": 0.0, "identity": 0.0, "valid_triplets": 0.0, "positive_fraction": 0.0}
         n_batches = n_images = 0
