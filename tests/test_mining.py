@@ -475,6 +475,68 @@ def test_adapt_with_source_assignment(domains, initial, tmp_path):
     assert all(name is None or name.startswith("type") for name in mined.source)
 
 
+def test_vote_photos_against_brute_force(tmp_path):
+    """assign=photo: each photo's vote pools the k nearest source photos of itself and of its m
+    nearest other target photos; only the photo itself gets the label (checked by brute force)."""
+    from fashionlens.training.mining import SourceVote, assignment_precision, vote_photos
+
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(3, 8)).astype(np.float32)
+    target = centres[np.arange(60) % 3] + 0.6 * rng.normal(size=(60, 8)).astype(np.float32)
+    source = centres[np.arange(45) % 3] + 0.6 * rng.normal(size=(45, 8)).astype(np.float32)
+    names = [f"id{i % 3}" for i in range(45)]
+    names[:9] = ["other"] * 9
+    t_paths = [Path(f"/t/{i}.jpg") for i in range(60)] + [Path("/t/broken.jpg")]
+    s_paths = [Path(f"/s/{i}.jpg") for i in range(45)]
+    table = {**{p: target[i] for i, p in enumerate(t_paths[:60])}, **{p: source[i] for i, p in enumerate(s_paths)}}
+
+    def embed(batch):  # an unreadable photo embeds to NaN, as the real embedders do
+        return torch.from_numpy(np.stack([table.get(p, np.full(8, np.nan, np.float32)) for p in batch]))
+
+    vote = SourceVote(s_paths, names, k=5, min_share=0.5)
+    found = vote_photos(t_paths, embed, tmp_path / "w", vote, m=4, chunk_size=16)
+    assert found.queries.tolist() == list(range(60))  # every readable photo, the broken one left out
+    assert all(len(p) == 0 for p in found.positives) and all(len(n) == 0 for n in found.negatives)
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+    t, src = unit(target), unit(source)
+    for row, name, share in zip(found.queries, found.assigned, found.assigned_share):
+        sims = t @ t[row]
+        sims[row] = -np.inf
+        group = [row, *np.argsort(-sims, kind="stable")[:4]]
+        pooled = [names[r] for g in group for r in np.argsort(-(src @ t[g]), kind="stable")[:5]]
+        counts = {v: pooled.count(v) for v in pooled}
+        top = next(v for v in pooled if counts[v] == max(counts.values()))
+        assert share == pytest.approx(counts[top] / 25)
+        assert name == (top if share >= 0.5 else None)
+    assert 0 < sum(a is None for a in found.assigned) < 60  # the threshold leaves some out
+    labels = [f"id{i % 3}" for i in range(60)] + ["id0"]
+    photos = TargetPhotos(t_paths, labels)
+    write_mined_csv(tmp_path / "mined.csv", found, photos, with_labels=True)
+    back = read_mined_csv(tmp_path / "mined.csv")
+    assert back.positives == [[t_paths[r]] for r in range(60)] and back.source == found.assigned
+    samples, _ = with_mined([(s_paths[0], 0)], 1, back, {"id0": 0, "id1": 1, "id2": 2, "other": 3})
+    assert len(samples) == 1 + sum(a is not None for a in found.assigned)  # one sample a labelled photo
+    got = assignment_precision(found, labels, lambda label, ident: label == ident)
+    kept = [(r, a) for r, a in zip(found.queries, found.assigned) if a is not None]
+    assert got["assignment_precision"] == pytest.approx(np.mean([labels[r] == a for r, a in kept]))
+    with pytest.raises(UserError, match="too few"):
+        vote_photos(t_paths[:3], embed, tmp_path / "w", vote, m=4)
+
+
+def test_adapt_with_photo_assignment(domains, initial, tmp_path):
+    cfg = load_adapt_config(_adapt_yaml(domains, initial, tmp_path / "a.yaml", assign="photo", rounds=1,
+                                        vote_k=2, vote_min_share=0.5))
+    rows = adapt(cfg)
+    assert [r["round"] for r in rows] == [0, 1]
+    out = tmp_path / "adapt" / "round-1"
+    mined = read_mined_csv(out / "mined.csv")
+    target = TargetPhotos.read(domains / "target")
+    assert sorted(g[0] for g in mined.positives) == sorted(target.paths) and all(len(g) == 1 for g in mined.positives)
+    assert all(name is None or name.startswith("type") for name in mined.source)
+    info = json.loads((out / "mining.json").read_text())
+    assert info["queries"] == len(target.paths) and info["positive_precision"] is None  # no positives
+
+
 def _torchrun_adapt(config: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -4,6 +4,8 @@ From a trained model (round 0), each round r = 1..R:
 
 1. mine pseudo-identities on the unlabeled target photos with the model of round r-1
    (:mod:`fashionlens.training.mining`): ``round-r/mined.csv``, ``round-r/mining.json``;
+   with ``assign=source`` the mined groups, with ``assign=photo`` every target photo alone,
+   join source identities by a vote of their nearest source photos instead;
 2. retrain, starting from round r-1's weights, on the source identities + the mined ones
    (mined negatives join the batches as negatives only): ``round-r/train/`` is an ordinary
    training run folder (metrics.csv, curves.png, last/, best/ chosen on validation);
@@ -47,7 +49,7 @@ from fashionlens.training.data import split_for
 from fashionlens.training.feature_cache import prepare_cache
 from fashionlens.evaluation.protocols import read_label_mapping
 from fashionlens.training.mining import (SourceVote, TargetPhotos, assignment_precision, label_precision, mine,
-                                         read_mined_csv, write_mined_csv)
+                                         read_mined_csv, vote_photos, write_mined_csv)
 from fashionlens.training.trainer import _setup_distributed, init_weights, make_embed, train
 from fashionlens.training.validation import QueryValidation, validation_row
 
@@ -64,21 +66,26 @@ class AdaptConfig(Config):
     target: str = Field(..., description="folder of unlabeled target-domain photos (e.g. buyers' photos)")
     target_labels: bool = Field(False, description="measurement only: each target photo's sub-folder is its "
                                 "label; report each round's pseudo-label precision (never used to train)")
-    queries: int = Field(1000, ge=1, description="target photos drawn as queries per round (the rest is the gallery)")
-    m: int = Field(10, ge=1, description="ranks 1..m of a query are its pseudo-positives")
+    queries: int = Field(1000, ge=1, description="target photos drawn as queries per round (the rest is the "
+                         "gallery); assign=photo: unused, every target photo is a query")
+    m: int = Field(10, ge=1, description="ranks 1..m of a query are its pseudo-positives; assign=photo: the "
+                   "target neighbours whose source votes each photo's vote pools")
     i: int = Field(30, ge=2, description="ranks i..j of a query are its identity's negatives")
     j: int = Field(40, ge=2, description="last rank of the negatives")
     rounds: int = Field(4, ge=1, description="mining rounds after round 0")
     patience: int = Field(1, ge=1, description="stop after this many rounds without a better validation metric")
-    assign: Literal["new", "source"] = Field("new", description="new: each mined group is a new identity with "
-                                             "its negatives (the thesis); source: a group joins the source identity "
-                                             "that most of its vote_k nearest source photos hold (at least "
-                                             "vote_min_share of them; other groups are left out), without negatives")
+    assign: Literal["new", "source", "photo"] = Field("new", description="new: each mined group is a new identity "
+                                                      "with its negatives (the thesis); source: a group joins the "
+                                                      "source identity that most of its vote_k nearest source photos "
+                                                      "hold (at least vote_min_share of them; other groups are left "
+                                                      "out), without negatives; photo: every target photo alone "
+                                                      "joins the source identity most of the vote_k nearest source "
+                                                      "photos of itself and its m nearest target photos hold")
     restart: Literal["previous", "init"] = Field("previous", description="what each round's training starts "
                                                  "from: the previous round's model, or init every round (the "
                                                  "latest model still mines)")
-    vote_k: int = Field(20, ge=1, description="assign=source: source photos searched per group")
-    vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source: smallest share of the vote")
+    vote_k: int = Field(20, ge=1, description="assign=source/photo: source photos searched per group or photo")
+    vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source/photo: smallest share of the vote")
     mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
                                       "drawn from the mined ones (None: all identities alike, as the thesis)")
     index_type: str = Field("auto", pattern="^(auto|flat|hnsw|ivfpq)$", description="target index (auto: exact "
@@ -91,8 +98,9 @@ class AdaptConfig(Config):
     def _check(self) -> AdaptConfig:
         if not self.m < self.i <= self.j:
             raise ValueError(f"need m < i <= j, got m={self.m}, i={self.i}, j={self.j}")
-        if self.assign == "source" and self.mined_share is not None:
-            raise ValueError("mined_share is for assign=new (with assign=source the groups join source identities)")
+        if self.assign != "new" and self.mined_share is not None:
+            raise ValueError(f"mined_share is for assign=new (with assign={self.assign} the photos join source "
+                             "identities)")
         if not self.train.val_queries and self.train.val_fraction == 0:
             raise ValueError("the rounds need a validation metric: set train.val_queries (+ val_mapping) "
                              "or train.val_fraction > 0")
@@ -307,11 +315,15 @@ def _mine_round(cfg: AdaptConfig, r: int, folder: Path, previous: Path, target: 
         return json.loads(info_path.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     emit({"event": "round", "round": r, "what": f"mining with {previous}"})
-    vote = _source_vote(cfg) if cfg.assign == "source" else None
+    vote = _source_vote(cfg) if cfg.assign != "new" else None
     embed = _embedder(cfg, previous, device, target.paths + (vote.paths if vote else []), emit)
-    found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.m, cfg.i, cfg.j,
-                 seed=cfg.seed + r, index_type=cfg.index_type, flat_max=cfg.flat_max,
-                 progress=lambda d, n: emit({"event": "mine_step", "done": d, "total": n}), vote=vote)
+    step = lambda d, n: emit({"event": "mine_step", "done": d, "total": n})  # noqa: E731
+    if cfg.assign == "photo":
+        found = vote_photos(target.paths, embed, folder / ".target-vectors", vote, cfg.m, index_type=cfg.index_type,
+                            flat_max=cfg.flat_max, seed=cfg.seed + r, progress=step)
+    else:
+        found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.m, cfg.i, cfg.j,
+                     seed=cfg.seed + r, index_type=cfg.index_type, flat_max=cfg.flat_max, progress=step, vote=vote)
     info = {"round": r, "queries": len(found.queries), "index": found.index, "model": str(previous)}
     if cfg.target_labels:
         info.update(label_precision(found, target.labels))

@@ -139,6 +139,16 @@ def _rows_of(files: ChunkFiles, numbers: list[int], wanted: np.ndarray, dim: int
     return out
 
 
+def _source_index(vote: SourceVote, embed: Embed, work: Path, dim: int, index_type: str, flat_max: int, seed: int,
+                  chunk_size: int):
+    """A FAISS index over the vote's source photos (row = position in ``vote.paths``)."""
+    s_files, s_numbers, _, s_rows = embed_to_chunks(vote.paths, embed, work / "source", chunk_size)
+    if len(s_rows) < vote.k:
+        raise UserError(f"{len(s_rows)} readable source photos: fewer than the vote's k={vote.k}")
+    index, _ = _build_index(s_files, s_numbers, dim, len(s_rows), np.zeros(0, np.int64), index_type, flat_max, seed)
+    return index
+
+
 def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: int, vote: SourceVote,
           embed: Embed, work: Path, index_type: str, flat_max: int, seed: int, chunk_size: int
           ) -> tuple[list[str | None], list[float]]:
@@ -146,11 +156,7 @@ def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: 
     vecs = _rows_of(files, numbers, wanted, dim)
     centroids = np.stack([vecs[np.searchsorted(wanted, g)].mean(axis=0) for g in groups])
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    s_files, s_numbers, _, s_rows = embed_to_chunks(vote.paths, embed, work / "source", chunk_size)
-    n_source = len(s_rows)
-    if n_source < vote.k:
-        raise UserError(f"{n_source} readable source photos: fewer than the vote's k={vote.k}")
-    index, _ = _build_index(s_files, s_numbers, dim, n_source, np.zeros(0, np.int64), index_type, flat_max, seed)
+    index = _source_index(vote, embed, work, dim, index_type, flat_max, seed, chunk_size)
     _, ids = index.search(centroids.astype(np.float32), vote.k)
     assigned, shares = [], []
     for row in ids:
@@ -200,6 +206,57 @@ def mine(paths: Sequence[Path], embed: Embed, work: Path, queries: int, m: int, 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return mined
+
+
+def vote_photos(paths: Sequence[Path], embed: Embed, work: Path, vote: SourceVote, m: int, index_type: str = "auto",
+                flat_max: int = 100_000, seed: int = 0, chunk_size: int = 4096,
+                progress: Callable[[int, int], None] | None = None) -> Mined:
+    """Pseudo-labels photo by photo (``assign=photo``, an extension of the thesis' mining):
+    every readable target photo is a query; its vote pools the ``vote.k`` nearest source photos
+    of itself and of its ``m`` nearest target photos, and the photo alone (not its neighbours)
+    joins the source identity with the most votes when that holds at least ``vote.min_share``
+    of them. The neighbours lend evidence without receiving the label, so one wrong neighbour
+    does not mislabel a whole group. Both searches go through FAISS indexes chosen by size;
+    nothing holds the target's vectors as one matrix (only k + m + 1 integers a photo)."""
+    work = Path(work)
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        files, numbers, dim, readable = embed_to_chunks(paths, embed, work / "target", chunk_size, progress)
+        if len(readable) < m + 1:
+            raise UserError(f"{len(readable)} readable target photos: too few for m={m} neighbours each")
+        names = sorted(set(vote.identities))
+        number = {name: i for i, name in enumerate(names)}
+        code = np.array([number[n] for n in vote.identities], np.int64)
+        s_index = _source_index(vote, embed, work, dim, index_type, flat_max, seed, chunk_size)
+        t_index, spec = _build_index(files, numbers, dim, len(readable), np.zeros(0, np.int64), index_type,
+                                     flat_max, seed)
+        votes = np.full((len(paths), vote.k), -1, np.int64)  # each photo's k source votes, nearest first
+        near = np.full((len(paths), m), -1, np.int64)  # each photo's m nearest other target photos
+        for c in numbers:
+            rows, vecs = files.read(c)
+            _, ids = s_index.search(vecs, vote.k)
+            votes[rows] = np.where(ids >= 0, code[np.maximum(ids, 0)], -1)
+            _, ids = t_index.search(vecs, m + 1)
+            for row, found in zip(rows, ids):
+                others = found[(found >= 0) & (found != row)][:m]
+                near[row, :len(others)] = others
+        del s_index, t_index
+        assigned, shares = [], []
+        for row in readable:
+            pooled = np.concatenate([votes[row], votes[near[row][near[row] >= 0]].ravel()])
+            pooled = pooled[pooled >= 0]
+            counts = np.bincount(pooled, minlength=len(names))
+            # the most votes; a tie goes to the identity reached first (the photo's own nearer votes)
+            tied = np.flatnonzero(counts == counts.max())
+            best = int(pooled[np.isin(pooled, tied)][0])
+            share = counts[best] / len(pooled)
+            assigned.append(names[best] if share >= vote.min_share else None)
+            shares.append(float(share))
+        # no positives: the label is the photo's alone (its neighbours only voted)
+        none, no_scores = [np.zeros(0, np.int64)] * len(readable), [np.zeros(0, np.float32)] * len(readable)
+        return Mined(np.asarray(readable), none, no_scores, none, no_scores, none, spec.to_dict(), assigned, shares)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def to_identities(mined: Mined, target: TargetPhotos) -> MinedIdentities:
