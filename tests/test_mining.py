@@ -475,9 +475,12 @@ def test_adapt_with_source_assignment(domains, initial, tmp_path):
     assert all(name is None or name.startswith("type") for name in mined.source)
 
 
-def test_vote_photos_against_brute_force(tmp_path):
+@pytest.mark.parametrize("k, m, min_share", [(5, 4, 0.5), (2, 1, 0.5), (3, 0, 2 / 3)])
+def test_vote_photos_against_brute_force(tmp_path, k, m, min_share):
     """assign=photo: each photo's vote pools the k nearest source photos of itself and of its m
-    nearest other target photos; only the photo itself gets the label (checked by brute force)."""
+    nearest target photos; only the photo itself gets the label (checked by brute force, with
+    unreadable photos among the target and the source, and with small k and m so that ties and
+    shares of exactly min_share occur)."""
     from fashionlens.training.mining import SourceVote, assignment_precision, vote_photos
 
     rng = np.random.default_rng(11)
@@ -486,34 +489,49 @@ def test_vote_photos_against_brute_force(tmp_path):
     source = centres[np.arange(45) % 3] + 0.6 * rng.normal(size=(45, 8)).astype(np.float32)
     names = [f"id{i % 3}" for i in range(45)]
     names[:9] = ["other"] * 9
-    t_paths = [Path(f"/t/{i}.jpg") for i in range(60)] + [Path("/t/broken.jpg")]
+    t_paths = [Path(f"/t/{i}.jpg") for i in range(60)]
     s_paths = [Path(f"/s/{i}.jpg") for i in range(45)]
-    table = {**{p: target[i] for i, p in enumerate(t_paths[:60])}, **{p: source[i] for i, p in enumerate(s_paths)}}
+    table = {**dict(zip(t_paths, target)), **dict(zip(s_paths, source))}
+    t_paths.insert(7, Path("/t/broken.jpg"))  # unreadable: rows after it differ from positions among the readable
+    s_paths.insert(3, Path("/s/broken.jpg"))
+    names.insert(3, "broken")  # an identity only an unreadable source photo holds: never voted
 
     def embed(batch):  # an unreadable photo embeds to NaN, as the real embedders do
         return torch.from_numpy(np.stack([table.get(p, np.full(8, np.nan, np.float32)) for p in batch]))
 
-    vote = SourceVote(s_paths, names, k=5, min_share=0.5)
-    found = vote_photos(t_paths, embed, tmp_path / "w", vote, m=4, chunk_size=16)
-    assert found.queries.tolist() == list(range(60))  # every readable photo, the broken one left out
+    vote = SourceVote(s_paths, names, k=k, min_share=min_share)
+    found = vote_photos(t_paths, embed, tmp_path / "w", vote, m=m, chunk_size=16)
+    readable = [r for r in range(61) if r != 7]
+    assert found.queries.tolist() == readable  # rows of t_paths, the broken one left out
     assert all(len(p) == 0 for p in found.positives) and all(len(n) == 0 for n in found.negatives)
     unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
-    t, src = unit(target), unit(source)
-    for row, name, share in zip(found.queries, found.assigned, found.assigned_share):
-        sims = t @ t[row]
-        sims[row] = -np.inf
-        group = [row, *np.argsort(-sims, kind="stable")[:4]]
-        pooled = [names[r] for g in group for r in np.argsort(-(src @ t[g]), kind="stable")[:5]]
+    t_rows = np.array(readable)
+    t = unit(np.stack([table[t_paths[r]] for r in readable]))
+    s_ok = [r for r in range(46) if r != 3]
+    src = unit(np.stack([table[s_paths[r]] for r in s_ok]))
+    ties = 0
+    for pos, (row, name, share) in enumerate(zip(found.queries, found.assigned, found.assigned_share)):
+        assert row == t_rows[pos]
+        sims = t @ t[pos]
+        sims[pos] = -np.inf
+        group = [pos, *np.argsort(-sims, kind="stable")[:m]]
+        pooled = [names[s_ok[r]] for g in group for r in np.argsort(-(src @ t[g]), kind="stable")[:k]]
         counts = {v: pooled.count(v) for v in pooled}
-        top = next(v for v in pooled if counts[v] == max(counts.values()))
-        assert share == pytest.approx(counts[top] / 25)
-        assert name == (top if share >= 0.5 else None)
-    assert 0 < sum(a is None for a in found.assigned) < 60  # the threshold leaves some out
-    labels = [f"id{i % 3}" for i in range(60)] + ["id0"]
+        ties += list(counts.values()).count(max(counts.values())) > 1
+        top = next(v for v in pooled if counts[v] == max(counts.values()))  # ties: the one reached first
+        assert share == pytest.approx(counts[top] / (k * (m + 1)))
+        assert name == (top if share >= min_share else None)
+    assert "broken" not in found.assigned
+    assert sum(a is None for a in found.assigned) < 60
+    if min_share > 0.5 or m > 1:
+        assert sum(a is None for a in found.assigned) > 0  # the threshold leaves some out
+    if k * (m + 1) <= 4:
+        assert ties > 1 and any(s == min_share for s in found.assigned_share)  # the cases the test is for
+    labels = [f"id{int(p.stem) % 3}" if p.stem.isdigit() else "id0" for p in t_paths]
     photos = TargetPhotos(t_paths, labels)
     write_mined_csv(tmp_path / "mined.csv", found, photos, with_labels=True)
     back = read_mined_csv(tmp_path / "mined.csv")
-    assert back.positives == [[t_paths[r]] for r in range(60)] and back.source == found.assigned
+    assert back.positives == [[t_paths[r]] for r in readable] and back.source == found.assigned
     samples, _ = with_mined([(s_paths[0], 0)], 1, back, {"id0": 0, "id1": 1, "id2": 2, "other": 3})
     assert len(samples) == 1 + sum(a is not None for a in found.assigned)  # one sample a labelled photo
     got = assignment_precision(found, labels, lambda label, ident: label == ident)
@@ -535,6 +553,16 @@ def test_adapt_with_photo_assignment(domains, initial, tmp_path):
     assert all(name is None or name.startswith("type") for name in mined.source)
     info = json.loads((out / "mining.json").read_text())
     assert info["queries"] == len(target.paths) and info["positive_precision"] is None  # no positives
+    # settings photo votes do not read (queries, i, j) neither block a continued run nor need m < i
+    again = load_adapt_config(_adapt_yaml(domains, initial, tmp_path / "a.yaml", assign="photo", rounds=1,
+                                          vote_k=2, vote_min_share=0.5, queries=3, m=6, i=3, j=3))
+    with pytest.raises(UserError, match="other settings \\(m\\)"):
+        adapt(again)  # only m changed what the rounds were
+    with pytest.raises(UserError, match="too few for m=99 neighbours each \\(lower m\\)"):
+        adapt(again.model_copy(update={"m": 99, "out": str(tmp_path / "b")}))
+    assert not (tmp_path / "b" / "round-0").exists()  # refused before anything was embedded
+    same = again.model_copy(update={"m": cfg.m})
+    assert [r["round"] for r in adapt(same)] == [0, 1]
 
 
 def _torchrun_adapt(config: Path) -> subprocess.CompletedProcess:

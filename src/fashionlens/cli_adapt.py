@@ -21,12 +21,11 @@ class _RichAdaptProgress(_RichTrainProgress):
         fmt = lambda v: "-" if v in (None, "") else f"{float(v):.3f}"  # noqa: E731
         if kind == "round":
             self.stop()
-            extra = "" if event.get("positive_precision") is None else (
-                f" (pseudo-label precision {fmt(event['positive_precision'])}, negatives with the query's "
-                f"label {fmt(event.get('negative_same_label'))}"
-                + ("" if event.get("assignment_precision") is None else
-                   f", groups given a source identity {fmt(event.get('assigned_groups'))} with precision "
-                   f"{fmt(event['assignment_precision'])}") + ")")
+            labels = {"positive_precision": "pseudo-label precision", "negative_same_label":
+                      "negatives with the query's label", "assigned_groups": "share given a source identity",
+                      "assignment_precision": "their precision"}
+            said = [f"{text} {fmt(event[k])}" for k, text in labels.items() if event.get(k) is not None]
+            extra = f" ({', '.join(said)})" if said else ""
             self.console.print(f"[bold]round {event['round']}[/bold]: {event['what']}{extra}")
         elif kind == "mine_step":
             self._count("embedding the target", event)

@@ -68,7 +68,7 @@ class AdaptConfig(Config):
                                 "label; report each round's pseudo-label precision (never used to train)")
     queries: int = Field(1000, ge=1, description="target photos drawn as queries per round (the rest is the "
                          "gallery); assign=photo: unused, every target photo is a query")
-    m: int = Field(10, ge=1, description="ranks 1..m of a query are its pseudo-positives; assign=photo: the "
+    m: int = Field(10, ge=0, description="ranks 1..m of a query are its pseudo-positives; assign=photo: the "
                    "target neighbours whose source votes each photo's vote pools")
     i: int = Field(30, ge=2, description="ranks i..j of a query are its identity's negatives")
     j: int = Field(40, ge=2, description="last rank of the negatives")
@@ -96,8 +96,8 @@ class AdaptConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> AdaptConfig:
-        if not self.m < self.i <= self.j:
-            raise ValueError(f"need m < i <= j, got m={self.m}, i={self.i}, j={self.j}")
+        if self.assign != "photo" and not 0 < self.m < self.i <= self.j:
+            raise ValueError(f"need 0 < m < i <= j, got m={self.m}, i={self.i}, j={self.j}")
         if self.assign != "new" and self.mined_share is not None:
             raise ValueError(f"mined_share is for assign=new (with assign={self.assign} the photos join source "
                              "identities)")
@@ -196,11 +196,13 @@ def _check_resume(cfg: AdaptConfig) -> None:
     saved_path = Path(cfg.out) / "config.yaml"
     if not saved_path.is_file():
         return
+    unused = {"queries", "i", "j"} if cfg.assign == "photo" else set()  # settings photo votes do not read
     try:
-        saved = AdaptConfig(**yaml.safe_load(saved_path.read_text())).model_dump(mode="json", exclude=_RESUMABLE)
+        saved = AdaptConfig(**yaml.safe_load(saved_path.read_text())).model_dump(mode="json", exclude=_RESUMABLE
+                                                                                 | unused)
     except Exception as exc:  # a damaged or foreign file: say so rather than guess
         raise UserError(f"{saved_path}: cannot read the settings of this run ({exc}); use a new out folder") from None
-    mine = cfg.model_dump(mode="json", exclude=_RESUMABLE)
+    mine = cfg.model_dump(mode="json", exclude=_RESUMABLE | unused)
     for settings in (mine, saved):  # train.out is replaced by round-N/train anyway
         settings.get("train", {}).pop("out", None)
     changed = sorted(k for k in mine if mine[k] != saved.get(k))
@@ -244,6 +246,16 @@ def _adapt(cfg: AdaptConfig, emit, world: int, device: str) -> list[dict]:
     target = TargetPhotos.read(cfg.target)
     if cfg.target_labels and not any(target.labels):
         raise UserError(f"target_labels: the photos of {cfg.target} lie in no sub-folders (no labels)")
+    # the sizes every round needs, checked before anything is embedded
+    if cfg.assign == "photo" and len(target.paths) < cfg.m + 1:
+        raise UserError(f"target {cfg.target}: {len(target.paths)} photos, too few for m={cfg.m} neighbours "
+                        "each (lower m)")
+    if cfg.assign != "photo" and len(target.paths) < cfg.queries + cfg.j:
+        raise UserError(f"target {cfg.target}: {len(target.paths)} photos, too few for {cfg.queries} queries "
+                        f"and a gallery of at least j={cfg.j} (lower queries or i/j)")
+    if cfg.assign != "new" and len(split_for(cfg.train).train) < cfg.vote_k:
+        raise UserError(f"{cfg.train.catalog}: fewer training photos than the vote's vote_k={cfg.vote_k} "
+                        "(lower vote_k)")
     out, metric = Path(cfg.out), cfg.train.best_metric
 
     def start():
@@ -274,8 +286,13 @@ def _adapt(cfg: AdaptConfig, emit, world: int, device: str) -> list[dict]:
         if row is None:
             info = _on_rank0(world, lambda: _mine_round(cfg, r, folder, previous, target, device, emit))
             mined = read_mined_csv(folder / "mined.csv")
-            emit({"event": "round", "round": r, "what": f"training on the source + {len(mined)} mined identities",
-                  **{k: info.get(k) for k in MEASURES}})
+            if mined.source is None:
+                what = f"training on the source + {len(mined)} mined identities"
+            else:
+                kind = "photos" if cfg.assign == "photo" else "mined groups"
+                used = sum(name is not None for name in mined.source)
+                what = f"training on the source + {used} of {len(mined)} {kind} given a source identity"
+            emit({"event": "round", "round": r, "what": what, **{k: info.get(k) for k in MEASURES}})
             train_cfg = cfg.train.model_copy(update={"out": str(folder / "train")})
             start_from = Path(cfg.init) if cfg.restart == "init" else previous
             train(train_cfg, progress=emit, init=start_from, mined=mined, mined_share=cfg.mined_share)

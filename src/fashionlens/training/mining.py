@@ -66,7 +66,8 @@ class SourceVote:
     """Cross-domain assignment (an extension of the thesis' mining): each mined group (query +
     ranks 1..m) is searched, by the mean of its embeddings, among the labelled ``paths`` of the
     source; when at least ``min_share`` of its ``k`` nearest source photos belong to one source
-    identity, the group joins that identity instead of becoming a new one."""
+    identity, the group joins that identity instead of becoming a new one. :func:`vote_photos`
+    uses the same settings photo by photo."""
 
     paths: list[Path]
     identities: list[str]  # the source identity of each path
@@ -139,24 +140,24 @@ def _rows_of(files: ChunkFiles, numbers: list[int], wanted: np.ndarray, dim: int
     return out
 
 
-def _source_index(vote: SourceVote, embed: Embed, work: Path, dim: int, index_type: str, flat_max: int, seed: int,
-                  chunk_size: int):
-    """A FAISS index over the vote's source photos (row = position in ``vote.paths``)."""
+def _source_index(vote: SourceVote, embed: Embed, work: Path, dim: int, flat_max: int, seed: int, chunk_size: int):
+    """A FAISS index over the vote's source photos (row = position in ``vote.paths``), its type
+    chosen by the source's own size (the target's ``index_type`` does not apply to it)."""
     s_files, s_numbers, _, s_rows = embed_to_chunks(vote.paths, embed, work / "source", chunk_size)
     if len(s_rows) < vote.k:
         raise UserError(f"{len(s_rows)} readable source photos: fewer than the vote's k={vote.k}")
-    index, _ = _build_index(s_files, s_numbers, dim, len(s_rows), np.zeros(0, np.int64), index_type, flat_max, seed)
+    index, _ = _build_index(s_files, s_numbers, dim, len(s_rows), np.zeros(0, np.int64), "auto", flat_max, seed)
     return index
 
 
 def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: int, vote: SourceVote,
-          embed: Embed, work: Path, index_type: str, flat_max: int, seed: int, chunk_size: int
+          embed: Embed, work: Path, flat_max: int, seed: int, chunk_size: int
           ) -> tuple[list[str | None], list[float]]:
     wanted = np.unique(np.concatenate(groups))
     vecs = _rows_of(files, numbers, wanted, dim)
     centroids = np.stack([vecs[np.searchsorted(wanted, g)].mean(axis=0) for g in groups])
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    index = _source_index(vote, embed, work, dim, index_type, flat_max, seed, chunk_size)
+    index = _source_index(vote, embed, work, dim, flat_max, seed, chunk_size)
     _, ids = index.search(centroids.astype(np.float32), vote.k)
     assigned, shares = [], []
     for row in ids:
@@ -202,7 +203,7 @@ def mine(paths: Sequence[Path], embed: Embed, work: Path, queries: int, m: int, 
         if vote is not None:
             groups = [np.concatenate([[q], p]) for q, p in zip(query_rows, pos)]
             mined.assigned, mined.assigned_share = _vote(groups, files, numbers, dim, vote, embed, work,
-                                                         index_type, flat_max, seed, chunk_size)
+                                                         flat_max, seed, chunk_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return mined
@@ -213,45 +214,58 @@ def vote_photos(paths: Sequence[Path], embed: Embed, work: Path, vote: SourceVot
                 progress: Callable[[int, int], None] | None = None) -> Mined:
     """Pseudo-labels photo by photo (``assign=photo``, an extension of the thesis' mining):
     every readable target photo is a query; its vote pools the ``vote.k`` nearest source photos
-    of itself and of its ``m`` nearest target photos, and the photo alone (not its neighbours)
-    joins the source identity with the most votes when that holds at least ``vote.min_share``
-    of them. The neighbours lend evidence without receiving the label, so one wrong neighbour
-    does not mislabel a whole group. Both searches go through FAISS indexes chosen by size;
-    nothing holds the target's vectors as one matrix (only k + m + 1 integers a photo)."""
+    of itself and of its ``m`` nearest target photos (m = 0: its own alone), and the photo alone
+    (not its neighbours) joins the source identity with the most votes when that holds at least
+    ``vote.min_share`` of the ``vote.k`` x (1 + neighbours found) votes (a vote an approximate
+    index does not return counts as an abstention). The neighbours lend evidence without
+    receiving the label, so one wrong neighbour does not mislabel a whole group. Both searches
+    go through FAISS indexes chosen by size (the target's by ``index_type``), one after the
+    other; besides them only k + m integers a photo are held."""
+    if m < 0:
+        raise UserError(f"m={m}: the neighbours pooled into a photo's vote cannot be negative")
     work = Path(work)
     shutil.rmtree(work, ignore_errors=True)
     try:
         files, numbers, dim, readable = embed_to_chunks(paths, embed, work / "target", chunk_size, progress)
         if len(readable) < m + 1:
-            raise UserError(f"{len(readable)} readable target photos: too few for m={m} neighbours each")
+            raise UserError(f"{len(readable)} readable target photos: too few for m={m} neighbours each (lower m)")
         names = sorted(set(vote.identities))
         number = {name: i for i, name in enumerate(names)}
-        code = np.array([number[n] for n in vote.identities], np.int64)
-        s_index = _source_index(vote, embed, work, dim, index_type, flat_max, seed, chunk_size)
-        t_index, spec = _build_index(files, numbers, dim, len(readable), np.zeros(0, np.int64), index_type,
-                                     flat_max, seed)
-        votes = np.full((len(paths), vote.k), -1, np.int64)  # each photo's k source votes, nearest first
-        near = np.full((len(paths), m), -1, np.int64)  # each photo's m nearest other target photos
+        code = np.array([number[n] for n in vote.identities], np.int32)
+        votes = np.full((len(paths), vote.k), -1, np.int32)  # each photo's k source votes, nearest first
+        index = _source_index(vote, embed, work, dim, flat_max, seed, chunk_size)
         for c in numbers:
             rows, vecs = files.read(c)
-            _, ids = s_index.search(vecs, vote.k)
+            _, ids = index.search(vecs, vote.k)
             votes[rows] = np.where(ids >= 0, code[np.maximum(ids, 0)], -1)
-            _, ids = t_index.search(vecs, m + 1)
-            for row, found in zip(rows, ids):
-                others = found[(found >= 0) & (found != row)][:m]
-                near[row, :len(others)] = others
-        del s_index, t_index
+        del index  # one index at a time
+        near = np.full((len(paths), m), -1, np.int32)  # each photo's m nearest other target photos
+        spec = choose_spec(len(readable), dim, index_type, flat_max=flat_max)
+        if m > 0:
+            index, spec = _build_index(files, numbers, dim, len(readable), np.zeros(0, np.int64), index_type,
+                                       flat_max, seed)
+            for c in numbers:
+                rows, vecs = files.read(c)
+                _, ids = index.search(vecs, m + 1)
+                for row, found in zip(rows, ids):
+                    others = found[(found >= 0) & (found != row)][:m]
+                    near[row, :len(others)] = others
+            del index
         assigned, shares = [], []
         for row in readable:
-            pooled = np.concatenate([votes[row], votes[near[row][near[row] >= 0]].ravel()])
+            found = near[row][near[row] >= 0]
+            pooled = np.concatenate([votes[row], votes[found].ravel()])
             pooled = pooled[pooled >= 0]
-            counts = np.bincount(pooled, minlength=len(names))
+            if not len(pooled):  # nothing returned for the photo or its neighbours
+                assigned.append(None), shares.append(0.0)
+                continue
+            ids, first, counts = np.unique(pooled, return_index=True, return_counts=True)
             # the most votes; a tie goes to the identity reached first (the photo's own nearer votes)
             tied = np.flatnonzero(counts == counts.max())
-            best = int(pooled[np.isin(pooled, tied)][0])
-            share = counts[best] / len(pooled)
-            assigned.append(names[best] if share >= vote.min_share else None)
-            shares.append(float(share))
+            best = tied[np.argmin(first[tied])]
+            share = float(counts[best] / (vote.k * (1 + len(found))))
+            assigned.append(names[ids[best]] if share >= vote.min_share else None)
+            shares.append(share)
         # no positives: the label is the photo's alone (its neighbours only voted)
         none, no_scores = [np.zeros(0, np.int64)] * len(readable), [np.zeros(0, np.float32)] * len(readable)
         return Mined(np.asarray(readable), none, no_scores, none, no_scores, none, spec.to_dict(), assigned, shares)
