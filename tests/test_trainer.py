@@ -108,6 +108,55 @@ def test_train_writes_run_folder_and_resumes(catalog, tmp_path):
     assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4, abs=1e-6)
 
 
+def test_ema_validates_and_keeps_the_moving_average_and_resumes(catalog, tmp_path, monkeypatch):
+    """ema: best/ holds the exponential moving average of the weights after each step (checked
+    against the recurrence on recorded weights), last/ the raw weights, and a resumed run's
+    average equals an uninterrupted one's."""
+    from torch.optim.swa_utils import AveragedModel
+
+    seen: list[dict] = []
+    update = AveragedModel.update_parameters
+
+    def recording(self, model):
+        seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return update(self, model)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", recording)
+    out = tmp_path / "run"
+    train(tiny_config(catalog, out, epochs=1, ema=0.6))
+    assert len(seen) == 3  # once per optimizer step
+    expected = dict(seen[0])
+    for weights in seen[1:]:
+        expected = {k: 0.6 * expected[k] + 0.4 * weights[k] for k in expected}
+    raw, _, _ = load_checkpoint(out / "last")
+    avg, _, _ = load_checkpoint(out / "best")
+    raw_p, avg_p = dict(raw.named_parameters()), dict(avg.named_parameters())
+    trained = [k for k in expected if not torch.equal(seen[0][k], seen[-1][k])]
+    assert trained  # the test means something: some weights moved
+    for k in trained:
+        torch.testing.assert_close(avg_p[k], expected[k])
+        torch.testing.assert_close(raw_p[k], seen[-1][k])
+    assert any(not torch.allclose(avg_p[k], raw_p[k]) for k in trained)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", update)
+    train(tiny_config(catalog, out, epochs=2, ema=0.6))  # resumed: epoch 2 only
+    straight = tmp_path / "straight"
+    train(tiny_config(catalog, straight, epochs=2, ema=0.6))
+    a = dict(load_checkpoint(out / "last")[0].named_parameters())
+    b = dict(load_checkpoint(straight / "last")[0].named_parameters())
+    from safetensors.torch import load_file
+    ea, eb = load_file(str(out / "last" / "ema.safetensors")), load_file(str(straight / "last" / "ema.safetensors"))
+    assert ea.keys() == eb.keys() and int(ea["n_averaged"]) == 6
+    for k in ea:
+        torch.testing.assert_close(ea[k], eb[k], rtol=1e-4, atol=1e-6)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(UserError, match="without ema"):
+        plain = tmp_path / "plain"
+        train(tiny_config(catalog, plain, epochs=1))
+        train(tiny_config(catalog, plain, epochs=2, ema=0.6))
+
+
 def test_identity_loss_and_sgd(catalog, tmp_path):
     cfg = tiny_config(catalog, tmp_path / "id", epochs=1, batches_per_epoch=2, identity=1.0,
                       optimizer="sgd", reducer="nonzero", augment=None)

@@ -62,6 +62,10 @@ class TrainConfig(RunSettings):
     weight_decay: float = Field(5e-4, ge=0, description="weight decay")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="adam = torch AdamW (decoupled weight decay); sgd = SGD with momentum 0.9")
     batches_per_epoch: int | None = Field(None, ge=1, description="batches per epoch (per process); None = one pass over the identities")
+    ema: float | None = Field(None, gt=0, lt=1, description="decay per step of an exponential moving average of "
+                              "the trained weights (torch.optim.swa_utils.AveragedModel); validation and best/ use "
+                              "the average, training continues on the raw weights (last/, with the average beside "
+                              "them in last/ema.safetensors for resume); None = no average")
     # loss
     triplet: float = Field(1.0, ge=0, description="weight of the batch-all triplet loss")
     identity: float = Field(0.0, ge=0, description="weight of the identity (softmax) loss; > 0 adds an identity head")

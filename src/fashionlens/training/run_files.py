@@ -36,6 +36,25 @@ def load_optimizer(folder: Path, opt: torch.optim.Optimizer, param_groups: list)
     opt.load_state_dict({"state": state, "param_groups": param_groups})
 
 
+EMA_FILE = "ema.safetensors"
+
+
+def save_average(folder: Path, averaged: torch.optim.swa_utils.AveragedModel) -> None:
+    """Write an AveragedModel's weights and count to ``folder/ema.safetensors``."""
+    tensors = {f"module.{k}": v.detach().cpu().clone().contiguous() for k, v in averaged.module.state_dict().items()}
+    tensors["n_averaged"] = averaged.n_averaged.detach().cpu().clone()
+    tmp = folder / (EMA_FILE + f".tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / EMA_FILE)
+
+
+def load_average(folder: Path, averaged: torch.optim.swa_utils.AveragedModel) -> None:
+    """Restore what :func:`save_average` wrote (on the average's device)."""
+    tensors = load_file(str(folder / EMA_FILE))
+    averaged.module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+    averaged.n_averaged.copy_(tensors["n_averaged"])
+
+
 def read_rows(path: Path, upto_epoch: int) -> list[dict]:
     if not path.is_file():
         return []

@@ -49,7 +49,8 @@ from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoi
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
 from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment, fill_cache, view_cache
-from fashionlens.training.run_files import load_optimizer, plot_curves, read_rows, save_optimizer, write_rows
+from fashionlens.training.run_files import (EMA_FILE, load_average, load_optimizer, plot_curves, read_rows,
+                                           save_average, save_optimizer, write_rows)
 from fashionlens.training.validation import QueryValidation, validation_row
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool, str]:
@@ -287,6 +288,15 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     optimizer = _optimizer(cfg, model)
     if extra:
         load_optimizer(last_dir, optimizer, extra["optimizer_param_groups"])
+    averaged = None  # the weights' moving average: what is validated and kept as best/
+    if cfg.ema is not None:
+        averaged = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
+        if extra:
+            if not (last_dir / EMA_FILE).is_file():
+                raise UserError(f"{last_dir}: trained without ema; continue without it or choose a new out folder")
+            load_average(last_dir, averaged)
+    evaluated = averaged.module if averaged is not None else model
     net = DistributedDataParallel(model) if world > 1 else model
 
     queries = (QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
@@ -315,7 +325,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
                  for v in range(1, cfg.feature_cache_views + 1)]
     train_ds = train_dataset(cfg, samples, cache, size, mean, std, views)
     val_samples = [(p, label) for p, label in split.val if cache is None or p in cache]
-    embed = make_embed(model, device, cache, Preprocess(size, mean, std), workers=cfg.workers)
+    embed = make_embed(evaluated, device, cache, Preprocess(size, mean, std), workers=cfg.workers)
     sampler = PKSampler(train_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch, extra_negatives=extras,
                         rank=rank, world_size=world, identity_weights=weights,
                         photo_keys=[str(p) for p, _ in samples] if extras else None)
@@ -359,6 +369,8 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             step += 1
             n_batches += 1
             n_images += len(labels) * world
@@ -381,9 +393,11 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
             ckpt_extra = {"epoch": epoch, "step": step, "metrics": row, "best_top1": None if best == float("-inf") else best,
                           "data_config": data_cfg, "train_identities": split.train_identities}
             ckpt_extra["optimizer_param_groups"] = save_optimizer(last_dir.mkdir(parents=True, exist_ok=True) or last_dir, optimizer)
+            if averaged is not None:
+                save_average(last_dir, averaged)
             save_checkpoint(last_dir, model, model_cfg, ckpt_extra)
             if improved:
-                save_checkpoint(best_dir, model, model_cfg, ckpt_extra)
+                save_checkpoint(best_dir, evaluated, model_cfg, ckpt_extra)
             emit({"event": "epoch", **row})
         if world > 1:
             dist.barrier()
