@@ -49,3 +49,14 @@ def sweep_args(doc: str, default_runs: str):
     parser.add_argument("--only", nargs="*", help="variant names (default: all)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override for every variant")
     return parser.parse_args()
+
+
+def chosen(only: list[str] | None, known, what: str = "variants") -> list[str]:
+    """The names ``--only`` asks for (all of ``known`` without it); exits on an unknown one."""
+    import sys
+
+    names = only or list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"unknown {what} {unknown}; known: {', '.join(known)}")
+    return names

@@ -18,6 +18,7 @@ m come from the config, e.g. 20 and 10; the thresholds are fixed per arm, not th
 - ``neighbour_vote_0.3`` / ``_0.5``: label-free, ``assign=photo``: the vote pools the ``vote_k``
   nearest source photos of the photo and of its ``m`` nearest target photos; the photo is kept
   when its identity holds at least 0.3 / 0.5 of the votes.
+- ``m0_0.3``, ``m5_0.3``, ``m20_0.3``: the same at 0.3 with m = 0, 5, 20 (a sweep of m).
 
 Every arm reports its precision (share of assigned photos whose label allows the identity) and
 coverage. Runs resume; ``--only`` picks arms.
@@ -36,9 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import emit, sweep_args
+from _common import chosen, emit, sweep_args
 
-ARMS = ("oracle", "photo_vote", "oracle_filter_vote", "neighbour_vote_0.3", "neighbour_vote_0.5")
+BASE = ("oracle", "photo_vote", "oracle_filter_vote", "neighbour_vote_0.3", "neighbour_vote_0.5")
+SWEEP = {"m0_0.3": (0, 0.3), "m5_0.3": (5, 0.3), "m20_0.3": (20, 0.3)}  # assign=photo: (m, vote_min_share)
+ARMS = BASE + tuple(SWEEP)
 
 
 def _best(metrics_csv: Path, metric: str) -> tuple[dict, list[float], float]:
@@ -59,10 +62,7 @@ def main() -> None:
     from fashionlens.training.mining import SourceVote, TargetPhotos, vote_photos
     from fashionlens.training.trainer import train
 
-    names = args.only or list(ARMS)
-    unknown = [n for n in names if n not in ARMS]
-    if unknown:
-        sys.exit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    names = chosen(args.only, ARMS, "arms")
     cfg = load_adapt_config(args.config, args.sets)
     t = cfg.train
     if not t.val_mapping or t.identity_columns != [t.val_field]:
@@ -81,43 +81,53 @@ def main() -> None:
 
     assignments_path = runs / "assignments.json"
     assignments = json.loads(assignments_path.read_text()) if assignments_path.is_file() else {}
-    if any(name not in assignments for name in names):
+    missing = [name for name in names if name not in assignments]
+    if missing:
         embed = _embedder(cfg, Path(cfg.init), t.device, target.paths + source_paths, quiet)
+        votes_by_m: dict[int, list] = {}
 
         def voted(m: int) -> list[tuple[str, float] | None]:
             """(top identity, its share) of every target photo, as ``assign=photo`` votes with m."""
-            found = vote_photos(target.paths, embed, runs / ".work",
-                                SourceVote(source_paths, list(source_ids), cfg.vote_k, 0.0), m,
-                                index_type=cfg.index_type, flat_max=cfg.flat_max, seed=cfg.seed)
-            out: list[tuple[str, float] | None] = [None] * len(target.paths)
-            for row, name, share in zip(found.queries, found.assigned, found.assigned_share):
-                out[row] = (name, share)
-            return out
+            if m not in votes_by_m:
+                found = vote_photos(target.paths, embed, runs / ".work",
+                                    SourceVote(source_paths, list(source_ids), cfg.vote_k, 0.0), m,
+                                    index_type=cfg.index_type, flat_max=cfg.flat_max, seed=cfg.seed)
+                votes_by_m[m] = [None] * len(target.paths)
+                for row, name, share in zip(found.queries, found.assigned, found.assigned_share):
+                    votes_by_m[m][row] = (name, share)
+            return votes_by_m[m]
 
-        alone, pooled = voted(0), voted(cfg.m)
-        tv = torch.nn.functional.normalize(embed(target.paths).float(), dim=1)
-        sv = torch.nn.functional.normalize(embed(source_paths).float(), dim=1)
-        ok_s = ~torch.isnan(sv).any(1)
-        sv, s_ids = sv[ok_s], source_ids[ok_s.numpy()]
-        order = (tv.nan_to_num(0) @ sv.T).argsort(dim=1, descending=True).numpy()  # a benchmark: 3k x 10k fits
-        oracle = []
-        for row, label in enumerate(target.labels):
-            if alone[row] is None:  # unreadable
-                oracle.append(None)
-                continue
-            ok = [n for n in s_ids[order[row, :cfg.vote_k]].tolist() if n in allowed.get(label, ())]
-            if ok:
-                oracle.append(Counter(ok).most_common(1)[0][0])
-            else:  # the allowed identity of the nearest source photo that has one
-                hits = np.flatnonzero(np.isin(s_ids[order[row]], list(allowed.get(label, ()))))
-                oracle.append(str(s_ids[order[row, hits[0]]]) if len(hits) else None)
         threshold = lambda votes, thr: [v[0] if v and v[1] >= thr else None for v in votes]  # noqa: E731
-        vote = threshold(alone, 0.5)
-        assignments = {"paths": [str(p) for p in target.paths], "labels": target.labels,
-                       "photo_vote": vote, "oracle": oracle,
-                       "oracle_filter_vote": [v if v in allowed.get(lab, ()) else None
-                                              for v, lab in zip(vote, target.labels)],
-                       **{f"neighbour_vote_{thr}": threshold(pooled, thr) for thr in (0.3, 0.5)}}
+        if any(name in BASE for name in missing):
+            alone, pooled = voted(0), voted(cfg.m)
+            tv = torch.nn.functional.normalize(embed(target.paths).float(), dim=1)
+            sv = torch.nn.functional.normalize(embed(source_paths).float(), dim=1)
+            ok_s = ~torch.isnan(sv).any(1)
+            sv, s_ids = sv[ok_s], source_ids[ok_s.numpy()]
+            order = (tv.nan_to_num(0) @ sv.T).argsort(dim=1, descending=True).numpy()  # a benchmark: 3k x 10k fits
+            oracle = []
+            for row, label in enumerate(target.labels):
+                if alone[row] is None:  # unreadable
+                    oracle.append(None)
+                    continue
+                ok = [n for n in s_ids[order[row, :cfg.vote_k]].tolist() if n in allowed.get(label, ())]
+                if ok:
+                    oracle.append(Counter(ok).most_common(1)[0][0])
+                else:  # the allowed identity of the nearest source photo that has one
+                    hits = np.flatnonzero(np.isin(s_ids[order[row]], list(allowed.get(label, ()))))
+                    oracle.append(str(s_ids[order[row, hits[0]]]) if len(hits) else None)
+            vote = threshold(alone, 0.5)
+            assignments.update({"paths": [str(p) for p in target.paths], "labels": target.labels,
+                                "photo_vote": vote, "oracle": oracle,
+                                "oracle_filter_vote": [v if v in allowed.get(lab, ()) else None
+                                                       for v, lab in zip(vote, target.labels)],
+                                **{f"neighbour_vote_{thr}": threshold(pooled, thr) for thr in (0.3, 0.5)}})
+        assignments.setdefault("paths", [str(p) for p in target.paths])
+        assignments.setdefault("labels", target.labels)
+        for name in missing:
+            if name in SWEEP:
+                m, thr = SWEEP[name]
+                assignments[name] = threshold(voted(m), thr)
         assignments_path.write_text(json.dumps(assignments))
 
     metric = t.best_metric
@@ -127,8 +137,8 @@ def main() -> None:
     round0 = json.loads(round0_path.read_text())
     rows = {}
     for name in names:
-        chosen = assignments[name]
-        pairs = [(p, s, lab) for p, s, lab in zip(assignments["paths"], chosen, assignments["labels"]) if s]
+        labelled = assignments[name]
+        pairs = [(p, s, lab) for p, s, lab in zip(assignments["paths"], labelled, assignments["labels"]) if s]
         precision = sum(s in allowed.get(lab, ()) for _, s, lab in pairs) / max(1, len(pairs))
         out = runs / name
         if not (out / "done").is_file():
@@ -136,7 +146,7 @@ def main() -> None:
             train(t.model_copy(update={"out": str(out)}), init=Path(cfg.init), mined=mined)
             (out / "done").write_text("")
         best, curve, seconds = _best(out / "metrics.csv", metric)
-        rows[name] = {"photos": len(pairs), "coverage": len(pairs) / len(chosen), "precision": round(precision, 4),
+        rows[name] = {"photos": len(pairs), "coverage": len(pairs) / len(labelled), "precision": round(precision, 4),
                       "identities": dict(Counter(s for _, s, _ in pairs).most_common()),
                       "best": best, f"{metric}_per_epoch": curve, "train_seconds": seconds}
         print(name, {k: v for k, v in rows[name].items() if k != "identities"}, file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import emit, sweep_args
+from _common import chosen, emit, sweep_args
 
 VARIANTS: dict[str, list[str]] = {
     # the thesis' choice
@@ -48,10 +48,7 @@ def main() -> None:
 
     from fashionlens.training.adapt import adapt, load_adapt_config
 
-    names = args.only or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    names = chosen(args.only, VARIANTS, "variants")
     rows = {}
     for name in names:
         sets = (VARIANTS[name] if name.startswith("source_") else ["assign=new", *VARIANTS[name]]) + args.sets
