@@ -23,7 +23,7 @@ m come from the config, e.g. 20 and 10; the thresholds are fixed per arm, not th
 Every arm reports its precision (share of assigned photos whose label allows the identity) and
 coverage. Runs resume; ``--only`` picks arms.
 
-    python benchmarks/adapt_oracle.py configs/adapt-cpu.yaml --runs runs/adapt-oracle
+    python benchmarks/adapt_oracle.py configs/adapt-cpu.yaml --runs runs/adapt-oracle --set train.ema=null
 """
 
 from __future__ import annotations

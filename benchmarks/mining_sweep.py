@@ -35,10 +35,10 @@ VARIANTS: dict[str, list[str]] = {
     "m10_i30_j40_share30": ["mined_share=0.3"],
     "m10_i300_j310_share30": ["i=300", "j=310", "mined_share=0.3"],
     # assign=source (groups voted onto catalog identities; i..j unused): m and the vote
-    "source_m5": ["assign=source", "vote_min_share=0.5", "m=5"],
-    "source_m10": ["assign=source", "vote_min_share=0.5"],
-    "source_m20": ["assign=source", "vote_min_share=0.5", "m=20"],
-    "source_m10_share07": ["assign=source", "vote_min_share=0.7"],
+    "source_m5": ["assign=source", "vote_min_share=0.5", "train.ema=null", "m=5"],
+    "source_m10": ["assign=source", "vote_min_share=0.5", "train.ema=null"],
+    "source_m20": ["assign=source", "vote_min_share=0.5", "train.ema=null", "m=20"],
+    "source_m10_share07": ["assign=source", "vote_min_share=0.7", "train.ema=null"],
 }
 # rows not named source_* run the thesis' own mining (assign=new), whatever the base config says
 
