@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--save", help="write the best epoch's model here (a checkpoint folder for --model)")
     args = parser.parse_args()
     cfg = load_train_config(args.config, args.set)
+    if cfg.ema is not None:
+        raise SystemExit("this script's own training loop has no ema: --set ema=null")
     if not cfg.feature_cache or not cfg.val_queries:
         parser.error("the config needs feature_cache and val_queries")
     if args.no_target and args.weight > 0:

@@ -37,6 +37,8 @@ def main() -> None:
     from fashionlens.training.trainer import _optimizer, identity_terms, train_dataset, triplet_loss_for
 
     cfg = load_train_config(args.config, args.sets)
+    if cfg.ema is not None:
+        raise SystemExit("this script's own training loop has no ema: --set ema=null")
     split = make_split(cfg.catalog, cfg.identity_columns, cfg.min_images_per_identity, 0.0, cfg.seed)
     model_cfg = cfg.model.model_copy(update={"num_identities": len(split.train_identities) if cfg.identity else None})
     model, data_cfg = build_model(model_cfg)

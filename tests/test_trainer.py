@@ -151,10 +151,11 @@ def test_ema_validates_and_keeps_the_moving_average_and_resumes(catalog, tmp_pat
         torch.testing.assert_close(ea[k], eb[k], rtol=1e-4, atol=1e-6)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    with pytest.raises(UserError, match="without ema"):
-        plain = tmp_path / "plain"
-        train(tiny_config(catalog, plain, epochs=1))
-        train(tiny_config(catalog, plain, epochs=2, ema=0.6))
+    plain = tmp_path / "plain"
+    train(tiny_config(catalog, plain, epochs=1))
+    for run, other in ((plain, 0.6), (out, None), (out, 0.9)):  # a resume never mixes kinds of weights
+        with pytest.raises(UserError, match="trained with ema="):
+            train(tiny_config(catalog, run, epochs=3, ema=other))
 
 
 def test_identity_loss_and_sgd(catalog, tmp_path):

@@ -65,7 +65,7 @@ class TrainConfig(RunSettings):
     ema: float | None = Field(None, gt=0, lt=1, description="decay per step of an exponential moving average of "
                               "the trained weights (torch.optim.swa_utils.AveragedModel); validation and best/ use "
                               "the average, training continues on the raw weights (last/, with the average beside "
-                              "them in last/ema.safetensors for resume); None = no average")
+                              "them in last/ema.safetensors for resume; BatchNorm statistics are the raw model's); None = no average")
     # loss
     triplet: float = Field(1.0, ge=0, description="weight of the batch-all triplet loss")
     identity: float = Field(0.0, ge=0, description="weight of the identity (softmax) loss; > 0 adds an identity head")

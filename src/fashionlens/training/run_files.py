@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_dict_rows
 
 COLUMNS = ["epoch", "step", "loss", "triplet", "identity", "valid_triplets", "positive_fraction",
@@ -50,6 +51,8 @@ def save_average(folder: Path, averaged: torch.optim.swa_utils.AveragedModel) ->
 
 def load_average(folder: Path, averaged: torch.optim.swa_utils.AveragedModel) -> None:
     """Restore what :func:`save_average` wrote (on the average's device)."""
+    if not (folder / EMA_FILE).is_file():
+        raise UserError(f"{folder}: no {EMA_FILE} beside the weights; choose a new out folder")
     tensors = load_file(str(folder / EMA_FILE))
     averaged.module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
     averaged.n_averaged.copy_(tensors["n_averaged"])

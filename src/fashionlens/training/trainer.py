@@ -49,7 +49,7 @@ from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoi
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
 from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment, fill_cache, view_cache
-from fashionlens.training.run_files import (EMA_FILE, load_average, load_optimizer, plot_curves, read_rows,
+from fashionlens.training.run_files import (load_average, load_optimizer, plot_curves, read_rows,
                                            save_average, save_optimizer, write_rows)
 from fashionlens.training.validation import QueryValidation, validation_row
 
@@ -289,13 +289,17 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     if extra:
         load_optimizer(last_dir, optimizer, extra["optimizer_param_groups"])
     averaged = None  # the weights' moving average: what is validated and kept as best/
+    if extra and extra.get("ema") != cfg.ema:  # the best score so far was measured on the other kind of weights
+        raise UserError(f"{last_dir}: trained with ema={extra.get('ema')}, asked for ema={cfg.ema}; continue with "
+                        "the same setting or choose a new out folder")
     if cfg.ema is not None:
         averaged = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
         if extra:
-            if not (last_dir / EMA_FILE).is_file():
-                raise UserError(f"{last_dir}: trained without ema; continue without it or choose a new out folder")
             load_average(last_dir, averaged)
+            if int(averaged.n_averaged) != step:  # e.g. stopped between writing the average and the weights
+                raise UserError(f"{last_dir}: its average ({int(averaged.n_averaged)} steps) does not match its "
+                                f"weights ({step} steps); choose a new out folder")
     evaluated = averaged.module if averaged is not None else model
     net = DistributedDataParallel(model) if world > 1 else model
 
@@ -390,7 +394,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
             plot_curves(rows, out / "curves.png")
             improved = row[cfg.best_metric] is not None and row[cfg.best_metric] > best
             best = row[cfg.best_metric] if improved else best
-            ckpt_extra = {"epoch": epoch, "step": step, "metrics": row, "best_top1": None if best == float("-inf") else best,
+            ckpt_extra = {"epoch": epoch, "step": step, "ema": cfg.ema, "metrics": row, "best_top1": None if best == float("-inf") else best,
                           "data_config": data_cfg, "train_identities": split.train_identities}
             ckpt_extra["optimizer_param_groups"] = save_optimizer(last_dir.mkdir(parents=True, exist_ok=True) or last_dir, optimizer)
             if averaged is not None:
