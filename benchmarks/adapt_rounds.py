@@ -50,7 +50,8 @@ def main() -> None:
                       "best_epoch": row.get("epoch"), "model": row["model"]})
     emit({"benchmark": "adapt_rounds", "config": args.config, "test": args.test, "wall_seconds": wall,
           "rounds": table, "run": f"fashionlens adapt {args.config} --out {args.out} "
-          + " ".join(f"--set '{s}'" for s in args.sets)})
+          + " ".join(f"--set '{s}'" for s in args.sets),
+          "settings": cfg.model_dump(mode="json")})  # as resolved: config file + --set
 
 
 if __name__ == "__main__":
