@@ -150,6 +150,30 @@ def _source_index(vote: SourceVote, embed: Embed, work: Path, dim: int, flat_max
     return index
 
 
+def _identity_codes(vote: SourceVote) -> tuple[list[str], np.ndarray]:
+    """The vote's identities, sorted, and each source photo's number among them."""
+    names = sorted(set(vote.identities))
+    number = {name: i for i, name in enumerate(names)}
+    return names, np.array([number[n] for n in vote.identities], np.int32)
+
+
+def _votes(ids: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """The identity numbers of FAISS results ``ids`` (-1 where the index returned nothing)."""
+    return np.where(ids >= 0, code[np.maximum(ids, 0)], -1)
+
+
+def _majority(votes: np.ndarray) -> tuple[int, int]:
+    """The identity number with the most ``votes`` (those >= 0) and its count; a tie goes to the
+    one reached first (the nearer photo). (-1, 0) when there is no vote."""
+    votes = votes[votes >= 0]
+    if not len(votes):
+        return -1, 0
+    ids, first, counts = np.unique(votes, return_index=True, return_counts=True)
+    tied = np.flatnonzero(counts == counts.max())
+    best = tied[np.argmin(first[tied])]
+    return int(ids[best]), int(counts[best])
+
+
 def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: int, vote: SourceVote,
           embed: Embed, work: Path, flat_max: int, seed: int, chunk_size: int
           ) -> tuple[list[str | None], list[float]]:
@@ -159,13 +183,12 @@ def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: 
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
     index = _source_index(vote, embed, work, dim, flat_max, seed, chunk_size)
     _, ids = index.search(centroids.astype(np.float32), vote.k)
+    names, code = _identity_codes(vote)
     assigned, shares = [], []
-    for row in ids:
-        names = [vote.identities[r] for r in row if r >= 0]
-        # the most frequent identity; a tie goes to the one reached first (the nearer photo)
-        best = max(names, key=lambda name: (names.count(name), -names.index(name))) if names else None
-        share = names.count(best) / vote.k if names else 0.0
-        assigned.append(best if share >= vote.min_share else None)
+    for row in _votes(ids, code):
+        best, count = _majority(row)
+        share = count / vote.k
+        assigned.append(names[best] if count and share >= vote.min_share else None)
         shares.append(share)
     return assigned, shares
 
@@ -229,19 +252,18 @@ def vote_photos(paths: Sequence[Path], embed: Embed, work: Path, vote: SourceVot
         files, numbers, dim, readable = embed_to_chunks(paths, embed, work / "target", chunk_size, progress)
         if len(readable) < m + 1:
             raise UserError(f"{len(readable)} readable target photos: too few for m={m} neighbours each (lower m)")
-        names = sorted(set(vote.identities))
-        number = {name: i for i, name in enumerate(names)}
-        code = np.array([number[n] for n in vote.identities], np.int32)
+        names, code = _identity_codes(vote)
         votes = np.full((len(paths), vote.k), -1, np.int32)  # each photo's k source votes, nearest first
         index = _source_index(vote, embed, work, dim, flat_max, seed, chunk_size)
         for c in numbers:
             rows, vecs = files.read(c)
             _, ids = index.search(vecs, vote.k)
-            votes[rows] = np.where(ids >= 0, code[np.maximum(ids, 0)], -1)
+            votes[rows] = _votes(ids, code)
         del index  # one index at a time
         near = np.full((len(paths), m), -1, np.int32)  # each photo's m nearest other target photos
-        spec = choose_spec(len(readable), dim, index_type, flat_max=flat_max)
-        if m > 0:
+        if m == 0:  # no target search; its index type is recorded all the same
+            spec = choose_spec(len(readable), dim, index_type, flat_max=flat_max)
+        else:
             index, spec = _build_index(files, numbers, dim, len(readable), np.zeros(0, np.int64), index_type,
                                        flat_max, seed)
             for c in numbers:
@@ -254,17 +276,10 @@ def vote_photos(paths: Sequence[Path], embed: Embed, work: Path, vote: SourceVot
         assigned, shares = [], []
         for row in readable:
             found = near[row][near[row] >= 0]
-            pooled = np.concatenate([votes[row], votes[found].ravel()])
-            pooled = pooled[pooled >= 0]
-            if not len(pooled):  # nothing returned for the photo or its neighbours
-                assigned.append(None), shares.append(0.0)
-                continue
-            ids, first, counts = np.unique(pooled, return_index=True, return_counts=True)
-            # the most votes; a tie goes to the identity reached first (the photo's own nearer votes)
-            tied = np.flatnonzero(counts == counts.max())
-            best = tied[np.argmin(first[tied])]
-            share = float(counts[best] / (vote.k * (1 + len(found))))
-            assigned.append(names[ids[best]] if share >= vote.min_share else None)
+            # the photo's own votes first: a tie goes to its nearer source photos
+            best, count = _majority(np.concatenate([votes[row], votes[found].ravel()]))
+            share = count / (vote.k * (1 + len(found)))
+            assigned.append(names[best] if count and share >= vote.min_share else None)
             shares.append(share)
         # no positives: the label is the photo's alone (its neighbours only voted)
         none, no_scores = [np.zeros(0, np.int64)] * len(readable), [np.zeros(0, np.float32)] * len(readable)
