@@ -37,8 +37,8 @@ from fashionlens.models.builder import build_model, save_checkpoint
 from fashionlens.training.config import load_train_config
 from fashionlens.training.data import split_for
 from fashionlens.training.feature_cache import prepare_cache
-from fashionlens.training.trainer import (_optimizer, identity_terms, make_embed, seed_epoch, train_dataset,
-                                         triplet_loss_for)
+from fashionlens.training.embed import make_embed
+from fashionlens.training.trainer import _optimizer, identity_terms, seed_epoch, train_dataset, triplet_loss_for
 from fashionlens.training.validation import QueryValidation
 
 

@@ -87,7 +87,7 @@ def untrained_gap(cfg) -> dict:
     from fashionlens.models.builder import build_model
     from fashionlens.training.data import make_split
     from fashionlens.training.feature_cache import FeatureCache
-    from fashionlens.training.trainer import make_embed
+    from fashionlens.training.embed import make_embed
     from fashionlens.training.validation import QueryValidation, identity_hit_rate
 
     q = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)

@@ -52,7 +52,7 @@ def main() -> None:
     from fashionlens.models.builder import build_model
     from fashionlens.training import load_train_config
     from fashionlens.training.feature_cache import FeatureCache
-    from fashionlens.training.trainer import make_embed
+    from fashionlens.training.embed import make_embed
     from fashionlens.training.validation import QueryValidation
 
     torch.manual_seed(0)

@@ -365,7 +365,7 @@ def test_flip_averages_each_photo_with_its_mirror_image(tmp_path):
     from torch import nn
 
     from fashionlens.data.transforms import Preprocess
-    from fashionlens.training.trainer import make_embed
+    from fashionlens.training.embed import make_embed
 
     class LeftRight(nn.Module):  # outputs the mean of the left and of the right half of channel 0
         def forward(self, x, from_map=False):

@@ -50,7 +50,8 @@ from fashionlens.training.feature_cache import prepare_cache
 from fashionlens.evaluation.protocols import read_label_mapping
 from fashionlens.training.mining import (SourceVote, TargetPhotos, assignment_precision, label_precision, mine,
                                          read_mined_csv, vote_photos, write_mined_csv)
-from fashionlens.training.trainer import _setup_distributed, init_weights, make_embed, train
+from fashionlens.training.embed import make_embed
+from fashionlens.training.trainer import _setup_distributed, init_weights, train
 from fashionlens.training.validation import QueryValidation, validation_row
 
 ROUND_COLUMNS = ["round", "query_top1", "query_top4", "val_top1", "val_top4", "epoch", "mined_identities",

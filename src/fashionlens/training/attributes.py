@@ -44,7 +44,8 @@ from fashionlens.training.run_files import load_optimizer, plot_curves, read_row
 from fashionlens.losses.pointing import PointingLoss
 from fashionlens.data.street import yes_columns
 from fashionlens.training.attribute_masks import MaskedMapDataset, street_shares
-from fashionlens.training.trainer import check_frozen_stages, make_embed, map_augment, seed_epoch, train_dataset
+from fashionlens.training.embed import make_embed
+from fashionlens.training.trainer import check_frozen_stages, map_augment, seed_epoch, train_dataset
 
 COLUMNS = ["epoch", "step", "lr", "loss", "pointing", "val_loss", "val_accuracy", "val_precision", "val_map",
            "seconds", "images_per_second"]

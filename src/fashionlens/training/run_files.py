@@ -58,6 +58,26 @@ def load_average(folder: Path, averaged: torch.optim.swa_utils.AveragedModel) ->
     averaged.n_averaged.copy_(tensors["n_averaged"])
 
 
+def start_average(model: torch.nn.Module, decay: float | None, resume: Path | None, extra: dict, step: int
+                  ) -> torch.optim.swa_utils.AveragedModel | None:
+    """The moving average of ``model``'s weights with ``decay`` (None: no average), restored from
+    the checkpoint folder ``resume`` (whose JSON ``extra`` says the ``step`` it reached). A
+    resume never mixes kinds of weights: the best score so far was measured on the run's own."""
+    if resume is not None and extra.get("ema") != decay:
+        raise UserError(f"{resume}: trained with ema={extra.get('ema')}, asked for ema={decay}; continue with "
+                        "the same setting or choose a new out folder")
+    if decay is None:
+        return None
+    swa = torch.optim.swa_utils
+    averaged = swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(decay))
+    if resume is not None:
+        load_average(resume, averaged)
+        if int(averaged.n_averaged) != step:  # e.g. stopped between writing the average and the weights
+            raise UserError(f"{resume}: its average ({int(averaged.n_averaged)} steps) does not match its "
+                            f"weights ({step} steps); choose a new out folder")
+    return averaged
+
+
 def read_rows(path: Path, upto_epoch: int) -> list[dict]:
     if not path.is_file():
         return []

@@ -30,7 +30,7 @@ import json
 import os
 import time
 from datetime import timedelta
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,14 +43,14 @@ from fashionlens.data.augment import AugmentConfig, TrainPreprocess
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
-from fashionlens.index.embedding import decode_batches
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, MeanNonZero, WeightedSum
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
 from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment, fill_cache, view_cache
-from fashionlens.training.run_files import (load_average, load_optimizer, plot_curves, read_rows,
-                                           save_average, save_optimizer, write_rows)
+from fashionlens.training.embed import make_embed
+from fashionlens.training.run_files import (load_optimizer, plot_curves, read_rows, save_average, save_optimizer,
+                                           start_average, write_rows)
 from fashionlens.training.validation import QueryValidation, validation_row
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, bool, str]:
@@ -132,52 +132,6 @@ def train_dataset(cfg: TrainConfig, samples, cache: FeatureCache | None, size: i
     if cache is not None:
         return CachedMapDataset(samples, cache, map_augment(cfg), views)
     return IdentityDataset(samples, TrainPreprocess(size, mean, std, AugmentConfig(**(cfg.augment or {}))))
-
-
-def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Preprocess | None,
-               batch_size: int = 64, workers: int = 0, key: str = "embedding", dim: int | None = None,
-               flip: bool = False) -> Callable[[Sequence[Path]], torch.Tensor]:
-    """``embed(paths) -> (N, D)``: the model's output ``key`` (default the embedding; e.g.
-    ``"attr_logits"`` with its width ``dim``) in eval mode, from cached maps or from images
-    (decoded in ``workers`` processes). The row of an image that is not in the cache or cannot
-    be decoded is NaN, so that validation can leave it out instead of mixing it up with another.
-    ``flip``: the mean output of each image and its mirror image (test-time augmentation; from
-    images only, a cached map has no mirror)."""
-    width = dim if dim is not None else (model.embedding_dim or 0)
-    if flip and cache is not None:
-        raise ValueError("flip needs images, not cached feature maps")
-
-    def run(x: torch.Tensor, from_map: bool) -> torch.Tensor:
-        if key == "embedding" and not from_map:
-            return model.embed(x)  # the neck alone: no heads computed
-        return model(x, from_map=from_map)[key]
-
-    @torch.no_grad()
-    def embed(paths: Sequence[Path]) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
-        out = torch.full((len(paths), width), float("nan"))
-        try:
-            if cache is not None:
-                located = [(i, loc) for i, loc in enumerate(map(cache.locate, paths)) if loc is not None]
-                for start in range(0, len(located), 4 * batch_size):
-                    chunk = located[start:start + 4 * batch_size]
-                    maps = torch.stack([cache.load(loc) for _, loc in chunk]).to(device)
-                    out[[i for i, _ in chunk]] = run(maps, True).float().cpu()
-            else:
-                pairs = [(i, str(p)) for i, p in enumerate(paths)]
-                for keys, batch, _errors in decode_batches(pairs, preprocess, batch_size, workers):
-                    if batch is not None:
-                        batch = batch.to(device)
-                        y = run(batch, False).float()
-                        if flip:
-                            y = (y + run(batch.flip(-1), False).float()) / 2
-                        out[keys] = y.cpu()
-        finally:
-            model.train(was_training)
-        return out
-
-    return embed
 
 
 def train(cfg: TrainConfig, progress=None, init: str | Path | None = None,
@@ -288,18 +242,7 @@ def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=
     optimizer = _optimizer(cfg, model)
     if extra:
         load_optimizer(last_dir, optimizer, extra["optimizer_param_groups"])
-    averaged = None  # the weights' moving average: what is validated and kept as best/
-    if extra and extra.get("ema") != cfg.ema:  # the best score so far was measured on the other kind of weights
-        raise UserError(f"{last_dir}: trained with ema={extra.get('ema')}, asked for ema={cfg.ema}; continue with "
-                        "the same setting or choose a new out folder")
-    if cfg.ema is not None:
-        averaged = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema))
-        if extra:
-            load_average(last_dir, averaged)
-            if int(averaged.n_averaged) != step:  # e.g. stopped between writing the average and the weights
-                raise UserError(f"{last_dir}: its average ({int(averaged.n_averaged)} steps) does not match its "
-                                f"weights ({step} steps); choose a new out folder")
+    averaged = start_average(model, cfg.ema, last_dir if extra else None, extra, step)  # None without ema
     evaluated = averaged.module if averaged is not None else model
     net = DistributedDataParallel(model) if world > 1 else model
 
