@@ -3,7 +3,8 @@ of ``fashionlens adapt CONFIG``'s rounds, from its ``init``) with target photos 
 several ways, each run's best epoch on the config's validation queries; JSON out.
 
 Arms (each target photo joins one *source* identity, as ``assign=source`` groups do; vote_k and
-m come from the config, e.g. 20 and 10; the thresholds are fixed per arm, not the config's):
+m come from the config: 20 and 10 in the runs of 2026-12-01, hence ``--set m=10`` below since the
+config's m became 20; the thresholds are fixed per arm, not the config's):
 
 - ``oracle``: every target photo joins a source identity that its true label allows (the
   label mapping of ``train.val_mapping``; among the allowed ones, the one most frequent among
@@ -23,7 +24,8 @@ m come from the config, e.g. 20 and 10; the thresholds are fixed per arm, not th
 Every arm reports its precision (share of assigned photos whose label allows the identity) and
 coverage. Runs resume; ``--only`` picks arms.
 
-    python benchmarks/adapt_oracle.py configs/adapt-cpu.yaml --runs runs/adapt-oracle --set train.ema=null
+    python benchmarks/adapt_oracle.py configs/adapt-cpu.yaml --runs runs/adapt-oracle --set train.ema=null \
+        --set m=10 --set train.epochs=4
 """
 
 from __future__ import annotations
