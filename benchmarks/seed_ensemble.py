@@ -3,7 +3,8 @@
 Each checkpoint is the recipe (frozen Lite0, GAP + 0.5 x local alignment branches); all share the
 same GAP part, so the ensemble keeps one GAP and every seed's branches at weight 0.5 / sqrt(S):
 its cosine similarity is cos_gap + 0.25 x the seeds' mean branch cosine, the single recipe's
-balance. Consumer ``validation/`` -> catalog from the feature cache (``test/`` never touched).
+balance. Consumer ``validation/`` -> catalog from the feature cache, or ``--queries`` (another
+labelled folder, e.g. ``test/`` once a choice has been made on validation).
 
     for s in 1 2 3 4; do fashionlens train configs/recipe-cached-cpu.yaml --set seed=$s --out runs/recipe-seed$s; done
     python benchmarks/seed_ensemble.py configs/recipe-cached-cpu.yaml runs/recipe-cached/best runs/recipe-seed{1..4}/best
@@ -26,6 +27,7 @@ def main() -> None:
     parser.add_argument("--gap", default="gap", help="name of the shared GAP neck")
     parser.add_argument("--lan", default="lan", help="name of the per-seed branches' neck")
     parser.add_argument("--lan-weight", type=float, default=0.5)
+    parser.add_argument("--queries", help="labelled query folder instead of the config's val_queries")
     args = parser.parse_args()
 
     from fashionlens.models.builder import load_checkpoint
@@ -35,7 +37,8 @@ def main() -> None:
     from fashionlens.training.validation import QueryValidation
 
     cfg = load_train_config(args.config, [])
-    q = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
+    queries = args.queries or cfg.val_queries
+    q = QueryValidation.load(queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
     cache = FeatureCache.for_model(cfg.feature_cache, cfg.model, cfg.model.input_size)
     cache.ensure(q.all_paths())
     paths = q.all_paths()
@@ -57,8 +60,9 @@ def main() -> None:
     scale = args.lan_weight / len(branches) ** 0.5
     ensemble = torch.cat([gap, *(scale * b for b in branches)], 1)
     rows.append({"model": f"ensemble of {len(branches)}", **q.evaluate(lambda ps: ensemble[[row_of[p] for p in ps]])})
-    emit({"benchmark": "seed_ensemble", "queries": str(cfg.val_queries), "rows": rows,
-          "mean_of_single_top1": round(sum(r["query_top1"] for r in rows[:-1]) / len(branches), 6)})
+    emit({"benchmark": "seed_ensemble", "queries": str(queries), "rows": rows,
+          **{f"mean_of_single_{m}": round(sum(r[f"query_{m}"] for r in rows[:-1]) / len(branches), 6)
+             for m in ("top1", "top4")}})
 
 
 if __name__ == "__main__":

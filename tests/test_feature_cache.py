@@ -107,6 +107,8 @@ def test_query_validation_equals_full_ranking():
     for k in (1, 4, 10):
         expect = np.mean([any(values[j] in ok[q] for j in order[q, :k].tolist()) for q in range(12)])
         assert got[f"query_top{k}"] == pytest.approx(expect)
+    hits = qv.hits(lambda paths: torch.stack([table[str(p)] for p in paths]), k=10, chunk=7)
+    assert hits.tolist() == [[values[j] in ok[q] for j in order[q, :10].tolist()] for q in range(12)]
 
 
 def test_identity_hit_rate_brute_force():

@@ -40,18 +40,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from fashionlens.config import Config, read_yaml_mapping
-from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_dict_rows, atomic_write_json, atomic_write_text
-from fashionlens.models.builder import build_model, is_checkpoint
+from fashionlens.models.builder import is_checkpoint
 from fashionlens.training.config import TrainConfig, apply_overrides, with_model_defaults
 from fashionlens.training.data import split_for
-from fashionlens.training.feature_cache import prepare_cache
 from fashionlens.evaluation.protocols import read_label_mapping
 from fashionlens.training.mining import (SourceVote, TargetPhotos, assignment_precision, label_precision, mine,
                                          read_mined_csv, vote_photos, write_mined_csv)
-from fashionlens.training.embed import make_embed
-from fashionlens.training.trainer import _setup_distributed, init_weights, train
+from fashionlens.training.trainer import _setup_distributed, checkpoint_embedder, train
 from fashionlens.training.validation import QueryValidation, validation_row
 
 ROUND_COLUMNS = ["round", "query_top1", "query_top4", "val_top1", "val_top4", "epoch", "mined_identities",
@@ -132,18 +129,7 @@ def _round_dir(cfg: AdaptConfig, r: int) -> Path:
 
 def _embedder(cfg: AdaptConfig, checkpoint: Path, device: str, extra_paths: list[Path], progress):
     """embed(paths) with the model of ``checkpoint`` (on cached maps when the run uses a cache)."""
-    # the run's model (its frozen stages decide what the cache holds) with the checkpoint's weights;
-    # the checkpoint may come from a run with fewer trainable stages (e.g. the frozen round 0)
-    model_cfg = cfg.train.model.model_copy(update={"num_identities": None})
-    model, _ = build_model(model_cfg)
-    init_weights(model, checkpoint, model_cfg, None, cached=bool(cfg.train.feature_cache))
-    model.to(device).eval()
-    data_cfg = model.data_config
-    size = int(data_cfg["input_size"][-1])
-    cache = (prepare_cache(cfg.train.feature_cache, cfg.train.model, size, extra_paths, device, cfg.train.workers,
-                           progress) if cfg.train.feature_cache else None)
-    return make_embed(model, device, cache, Preprocess(size, data_cfg["mean"], data_cfg["std"]),
-                      workers=cfg.train.workers)
+    return checkpoint_embedder(cfg.train, checkpoint, device, extra_paths, progress)
 
 
 def evaluate_checkpoint(cfg: AdaptConfig, checkpoint: Path, device: str, progress) -> dict:

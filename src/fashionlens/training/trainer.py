@@ -47,7 +47,8 @@ from fashionlens.losses import BatchAllTripletLoss, IdentityLoss, MeanAllValid, 
 from fashionlens.models.builder import build_model, is_checkpoint, load_checkpoint, save_checkpoint
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.data import IdentityDataset, MinedIdentities, split_for, with_mined
-from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment, fill_cache, view_cache
+from fashionlens.training.feature_cache import (CachedMapDataset, FeatureCache, MapAugment, fill_cache,
+                                               prepare_cache, view_cache)
 from fashionlens.training.embed import make_embed
 from fashionlens.training.run_files import (load_optimizer, plot_curves, read_rows, save_average, save_optimizer,
                                            start_average, write_rows)
@@ -211,6 +212,26 @@ def init_weights(model: torch.nn.Module, init: str | Path, model_cfg, identities
     missing = [k for k in missing if not _is_classifier(k)]
     if missing or unexpected:
         raise UserError(f"{init}: weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def checkpoint_embedder(cfg: TrainConfig, checkpoint: str | Path, device: str, extra_paths: list[Path], progress,
+                        key: str = "embedding"):
+    """embed(paths) with the weights of ``checkpoint`` in the model of run config ``cfg``, on the
+    run's cached maps when it uses a cache (filled for ``extra_paths`` first). The checkpoint may
+    come from a run with fewer trainable stages (e.g. a frozen recipe evaluated in a run that
+    trains the last stage); its frozen stages must be the pretrained ones. ``key``: the model's
+    embedding, or one neck's (``"gap.embedding"``: a recipe's untrained ImageNet pooled feature)."""
+    model_cfg = cfg.model.model_copy(update={"num_identities": None})
+    model, _ = build_model(model_cfg)
+    init_weights(model, checkpoint, model_cfg, None, cached=bool(cfg.feature_cache))
+    model.to(device).eval()
+    data_cfg = model.data_config
+    size = int(data_cfg["input_size"][-1])
+    cache = (prepare_cache(cfg.feature_cache, cfg.model, size, extra_paths, device, cfg.workers, progress)
+             if cfg.feature_cache else None)
+    dim = None if key == "embedding" else model.neck.necks[key.removesuffix(".embedding")].out_dim
+    return make_embed(model, device, cache, Preprocess(size, data_cfg["mean"], data_cfg["std"]), workers=cfg.workers,
+                      key=key, dim=dim)
 
 
 def _train(cfg: TrainConfig, progress, rank: int, world: int, device: str, init=None,

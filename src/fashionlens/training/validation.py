@@ -65,12 +65,14 @@ class QueryValidation:
         return self.query_paths + self.gallery_paths
 
     @torch.no_grad()
-    def evaluate(self, embed: Embed, ks=(1, 4), chunk: int = 2048, prefix: str = "query") -> dict:
+    def hits(self, embed: Embed, k: int = 4, chunk: int = 2048) -> torch.Tensor:
+        """(queries, k) bool: whether each query's i-th nearest gallery image is a hit; the rows of
+        queries that could not be embedded are left out (exact search, the gallery in chunks)."""
         q = embed(self.query_paths).float()
         q_ok = ~torch.isnan(q).any(dim=1)  # queries that could not be embedded are left out
         q = torch.nn.functional.normalize(q[q_ok], dim=1)
         query_ok = [ok for ok, keep in zip(self.query_ok, q_ok.tolist()) if keep]
-        k_max = min(max(ks), len(self.gallery_paths))
+        k_max = min(k, len(self.gallery_paths))
         best_s = torch.full((len(q), 0), float("-inf"))
         best_i = torch.zeros((len(q), 0), dtype=torch.long)
         for start in range(0, len(self.gallery_paths), chunk):
@@ -82,11 +84,14 @@ class QueryValidation:
             i = torch.cat([best_i, torch.arange(start, start + len(g)).expand(len(q), -1)], dim=1)
             best_s, pick = s.topk(min(k_max, s.shape[1]), dim=1)
             best_i = i.gather(1, pick)
-        if not len(q):
-            return {f"{prefix}_top{k}": None for k in ks}
-        hits = torch.tensor([[self.gallery_values[j] in ok and s > float("-inf") for j, s in zip(row, srow)]
+        return torch.tensor([[self.gallery_values[j] in ok and s > float("-inf") for j, s in zip(row, srow)]
                              for row, srow, ok in zip(best_i.tolist(), best_s.tolist(), query_ok)],
                             dtype=torch.bool).reshape(len(q), -1)
+
+    def evaluate(self, embed: Embed, ks=(1, 4), chunk: int = 2048, prefix: str = "query") -> dict:
+        hits = self.hits(embed, max(ks), chunk)
+        if not len(hits):
+            return {f"{prefix}_top{k}": None for k in ks}
         return {f"{prefix}_top{k}": round(float(hits[:, :k].any(1).float().mean()), 6) for k in ks}
 
 
