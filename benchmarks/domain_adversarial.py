@@ -1,6 +1,6 @@
 """Issue 3 experiment: the cached recipe plus a domain-adversarial loss (DANN) on unlabeled buyers' photos.
 
-    python benchmarks/domain_adversarial.py configs/recipe-cached-cpu.yaml --weight 0.3 --features lan.embedding
+    python benchmarks/domain_adversarial.py configs/recipe-cached-cpu.yaml --set ema=null --weight 0.3 --features lan.embedding
 
 The recipe's own loop on cached maps (triplet + identity on P x K catalog batches), and each step
 also one batch of unlabeled target photos (consumer ``train/``, labels ignored) through the same

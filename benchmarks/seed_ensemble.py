@@ -6,7 +6,7 @@ its cosine similarity is cos_gap + 0.25 x the seeds' mean branch cosine, the sin
 balance. Consumer ``validation/`` -> catalog from the feature cache, or ``--queries`` (another
 labelled folder, e.g. ``test/`` once a choice has been made on validation).
 
-    for s in 1 2 3 4; do fashionlens train configs/recipe-cached-cpu.yaml --set seed=$s --out runs/recipe-seed$s; done
+    for s in 1 2 3 4; do fashionlens train configs/recipe-cached-cpu.yaml --set ema=null --set seed=$s --out runs/recipe-seed$s; done
     python benchmarks/seed_ensemble.py configs/recipe-cached-cpu.yaml runs/recipe-cached/best runs/recipe-seed{1..4}/best
 """
 
