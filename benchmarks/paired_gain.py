@@ -13,7 +13,7 @@ not shrink.
         runs/adapt-photo-ema-D-seed{0,1,3}/round-4/train/best runs/adapt-photo-ema-D-seed2/round-3/train/best
     # issue 3: trained recipes against the untrained default (the recipe's own GAP part)
     python benchmarks/paired_gain.py configs/recipe-cached-cpu.yaml --base runs/recipe-cached/best \\
-        --base-key gap.embedding --queries ../shared/data/consumer/test --goal 5 0 runs/recipe-seed{1..3}/best
+        --base-key gap.embedding --queries ../shared/data/consumer/test --goal 5 0 runs/recipe-cached/best runs/recipe-seed{1..3}/best
 """
 
 from __future__ import annotations
@@ -96,4 +96,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fashionlens.errors import UserError
+
+    try:
+        main()
+    except UserError as exc:  # a wrong path or a checkpoint of another model: one line, exit 1
+        raise SystemExit(f"error: {exc}") from None

@@ -109,6 +109,12 @@ def test_query_validation_equals_full_ranking():
         assert got[f"query_top{k}"] == pytest.approx(expect)
     hits = qv.hits(lambda paths: torch.stack([table[str(p)] for p in paths]), k=10, chunk=7)
     assert hits.tolist() == [[values[j] in ok[q] for j in order[q, :10].tolist()] for q in range(12)]
+    # no query could be embedded: no rows, no figures (not a crash)
+    def nan(paths):
+        return torch.stack([table[str(p)] * (float("nan") if str(p).startswith("q") else 1.0) for p in paths])
+
+    assert qv.hits(nan, k=4).shape == (0, 4)
+    assert qv.evaluate(nan) == {"query_top1": None, "query_top4": None}
 
 
 def test_identity_hit_rate_brute_force():

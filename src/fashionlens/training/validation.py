@@ -66,13 +66,16 @@ class QueryValidation:
 
     @torch.no_grad()
     def hits(self, embed: Embed, k: int = 4, chunk: int = 2048) -> torch.Tensor:
-        """(queries, k) bool: whether each query's i-th nearest gallery image is a hit; the rows of
-        queries that could not be embedded are left out (exact search, the gallery in chunks)."""
+        """(queries, min(k, gallery size)) bool: whether each query's i-th nearest gallery image is a
+        hit; the rows of queries that could not be embedded are left out (exact search, the gallery
+        in chunks)."""
         q = embed(self.query_paths).float()
         q_ok = ~torch.isnan(q).any(dim=1)  # queries that could not be embedded are left out
         q = torch.nn.functional.normalize(q[q_ok], dim=1)
         query_ok = [ok for ok, keep in zip(self.query_ok, q_ok.tolist()) if keep]
         k_max = min(k, len(self.gallery_paths))
+        if not len(q):
+            return torch.zeros((0, k_max), dtype=torch.bool)
         best_s = torch.full((len(q), 0), float("-inf"))
         best_i = torch.zeros((len(q), 0), dtype=torch.long)
         for start in range(0, len(self.gallery_paths), chunk):
