@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,10 @@ from fashionlens.models.builder import (
     build_model,
     is_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
-from fashionlens.models.embedder import Embedder
+from fashionlens.models.embedder import Embedder, build_embedder
 from fashionlens.models.heads import AttributeHead, IdentityHead
 
 SCHEMA = {"sleeve_length": ["short", "long", "invisible"], "collar.design": ["round", "v"]}
@@ -249,3 +251,32 @@ def test_config_validation():
     with pytest.raises(UserError, match="neck"):
         ModelConfig.load(neck={"type": "pyramid"})
     assert "freeze_backbone" in ModelConfig.help_text()
+
+
+def test_resolve_checkpoint_of_run_folders(tmp_path, headed):
+    model, cfg, _ = headed
+    train_run = tmp_path / "train"
+    best = save_checkpoint(train_run / "best", model, cfg)
+    save_checkpoint(train_run / "last", model, cfg)
+    assert resolve_checkpoint(train_run) == best
+    adapt = tmp_path / "adapt"
+    save_checkpoint(adapt / "round-1" / "train" / "best", model, cfg)
+    chosen = save_checkpoint(adapt / "round-2" / "train" / "best", model, cfg)
+    (adapt / "best.json").write_text(json.dumps({"round": 2, "query_top1": 0.5, "model": "moved/elsewhere"}))
+    assert resolve_checkpoint(adapt) == chosen  # found inside the run, wherever it was started from
+    (adapt / "best.json").write_text(json.dumps({"round": 0, "model": str(best)}))  # round 0 won: its init
+    assert resolve_checkpoint(str(adapt)) == best
+    # a checkpoint, a model name, a folder that names nothing and a broken best.json stay as they are
+    assert resolve_checkpoint(chosen) == chosen
+    assert resolve_checkpoint(chosen / "model.safetensors") == chosen / "model.safetensors"
+    assert resolve_checkpoint("lite0") == Path("lite0")
+    (tmp_path / "empty").mkdir()
+    assert resolve_checkpoint(tmp_path / "empty") == tmp_path / "empty"
+    (adapt / "best.json").write_text("{broken")
+    assert resolve_checkpoint(adapt) == adapt
+    # the embedder of a run folder is its chosen model's; a folder that names none is refused clearly
+    (adapt / "best.json").write_text(json.dumps({"round": 2, "model": "x"}))
+    assert build_embedder(str(adapt), optimize="none").describe()["model"] == f"checkpoint {chosen.resolve()}"
+    with pytest.raises(UserError, match="unknown model"):
+        build_embedder(str(tmp_path / "empty"), optimize="none")
+

@@ -245,3 +245,14 @@ def test_a_trained_checkpoint_indexes_and_searches_through_model(catalog, tmp_pa
         assert hits[0].id == "3_1" and hits[0].score == pytest.approx(1.0, abs=1e-4)
     finally:
         searcher.close()
+    # the run folder names its best checkpoint: the index records that checkpoint, not the folder
+    from fashionlens.index.catalog_index import CatalogIndex
+
+    build_index(catalog, tmp_path / "idx2", IndexConfig(model=str(tmp_path / "run"), optimize="none"))
+    index, first = CatalogIndex(tmp_path / "idx2"), CatalogIndex(tmp_path / "idx")
+    try:
+        assert index.store.get_meta("config")["model"] == ckpt
+        assert index.store.get_meta("embedder") == first.store.get_meta("embedder")
+    finally:
+        index.close()
+        first.close()

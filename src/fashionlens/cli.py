@@ -62,7 +62,8 @@ def index(
     catalog: Annotated[Path, typer.Argument(help="catalog CSV, folder of images, or folder with both")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="index folder (created, or updated)")],
     config: ConfigOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="'lite0', 'lite2' (offline) or a timm model name")] = None,
+    model: Annotated[Optional[str], typer.Option(help="'lite0', 'lite2' (offline), a timm model name, or a "
+                                                 "checkpoint / train or adapt run folder (its chosen model)")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="letterbox size in pixels")] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     workers: Annotated[Optional[int], typer.Option(help="decoding processes")] = None,

@@ -27,7 +27,7 @@ def _stem(photo: Path, used: set[str]) -> str:
 
 def attention_command(
     photos: Annotated[list[Path], typer.Argument(help="one or more photos")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint folder written by 'fashionlens train' "
+    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint folder written by 'fashionlens train' (or its run folder) "
                                         "(a model with a 'lan' neck)")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for the PNG files (created)")],
     normalize: Annotated[bool, typer.Option(
@@ -45,9 +45,9 @@ def attention_command(
     """
     from fashionlens.data.images import ImageError, open_image
     from fashionlens.explain.attention import attention_masks, attention_sheet, file_tag, masked_images
-    from fashionlens.models.builder import is_checkpoint, load_checkpoint
+    from fashionlens.models.builder import is_checkpoint, load_checkpoint, resolve_checkpoint
 
-    if not is_checkpoint(model):
+    if not is_checkpoint(model := resolve_checkpoint(model)):
         raise UserError(f"--model {model}: not a model checkpoint; attention maps need a checkpoint folder "
                         "written by 'fashionlens train' (model.safetensors + config.json) with a 'lan' neck")
     if out_dir.exists() and not out_dir.is_dir():

@@ -70,7 +70,8 @@ class Config(BaseModel):
 
 
 class EmbedConfig(Config):
-    model: str = Field("lite0", description="'lite0' (offline ImageNet EfficientNet-Lite0) or a timm model name")
+    model: str = Field("lite0", description="'lite0' (offline ImageNet EfficientNet-Lite0), a timm model name, "
+                       "or a checkpoint or train / adapt run folder (its chosen model)")
     input_size: int | None = Field(None, ge=32, le=1024, description="letterbox size; None = the model's own (224)")
     batch_size: int = Field(8, ge=1, le=1024, description="images embedded together")
     workers: int = Field(0, ge=0, le=64, description="image-decoding processes beside the model (0 = decode in the main process)")

@@ -22,6 +22,7 @@ from fashionlens.data.catalog import CatalogSource, Missing, open_catalog
 from fashionlens.errors import UserError
 from fashionlens.index.catalog_index import CatalogIndex
 from fashionlens.index.embedding import embed_rows
+from fashionlens.models.builder import is_checkpoint, resolve_checkpoint
 from fashionlens.models.embedder import Embedder, build_embedder
 
 SYNC_BATCH = 5000
@@ -122,6 +123,8 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
     progress = progress or Progress()
     report = IndexReport()
     source = open_catalog(catalog)  # a bad catalog path fails before any folder is made or model loaded
+    if embedder is None and str(chosen := resolve_checkpoint(cfg.model)) != cfg.model and is_checkpoint(chosen):
+        cfg = cfg.model_copy(update={"model": str(chosen)})  # a run folder: record the checkpoint it hands over
     index = CatalogIndex(out, create=True)
     try:
         embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)

@@ -5,7 +5,8 @@
   ``"id_logits"`` / ``"attr_logits"`` when heads exist, ``"feature_map"`` on request).
 * :class:`EmbeddingOnly` - wraps a model so that ``model(batch)`` is the embedding tensor,
   which is what :class:`fashionlens.models.embedder.Embedder` expects.
-* :func:`build_model`, :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`is_checkpoint`.
+* :func:`build_model`, :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`is_checkpoint`,
+  :func:`resolve_checkpoint` (a run folder -> its chosen checkpoint).
 
 A checkpoint is a folder with ``model.safetensors`` (the state_dict; never a pickle) and
 ``config.json`` (``{"model": ModelConfig, "extra": {...}, "checkpoint_id": ...}``). Each
@@ -263,6 +264,29 @@ def is_checkpoint(path: str | Path) -> bool:
     with a ``config.json`` beside it."""
     weights, config = _files(path)
     return weights.suffix == ".safetensors" and weights.is_file() and config.is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a user means by ``path``: a checkpoint itself; a ``fashionlens train`` run
+    folder (its ``best/``); or a ``fashionlens adapt`` run folder (the round its ``best.json``
+    hands over: ``round-N/train/best``, or the recorded model, e.g. round 0's ``init``). Anything
+    else is returned unchanged, for the caller's own message (a model name such as ``lite0``)."""
+    p = Path(path)
+    if is_checkpoint(p) or not p.is_dir():
+        return p
+    best_json = p / "best.json"
+    if best_json.is_file():  # an adapt run
+        try:
+            doc = json.loads(best_json.read_text())
+        except (OSError, ValueError):
+            doc = None
+        if isinstance(doc, dict):
+            found = [p / f"round-{doc['round']}" / "train" / "best"] if isinstance(doc.get("round"), int) else []
+            found += [Path(doc["model"])] if isinstance(doc.get("model"), str) else []
+            for candidate in found:
+                if is_checkpoint(candidate):
+                    return candidate
+    return p / "best" if is_checkpoint(p / "best") else p
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"

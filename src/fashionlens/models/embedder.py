@@ -85,19 +85,21 @@ def freeze_traced(model: nn.Module, probe: torch.Tensor, atol: float = 1e-3) -> 
 def build_embedder(name: str = "lite0", input_size: int | None = None, device: str = "cpu",
                    pretrained: bool = True, optimize: str = "auto") -> Embedder:
     """The embedder for ``name``: ``lite0`` (offline ImageNet EfficientNet-Lite0), a timm name,
-    or a checkpoint folder written by ``fashionlens train``.
+    a checkpoint folder written by ``fashionlens train``, or a train / adapt run folder (its
+    chosen checkpoint: :func:`~fashionlens.models.builder.resolve_checkpoint`).
 
     ``input_size`` defaults to the model's own (224 for Lite0); 227 as in thesis A works too,
     any backbone here being fully convolutional with global pooling.
     """
-    from fashionlens.models.builder import EmbeddingOnly, is_checkpoint, load_checkpoint
+    from fashionlens.models.builder import EmbeddingOnly, is_checkpoint, load_checkpoint, resolve_checkpoint
 
-    if is_checkpoint(name):  # a model trained by `fashionlens train`
+    if is_checkpoint(name := resolve_checkpoint(name)):  # trained by `fashionlens train` or `adapt`
         trained, model_cfg, _ = load_checkpoint(name, device)
         model, cfg = EmbeddingOnly(trained), trained.data_config  # set by build_model
         size = int(input_size or model_cfg.input_size or cfg["input_size"][-1])
         canonical = f"checkpoint {Path(name).resolve()}"
         return _finish(model, size, cfg, canonical, device, optimize)
+    name = str(name)
     model, cfg = create_backbone(name, pretrained=pretrained)
     size = int(input_size or cfg["input_size"][-1])
     offline = offline_name(name)
