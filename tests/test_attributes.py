@@ -155,6 +155,8 @@ def test_train_resume_and_cli(dataset, tmp_path, monkeypatch, capsys):
     rc, stdout, _ = run_cli_inprocess(monkeypatch, capsys, "evaluate-attributes", out / "best", "--split", "test")
     doc = json.loads(stdout.strip().splitlines()[-1])
     assert rc == 0 and set(doc["attributes"]) == set(SCHEMA) and doc["split"] == "test"
+    rc, stdout, _ = run_cli_inprocess(monkeypatch, capsys, "evaluate-attributes", out, "--split", "test")  # run folder
+    assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["attributes"] == doc["attributes"]
     rc, _, err = run_cli_inprocess(monkeypatch, capsys, "evaluate-attributes", tmp_path)
     assert rc == 2 and "not a model checkpoint" in err
     photo = dataset / "Images" / "001.png"

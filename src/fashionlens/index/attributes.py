@@ -242,8 +242,10 @@ def _todo(store, after: int, limit: int) -> list[tuple[int, str]]:
 def _setup(folder: Path, checkpoint: Path, cfg: IndexAttributesConfig, replace: bool, index: CatalogIndex):
     """Load the model, check it against the stored rows' model, record it in the meta."""
     from fashionlens.explain.attributes import AttributeExplainer
+    from fashionlens.models.builder import resolve_checkpoint
     from fashionlens.training.attributes import load_attribute_model
 
+    checkpoint = resolve_checkpoint(checkpoint)  # a run folder: the checkpoint it chose
     model, train_cfg, _ = load_attribute_model(checkpoint, cfg.device)
     explainer = AttributeExplainer(model, mode=train_cfg.loss, box_threshold=cfg.box_threshold,
                                    method=cfg.method, device=cfg.device)

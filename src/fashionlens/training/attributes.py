@@ -36,7 +36,8 @@ from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.evaluation.attributes import attribute_metrics
 from fashionlens.losses import AttributeLoss
-from fashionlens.models.builder import ModelConfig, build_model, is_checkpoint, load_checkpoint, save_checkpoint
+from fashionlens.models.builder import (ModelConfig, build_model, is_checkpoint, load_checkpoint, resolve_checkpoint,
+                                        save_checkpoint)
 from fashionlens.training.attribute_data import AttributeSet, read_attribute_set, split_rows
 from fashionlens.training.config import RunSettings, apply_overrides
 from fashionlens.training.feature_cache import FeatureCache, prepare_cache
@@ -311,8 +312,8 @@ def train_attributes(cfg: AttributeTrainConfig, progress=None) -> dict:
 
 def load_attribute_model(path: str | Path, device: str = "cpu") -> tuple[object, AttributeTrainConfig, dict]:
     """(model in eval mode, the run's config, the checkpoint's extra) of a checkpoint written by
-    :func:`train_attributes`; a clear error for any other folder."""
-    if not is_checkpoint(path):
+    :func:`train_attributes` (or its run folder: ``best/``); a clear error for any other folder."""
+    if not is_checkpoint(path := resolve_checkpoint(path)):
         raise UserError(f"{path}: not a model checkpoint (needs model.safetensors and config.json)")
     try:
         model, _, extra = load_checkpoint(path, device)
