@@ -279,4 +279,11 @@ def test_resolve_checkpoint_of_run_folders(tmp_path, headed):
     assert build_embedder(str(adapt), optimize="none").describe()["model"] == f"checkpoint {chosen.resolve()}"
     with pytest.raises(UserError, match="unknown model"):
         build_embedder(str(tmp_path / "empty"), optimize="none")
+    # a config's init given as a run folder is stored as the checkpoint that run chose
+    from fashionlens.training.adapt import AdaptConfig
+    from fashionlens.training.config import TrainConfig
+
+    assert TrainConfig(catalog="c", init=str(train_run)).init == str(best)
+    assert AdaptConfig(init=str(adapt), target="t", train=TrainConfig(catalog="c")).init == str(chosen)
+    assert TrainConfig(catalog="c", init="not/there").init == "not/there"  # left for the run's own message
 

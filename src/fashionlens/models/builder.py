@@ -20,9 +20,10 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Annotated
 
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -287,6 +288,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 if is_checkpoint(candidate):
                     return candidate
     return p / "best" if is_checkpoint(p / "best") else p
+
+
+def _chosen(value: str) -> str:
+    chosen = resolve_checkpoint(value)
+    return str(chosen) if str(chosen) != value and is_checkpoint(chosen) else value
+
+
+# a config field naming a checkpoint: a run folder given there is stored as the checkpoint it chose
+CheckpointPath = Annotated[str, AfterValidator(_chosen)]
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"

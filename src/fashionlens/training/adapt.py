@@ -42,7 +42,7 @@ from pydantic import Field, model_validator
 from fashionlens.config import Config, read_yaml_mapping
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_dict_rows, atomic_write_json, atomic_write_text
-from fashionlens.models.builder import is_checkpoint
+from fashionlens.models.builder import CheckpointPath, is_checkpoint
 from fashionlens.training.config import TrainConfig, apply_overrides, with_model_defaults
 from fashionlens.training.data import split_for
 from fashionlens.evaluation.protocols import read_label_mapping
@@ -60,7 +60,8 @@ class AdaptConfig(Config):
     train: TrainConfig = Field(..., description="the retraining of each round (a mapping, or the path of a "
                                "train YAML): model, source catalog and identities, validation, loss, "
                                "epochs and batches per round; its 'out' is replaced by OUT/round-N/train")
-    init: str = Field(..., description="round 0: a trained checkpoint folder with the same model config")
+    init: CheckpointPath = Field(..., description="round 0: a trained checkpoint folder (or its run folder) with the "
+                                "same model config")
     target: str = Field(..., description="folder of unlabeled target-domain photos (e.g. buyers' photos)")
     target_labels: bool = Field(False, description="measurement only: each target photo's sub-folder is its "
                                 "label; report each round's pseudo-label precision (never used to train)")

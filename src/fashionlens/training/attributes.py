@@ -36,8 +36,8 @@ from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.evaluation.attributes import attribute_metrics
 from fashionlens.losses import AttributeLoss
-from fashionlens.models.builder import (ModelConfig, build_model, is_checkpoint, load_checkpoint, resolve_checkpoint,
-                                        save_checkpoint)
+from fashionlens.models.builder import (CheckpointPath, ModelConfig, build_model, is_checkpoint, load_checkpoint,
+                                        resolve_checkpoint, save_checkpoint)
 from fashionlens.training.attribute_data import AttributeSet, read_attribute_set, split_rows
 from fashionlens.training.config import RunSettings, apply_overrides
 from fashionlens.training.feature_cache import FeatureCache, prepare_cache
@@ -63,7 +63,7 @@ def _default_model() -> ModelConfig:
 class AttributeTrainConfig(RunSettings):
     model: ModelConfig = Field(default_factory=_default_model, description="backbone and settings (see ModelConfig); "
                                "neck: gap without normalisation; attributes are set from the data")
-    init: str | None = Field(None, description="checkpoint folder whose backbone weights (and attribute heads, "
+    init: CheckpointPath | None = Field(None, description="checkpoint folder (or its run folder) whose backbone weights (and attribute heads, "
                              "when of the same attributes) start the run, e.g. a linear probe's best/")
     data: str = Field(..., description="folder of labeled images: FashionAI format (Annotations/label.csv, "
                       "attributes.json) or street tags (tags.csv, labels.txt)")

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from fashionlens.config import Config, read_yaml_mapping
 from fashionlens.errors import UserError
-from fashionlens.models.builder import ModelConfig
+from fashionlens.models.builder import CheckpointPath, ModelConfig
 
 
 class RunSettings(Config):
@@ -44,8 +44,9 @@ class RunSettings(Config):
 class TrainConfig(RunSettings):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model to train (see ModelConfig); "
                                "num_identities is set by the trainer when the identity loss is on")
-    init: str | None = Field(None, description="checkpoint folder whose weights start a new run (same backbone, "
-                             "input size and neck; e.g. a frozen-backbone run before training from trainable_from)")
+    init: CheckpointPath | None = Field(None, description="checkpoint folder (or its run folder) whose weights start "
+                                       "a new run (same backbone, input size and neck; e.g. a frozen-backbone run "
+                                       "before training from trainable_from)")
     # data
     catalog: str = Field(..., description="catalog CSV / folder (open_catalog) with the identity columns")
     identity_columns: list[str] = Field(["articleType", "baseColour", "gender"], min_length=1,
