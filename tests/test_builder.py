@@ -13,6 +13,7 @@ from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.models.builder import (
     EmbeddingOnly,
+    chosen_model,
     ModelConfig,
     build_model,
     is_checkpoint,
@@ -277,7 +278,7 @@ def test_resolve_checkpoint_of_run_folders(tmp_path, headed):
     # the embedder of a run folder is its chosen model's; a folder that names none is refused clearly
     (adapt / "best.json").write_text(json.dumps({"round": 2, "model": "x"}))
     assert build_embedder(str(adapt), optimize="none").describe()["model"] == f"checkpoint {chosen.resolve()}"
-    with pytest.raises(UserError, match="unknown model"):
+    with pytest.raises(UserError, match="neither a checkpoint"):
         build_embedder(str(tmp_path / "empty"), optimize="none")
     # a config's init given as a run folder is stored as the checkpoint that run chose
     from fashionlens.training.adapt import AdaptConfig
@@ -286,4 +287,17 @@ def test_resolve_checkpoint_of_run_folders(tmp_path, headed):
     assert TrainConfig(catalog="c", init=str(train_run)).init == str(best)
     assert AdaptConfig(init=str(adapt), target="t", train=TrainConfig(catalog="c")).init == str(chosen)
     assert TrainConfig(catalog="c", init="not/there").init == "not/there"  # left for the run's own message
+    # best.json naming a model that is not there (a relative path read from elsewhere): said so
+    (adapt / "best.json").write_text(json.dumps({"round": 0, "model": "runs/recipe/best"}))
+    with pytest.raises(UserError, match="hands over runs/recipe/best, which is not a checkpoint"):
+        resolve_checkpoint(adapt)
+
+
+def test_a_model_name_wins_over_a_run_folder_of_that_name(tmp_path, headed, monkeypatch):
+    model, cfg, _ = headed
+    save_checkpoint(tmp_path / "lite0" / "best", model, cfg)  # e.g. `fashionlens train ... --out lite0`
+    monkeypatch.chdir(tmp_path)
+    assert chosen_model("lite0") == "lite0"
+    assert "offline ImageNet weights" in build_embedder("lite0", pretrained=False, optimize="none").describe()["model"]
+    assert chosen_model("./lite0") == str(Path("lite0") / "best")  # a path is a path
 

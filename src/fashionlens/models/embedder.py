@@ -12,7 +12,8 @@ from PIL import Image
 from torch import nn
 
 from fashionlens.data.transforms import Preprocess
-from fashionlens.models.backbones import OFFLINE_MODELS, create_backbone, offline_name
+from fashionlens.errors import UserError
+from fashionlens.models.backbones import OFFLINE_MODELS, create_backbone, is_model_name, offline_name
 
 
 class Embedder:
@@ -91,15 +92,19 @@ def build_embedder(name: str = "lite0", input_size: int | None = None, device: s
     ``input_size`` defaults to the model's own (224 for Lite0); 227 as in thesis A works too,
     any backbone here being fully convolutional with global pooling.
     """
-    from fashionlens.models.builder import EmbeddingOnly, is_checkpoint, load_checkpoint, resolve_checkpoint
+    from fashionlens.models.builder import EmbeddingOnly, chosen_model, is_checkpoint, load_checkpoint
 
-    if is_checkpoint(name := resolve_checkpoint(name)):  # trained by `fashionlens train` or `adapt`
+    name = chosen_model(name)  # a train / adapt run folder: the checkpoint it chose
+    if is_checkpoint(name):  # trained by `fashionlens train` or `adapt`
         trained, model_cfg, _ = load_checkpoint(name, device)
         model, cfg = EmbeddingOnly(trained), trained.data_config  # set by build_model
         size = int(input_size or model_cfg.input_size or cfg["input_size"][-1])
         canonical = f"checkpoint {Path(name).resolve()}"
         return _finish(model, size, cfg, canonical, device, optimize)
     name = str(name)
+    if Path(name).is_dir() and not is_model_name(name):
+        raise UserError(f"{name}: neither a checkpoint (model.safetensors + config.json) nor a train or adapt run "
+                        "folder (best/, or best.json naming a checkpoint)")
     model, cfg = create_backbone(name, pretrained=pretrained)
     size = int(input_size or cfg["input_size"][-1])
     offline = offline_name(name)

@@ -263,7 +263,8 @@ def _adapt(cfg: AdaptConfig, emit, world: int, device: str) -> list[dict]:
         return json.loads(path.read_text())
 
     rows = [_on_rank0(world, round_zero)]
-    best = {"round": 0, metric: rows[0].get(metric), "model": str(cfg.init)}
+    # best.json hands the model over: round 0's (init) as an absolute path, valid from any folder
+    best = {"round": 0, metric: rows[0].get(metric), "model": str(Path(cfg.init).resolve())}
     stale = 0
     emit({"event": "round_done", **rows[0]})
 
