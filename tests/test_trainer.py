@@ -228,7 +228,7 @@ def test_unreadable_image_is_replaced_by_same_identity(catalog, tmp_path):
         ds[2]
 
 
-def test_a_trained_checkpoint_indexes_and_searches_through_model(catalog, tmp_path):
+def test_a_trained_checkpoint_indexes_and_searches_through_model(catalog, tmp_path, monkeypatch):
     """`fashionlens index/search/evaluate --model CKPT`: the checkpoint is an embedder."""
     from fashionlens.config import IndexConfig
     from fashionlens.index.pipeline import build_index
@@ -249,6 +249,15 @@ def test_a_trained_checkpoint_indexes_and_searches_through_model(catalog, tmp_pa
     from fashionlens.index.catalog_index import CatalogIndex
 
     build_index(catalog, tmp_path / "idx2", IndexConfig(model=str(tmp_path / "run"), optimize="none"))
+    # a checkpoint named relative to one folder serves from any other
+    monkeypatch.chdir(tmp_path)
+    build_index(catalog, tmp_path / "idx4", IndexConfig(model="run", optimize="none"))
+    monkeypatch.chdir(catalog.parent)
+    searcher = Searcher(tmp_path / "idx4", optimize="none")
+    try:
+        assert searcher.search_paths([catalog.parent / "images" / "3_1.png"], 1)[0][0].id == "3_1"
+    finally:
+        searcher.close()
     with pytest.raises(UserError, match="neither a checkpoint"):  # a folder that names no model: no index made
         build_index(catalog, tmp_path / "idx3", IndexConfig(model=str(tmp_path), optimize="none"))
     assert not (tmp_path / "idx3").exists()

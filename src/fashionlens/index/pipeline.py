@@ -22,7 +22,7 @@ from fashionlens.data.catalog import CatalogSource, Missing, open_catalog
 from fashionlens.errors import UserError
 from fashionlens.index.catalog_index import CatalogIndex
 from fashionlens.index.embedding import embed_rows
-from fashionlens.models.builder import chosen_model
+from fashionlens.models.builder import chosen_model, is_checkpoint
 from fashionlens.models.embedder import Embedder, build_embedder
 
 SYNC_BATCH = 5000
@@ -123,8 +123,13 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
     progress = progress or Progress()
     report = IndexReport()
     source = open_catalog(catalog)  # a bad catalog path fails before any folder is made or model loaded
-    if embedder is None and (chosen := chosen_model(cfg.model)) != cfg.model:
-        cfg = cfg.model_copy(update={"model": chosen})  # a run folder: record the checkpoint it hands over
+    if embedder is None:
+        # a run folder: record the checkpoint it hands over; a checkpoint by its absolute path, so that
+        # `search` and `serve` find it from any folder (its embedder record names that path anyway)
+        chosen = chosen_model(cfg.model)
+        chosen = str(Path(chosen).resolve()) if is_checkpoint(chosen) else chosen
+        if chosen != cfg.model:
+            cfg = cfg.model_copy(update={"model": chosen})
     # a bad model fails before any folder is made
     embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)
     index = CatalogIndex(out, create=True)
