@@ -27,8 +27,8 @@ def _stem(photo: Path, used: set[str]) -> str:
 
 def attention_command(
     photos: Annotated[list[Path], typer.Argument(help="one or more photos")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint folder written by 'fashionlens train' (or its run folder) "
-                                        "(a model with a 'lan' neck)")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint folder written by 'fashionlens train', "
+                                        "or its run folder (a model with a 'lan' neck)")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="folder for the PNG files (created)")],
     normalize: Annotated[bool, typer.Option(
         "--normalize", help="rescale each mask to [0, 1] (its own min/max) before multiplying; "

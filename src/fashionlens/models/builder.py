@@ -298,7 +298,8 @@ def chosen_model(name: str) -> str:
     """A model as a user names it, as it should be recorded: a train / adapt run folder becomes the
     checkpoint it chose (:func:`resolve_checkpoint`); a checkpoint, a model name (``lite0``, a timm
     name, even where a folder of that name exists) and anything else stay as they are."""
-    if is_checkpoint(name) or is_model_name(str(name)) or not Path(name).is_dir():
+    # the file-system checks first: listing timm's models is the slow one, and most names are no folder
+    if is_checkpoint(name) or not Path(name).is_dir() or is_model_name(str(name)):
         return name
     chosen = resolve_checkpoint(name)
     return str(chosen) if is_checkpoint(chosen) else name

@@ -63,8 +63,9 @@ def _default_model() -> ModelConfig:
 class AttributeTrainConfig(RunSettings):
     model: ModelConfig = Field(default_factory=_default_model, description="backbone and settings (see ModelConfig); "
                                "neck: gap without normalisation; attributes are set from the data")
-    init: CheckpointPath | None = Field(None, description="checkpoint folder (or its run folder) whose backbone weights (and attribute heads, "
-                             "when of the same attributes) start the run, e.g. a linear probe's best/")
+    init: CheckpointPath | None = Field(None, description="checkpoint folder (or its run folder) whose backbone "
+                                       "weights (and attribute heads, when of the same attributes) start the run, "
+                                       "e.g. a linear probe's best/")
     data: str = Field(..., description="folder of labeled images: FashionAI format (Annotations/label.csv, "
                       "attributes.json) or street tags (tags.csv, labels.txt)")
     format: Literal["fashionai", "street"] = Field("fashionai", description="layout of data")
