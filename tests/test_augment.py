@@ -144,3 +144,80 @@ def test_train_preprocess_crop_zooms_in():
     pre = TrainPreprocess(32, (0.0,) * 3, (1.0,) * 3, {**OFF, "crop": 1.0, "crop_min": 0.1})
     balance = [float(x[0].sum() - x[2].sum()) for x in (pre(img) for _ in range(20))]
     assert max(abs(b) for b in balance) > 10
+
+
+def _shop_photo() -> Image.Image:
+    """A white 60 x 60 'shop photo': a dark garment outline (a ring) enclosing a white patch, and
+    a red square touching nothing."""
+    arr = np.full((60, 60, 3), 255, np.uint8)
+    arr[15:45, 15:45] = (20, 20, 120)  # the garment
+    arr[22:38, 22:38] = 255  # a white print inside it: enclosed, not background
+    arr[2:6, 50:56] = (200, 0, 0)
+    return Image.fromarray(arr)
+
+
+def test_plain_background_is_the_light_region_touching_the_border():
+    from fashionlens.data.augment import plain_background
+
+    mask = plain_background(_shop_photo())
+    expected = np.ones((60, 60), bool)
+    expected[15:45, 15:45] = False
+    expected[2:6, 50:56] = False
+    assert np.array_equal(mask, expected)
+    # a diagonal gap (8-connected) lets the background in
+    arr = np.asarray(_shop_photo()).copy()
+    arr[21, 21] = 255
+    arr[20, 20] = 255
+    arr[19:21, 15:20] = 255
+    arr[15:19, 19] = 255
+    assert plain_background(Image.fromarray(arr))[30, 30]
+
+
+def test_replace_background_changes_only_the_background():
+    from fashionlens.data.augment import plain_background, replace_background
+
+    img = _shop_photo()
+    before = np.asarray(img)
+    torch.manual_seed(0)
+    after = np.asarray(replace_background(img))
+    mask = plain_background(img)
+    assert np.array_equal(after[~mask], before[~mask])  # garment, its white print, the red square
+    assert (after[mask] != 255).any(axis=1).mean() > 0.9  # the background is no longer white
+    # textures differ from draw to draw, and stay inside uint8 with the photo's shape
+    again = np.asarray(replace_background(img))
+    assert again.shape == after.shape and not np.array_equal(again[mask], after[mask])
+
+
+def test_replace_background_leaves_photos_without_one():
+    from fashionlens.data.augment import replace_background
+
+    torch.manual_seed(0)
+    busy = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 200).astype(np.uint8))
+    assert np.array_equal(np.asarray(replace_background(busy)), np.asarray(busy))  # no light border region
+    white = Image.new("RGB", (40, 40), (255, 255, 255))
+    assert np.array_equal(np.asarray(replace_background(white)), np.asarray(white))  # over max_share
+
+
+def test_random_texture_shape_range_and_variety():
+    from fashionlens.data.augment import random_texture
+
+    torch.manual_seed(0)
+    textures = [random_texture(30, 50) for _ in range(20)]
+    assert all(t.shape == (30, 50, 3) and t.dtype == np.uint8 for t in textures)
+    means = np.array([t.mean() for t in textures])
+    assert means.std() > 10  # brightness varies between draws
+    assert all(t.std() > 0 for t in textures)
+
+
+def test_train_preprocess_background_probability():
+    """With p 1 a shop photo's background changes in every draw (other augmentations off); with
+    p 0 never; the garment's pixels are the same either way."""
+    img = _shop_photo()
+    plain = TrainPreprocess(60, (0.0,) * 3, (1.0,) * 3, OFF)(img)
+    torch.manual_seed(0)
+    pre = TrainPreprocess(60, (0.0,) * 3, (1.0,) * 3, {**OFF, "background": 1.0})
+    for _ in range(5):
+        out = pre(img)
+        assert not torch.allclose(out[:, 0:10, 0:10], plain[:, 0:10, 0:10])
+        assert torch.equal(out[:, 16:20, 16:20], plain[:, 16:20, 16:20])
+    assert AugmentConfig().background == 0.0

@@ -49,6 +49,11 @@ class AugmentConfig(BaseModel):
     crop: float = Field(0.0, ge=0, le=1, description="probability of a random crop before the letterbox "
                         "(not in the thesis: zooms in on the garment as buyers' photos do; 0 = off)")
     crop_min: float = Field(0.35, gt=0, le=1, description="random crop: smallest area, as a fraction of the photo")
+    background: float = Field(0.0, ge=0, le=1, description="probability of replacing a shop photo's plain "
+                              "white background with a random texture, before the letterbox (not in the thesis: "
+                              "buyers' photos show beds, floors and walls; 0 = off)")
+    background_level: int = Field(245, ge=128, le=255, description="background replacement: pixels with every "
+                                  "channel at least this bright, connected to the photo's border, are background")
 
 
 class RandomSideErasing(torch.nn.Module):
@@ -125,6 +130,54 @@ def crop_box(width: int, height: int, min_area: float) -> tuple[int, int, int, i
     return left, top, left + w, top + h
 
 
+def plain_background(img: Image.Image, level: int = 245) -> np.ndarray:
+    """Boolean (height, width) mask of ``img``'s plain light background: pixels with every channel
+    at least ``level`` that are 8-connected to the photo's border (so a white shirt inside the
+    garment's outline stays). scipy.ndimage labels the regions."""
+    from scipy import ndimage
+
+    light = (np.asarray(img.convert("RGB")) >= level).all(axis=2)
+    labels, _ = ndimage.label(light, structure=np.ones((3, 3), bool))
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return np.isin(labels, border[border > 0])
+
+
+def random_texture(height: int, width: int) -> np.ndarray:
+    """A random (height, width, 3) uint8 texture, standing in for the beds, floors, tables and
+    walls behind buyers' photos: a smooth field of muted colours (one random brightness and tint,
+    varied over a 2 x 2 to 5 x 5 grid and upsampled bicubically), with p 0.5 faint stripes or
+    checks over it, and fine grain. torch's global generator draws it."""
+    cells = int(torch.randint(2, 6, ()))
+    base = float(torch.empty(()).uniform_(0.25, 0.9)) + (torch.rand(1, 3, 1, 1) - 0.5) * 0.3
+    grid = base + (torch.rand(1, 3, cells, cells) - 0.5) * float(torch.empty(()).uniform_(0.05, 0.3))
+    field = torch.nn.functional.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)[0]
+    if float(torch.rand(())) < 0.5:
+        period = float(torch.empty(()).uniform_(6, 40))
+        angle = float(torch.empty(()).uniform_(0, math.pi))
+        ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing="ij")
+        wave = torch.sin((xs * math.cos(angle) + ys * math.sin(angle)) * 2 * math.pi / period)
+        if float(torch.rand(())) < 0.5:  # checks: a second wave across the first
+            wave = wave * torch.sin((-xs * math.sin(angle) + ys * math.cos(angle)) * 2 * math.pi / period)
+        field = field * (1 + float(torch.empty(()).uniform_(0.05, 0.25)) * torch.sign(wave))
+    field = field + torch.randn(1, height, width) * float(torch.empty(()).uniform_(0.0, 0.04))
+    return (field.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def replace_background(img: Image.Image, level: int = 245, min_share: float = 0.05,
+                       max_share: float = 0.9) -> Image.Image:
+    """``img`` with its plain light background (:func:`plain_background`) replaced by a
+    :func:`random_texture`; unchanged where that background is under ``min_share`` of the photo
+    (a buyer's photo, or a garment filling the frame) or over ``max_share`` (a white garment
+    whose outline does not close it off from the background)."""
+    mask = plain_background(img, level)
+    if not min_share <= mask.mean() <= max_share:
+        return img
+    arr = np.array(img.convert("RGB"))
+    arr[mask] = random_texture(*mask.shape)[mask]
+    return Image.fromarray(arr)
+
+
 def _identity(img: torch.Tensor) -> torch.Tensor:
     return img
 
@@ -139,15 +192,18 @@ class TrainPreprocess:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         # the crop acts on the photo before the letterbox; a callable ``augment`` has none
-        self.crop, self.crop_min = 0.0, 1.0
+        self.crop, self.crop_min, self.background, self.background_level = 0.0, 1.0, 0.0, 245
         if callable(augment):
             self.augment = augment
         else:
             cfg = augment if isinstance(augment, AugmentConfig) else AugmentConfig(**(augment or {}))
             self.augment = build_train_augment(cfg)
             self.crop, self.crop_min = cfg.crop, cfg.crop_min
+            self.background, self.background_level = cfg.background, cfg.background_level
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.background > 0 and float(torch.rand(())) < self.background:
+            img = replace_background(img, self.background_level)
         if self.crop > 0 and float(torch.rand(())) < self.crop:
             img = img.crop(crop_box(img.width, img.height, self.crop_min))
         arr = np.asarray(letterbox(img, self.size), dtype=np.float32) / 255.0
