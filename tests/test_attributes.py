@@ -384,3 +384,21 @@ def test_flip_averages_each_photo_with_its_mirror_image(tmp_path):
     assert torch.allclose(both[0], plain[0].mean().expand(2), atol=1e-6)
     with pytest.raises(ValueError, match="flip needs images"):
         make_embed(LeftRight(), "cpu", object(), pre, key="attr_logits", dim=2, flip=True)
+
+
+def test_traced_forward_explains_as_the_eager_model(explainer, dataset):
+    """``optimize`` traces and freezes the forward pass; values, boxes and features stay those of
+    the eager model (Grad-CAM still runs on the eager one)."""
+    import copy
+
+    photos = [Image.open(dataset / "Images" / f"{i:03d}.png").convert("RGB") for i in (0, 2, 7)]
+    eager = explainer.explain(photos)
+    fast = copy.copy(explainer)
+    assert fast.optimize("jit") == "jit" and fast._fast is not None
+    for row_fast, row_eager in zip(fast.explain(photos), eager):
+        for a, b in zip(row_fast, row_eager):
+            assert a.value == b.value and a.box == b.box
+            assert a.confidence == pytest.approx(b.confidence, abs=1e-4)
+            assert np.allclose(a.cam, b.cam, atol=1e-3)
+    assert fast.optimize("none") == "none" and fast._fast is None  # back to the eager model
+    assert explainer._fast is None  # the copy's trace is its own

@@ -408,3 +408,57 @@ def test_model_workers_share_max_batch_and_embed_as_one_model(world):
     assert sum(sizes) == len(photos) and max(sizes) <= 3
     for vec, ref in zip(got, expect):
         np.testing.assert_allclose(vec, ref, atol=1e-4)
+
+
+def test_explain_workers_side_by_side_agree_with_one(world, tmp_path):
+    """Closed-form CAMs run in as many explain workers as model workers, with no lock, and
+    every photo gets the attributes (values, confidences, boxes) one worker gives it; an index
+    explained with Grad-CAM keeps one worker behind the lock (its hooks are per call)."""
+    import torch
+
+    import faiss
+
+    from fashionlens.config import SearchConfig, ServeConfig
+    from fashionlens.index.attributes import META_KEY
+    from fashionlens.serving.live import LiveCatalog, decode_photo
+
+    def attrs(result):
+        return [(a.attribute, a.value, a.confidence, a.box) for a in result]
+
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    photos = [decode_photo(photo(world, n % 12), max_pixels=10**7) for n in range(16)]
+    cfg = SearchConfig(k=3, explain=True)
+    try:
+        one = LiveCatalog(world["index"], ServeConfig(model_workers=1))
+        try:
+            assert len(one.explain_batch._threads) == 1
+            expect = [attrs(one.search(p, cfg, one.plan(cfg))[1]) for p in photos]
+        finally:
+            one.close()
+        live = LiveCatalog(world["index"], ServeConfig(model_workers=2))
+        try:
+            assert live.explainer.concurrent and len(live.explain_batch._threads) == 2
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda p: attrs(live.search(p, cfg, live.plan(cfg))[1]), photos))
+        finally:
+            live.close()
+        grad = tmp_path / "gradcam-index"
+        shutil.copytree(world["index"], grad)
+        index = CatalogIndex(grad, write=True)
+        try:
+            index.store.set_meta(META_KEY, {**index.store.get_meta(META_KEY), "method": "gradcam"})
+        finally:
+            index.close()
+        locked = LiveCatalog(grad, ServeConfig(model_workers=2))
+        try:
+            assert not locked.explainer.concurrent and len(locked.explain_batch._threads) == 1
+            assert isinstance(locked.model_lock, type(threading.Lock()))
+        finally:
+            locked.close()
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(faiss_threads)
+    assert all(len(row) > 0 for row in got) and len(got) == len(expect)
+    for row, ref in zip(got, expect):
+        assert [a[:2] + a[3:] for a in row] == [a[:2] + a[3:] for a in ref]  # names, values, boxes
+        np.testing.assert_allclose([a[2] for a in row], [a[2] for a in ref], atol=1e-5)

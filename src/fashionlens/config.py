@@ -112,6 +112,8 @@ class IndexAttributesConfig(Config):
     box_threshold: float = Field(0.5, gt=0, lt=1, description="an attribute's box: its CAM's largest region "
                                  "above this share of the peak")
     method: Literal["auto", "gradcam"] = Field("auto", description="CAM computation (auto = closed form for linear heads)")
+    optimize: Literal["auto", "jit", "none"] = Field(
+        "auto", description="forward-pass speed-up: auto = TorchScript freeze on CPU (checked against eager)")
     feature_dim: int = Field(128, ge=0, le=65536, description="region features are stored as float16, projected to "
                              "this many dims by a fixed random orthonormal projection (cosine similarity is "
                              "approximately preserved, error about 1/sqrt(dims)); 0 = the full vector")
@@ -150,7 +152,7 @@ class ServeConfig(Config):
         "auto", description="batches run side by side, each model call on cores / model_workers threads; auto: "
         "on CPU the most workers up to 4 that divide the cores (forwards on fewer threads each leave no core "
         "idle at OpenMP barriers; on 2 cores the idle share under load fell from 0.2 to 0.05, "
-        "docs/BENCHMARKS.md), 1 on a GPU")
+        "docs/BENCHMARKS.md), 1 on a GPU; the attribute model runs as many (one with method gradcam)")
     persist_seconds: float = Field(300.0, ge=1, description="the FAISS file is rewritten this often after "
                                    "changes (and at shutdown); SQLite and the vector chunks are durable at once")
     device: str = Field("cpu", description="torch device of the models")

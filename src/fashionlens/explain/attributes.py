@@ -132,6 +132,7 @@ class AttributeExplainer:
         self.size = int(model.data_config["input_size"][-1])
         self.preprocess = Preprocess(self.size, model.data_config["mean"], model.data_config["std"])
         self.target_layer = backbone_stages(model.backbone)[-1][1]
+        self._fast = None  # the traced forward pass (optimize)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         from fashionlens.evaluation.attributes import probabilities
@@ -147,10 +148,35 @@ class AttributeExplainer:
                          for a in range(len(columns[0]))]
         return np.stack(per_attribute, axis=1)
 
+    @property
+    def concurrent(self) -> bool:
+        """Whether several threads may call :meth:`explain` at once: the closed-form CAMs
+        (``auto``) only run the model forward; Grad-CAM hooks the model for each call."""
+        return self.method == "auto"
+
+    def optimize(self, mode: str = "auto", batch_size: int = 4) -> str:
+        """Trace and freeze the forward pass with TorchScript (``jit``; ``auto``: on CPU), as
+        :meth:`Embedder.optimize <fashionlens.models.embedder.Embedder.optimize>` does; checked
+        against the eager model, kept eager if it differs. Grad-CAM still hooks the eager model.
+        Returns the mode used."""
+        from fashionlens.models.embedder import freeze_traced
+
+        if mode == "auto":
+            mode = "jit" if torch.device(self.device).type == "cpu" else "none"
+        self._fast = None
+        if mode != "jit":
+            return "none"
+        probe = torch.randn(batch_size, 3, self.size, self.size, device=self.device)
+        self._fast = freeze_traced(_LogitsAndMap(self.model), probe)
+        return "jit" if self._fast is not None else "none"
+
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(x, return_map=True)
-        return out["attr_logits"].float(), out["feature_map"].float()
+        if self._fast is not None:
+            logits, tmap = self._fast(x)
+        else:
+            logits, tmap = _LogitsAndMap(self.model)(x)
+        return logits.float(), tmap.float()
 
     def explain(self, images: Sequence[Image.Image], attributes: Sequence[str] | None = None,
                 with_cams: bool = True) -> list[list[AttributeResult]]:
@@ -202,3 +228,15 @@ class _Logits(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["attr_logits"]
+
+
+class _LogitsAndMap(torch.nn.Module):
+    """The model as a traceable function: images -> (attribute logits, final feature map)."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(x, return_map=True)
+        return out["attr_logits"], out["feature_map"]

@@ -33,13 +33,8 @@ from torchvision.ops import roi_pool
 Box = tuple[int, int, int, int]
 
 
-def region_mask(cam: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
-    """Bool (H, W) mask of the largest 8-connected region where ``cam >= threshold * cam.max()``.
-
-    Largest = most pixels; ties go to the larger sum of ``cam`` over the region, then to the
-    lowest scipy label (first region met in row-major order). None when the map has no
-    positive, finite peak (all zero, all negative, or any NaN / inf).
-    """
+def _largest_label(cam: np.ndarray, threshold: float) -> tuple[np.ndarray, int] | None:
+    """(labels, label of the largest region) of :func:`region_mask`'s rule, or None."""
     cam = np.asarray(cam, dtype=np.float64)
     if cam.ndim != 2:
         raise ValueError(f"cam must be 2-D (H, W), got shape {cam.shape}")
@@ -49,22 +44,37 @@ def region_mask(cam: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
     if not np.isfinite(peak) or peak <= 0:
         return None
     labels, count = ndimage.label(cam >= threshold * peak, structure=np.ones((3, 3), dtype=int))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    sums = np.bincount(labels.ravel(), weights=cam.ravel(), minlength=count + 1)[1:]
     # count >= 1: the peak pixel itself is always on because threshold <= 1.
-    best = max(range(count), key=lambda i: (sizes[i], sums[i], -i))
-    return labels == best + 1
+    if count == 1:  # the usual case for smooth maps: no counting needed
+        return labels, 1
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    tied = np.flatnonzero(sizes == sizes.max())
+    if len(tied) == 1:
+        return labels, int(tied[0]) + 1
+    sums = np.bincount(labels.ravel(), weights=cam.ravel(), minlength=count + 1)[1:]
+    return labels, max(tied.tolist(), key=lambda i: (sums[i], -i)) + 1
+
+
+def region_mask(cam: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
+    """Bool (H, W) mask of the largest 8-connected region where ``cam >= threshold * cam.max()``.
+
+    Largest = most pixels; ties go to the larger sum of ``cam`` over the region, then to the
+    lowest scipy label (first region met in row-major order). None when the map has no
+    positive, finite peak (all zero, all negative, or any NaN / inf).
+    """
+    found = _largest_label(cam, threshold)
+    return None if found is None else found[0] == found[1]
 
 
 def largest_region_box(cam: np.ndarray, threshold: float = 0.5) -> Box | None:
     """``(x, y, w, h)`` in pixels of ``cam`` (inclusive extents: ``w = x_max - x_min + 1``) of
     the region chosen by :func:`region_mask`; None when there is none."""
-    mask = region_mask(cam, threshold)
-    if mask is None:
+    found = _largest_label(cam, threshold)
+    if found is None:
         return None
-    ys, xs = np.nonzero(mask)
-    x0, y0 = int(xs.min()), int(ys.min())
-    return x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1
+    labels, label = found
+    rows, cols = ndimage.find_objects(labels, max_label=label)[label - 1]
+    return cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start
 
 
 def roi_features(feature_map: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor | None,

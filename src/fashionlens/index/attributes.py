@@ -127,8 +127,9 @@ class StoredAttributes:
             self._projection = Projection(self.meta["feature"])
         return self._projection
 
-    def explainer(self, device: str = "cpu"):
-        """The explainer of the model that made the stored rows (checked by checkpoint id)."""
+    def explainer(self, device: str = "cpu", optimize: str = "auto"):
+        """The explainer of the model that made the stored rows (checked by checkpoint id), its
+        forward pass sped up by ``optimize`` (:meth:`AttributeExplainer.optimize`)."""
         from fashionlens.explain.attributes import AttributeExplainer
         from fashionlens.training.attributes import load_attribute_model
 
@@ -139,8 +140,10 @@ class StoredAttributes:
         if checkpoint_id(path) != self.meta.get("checkpoint_id"):
             raise UserError(f"{path} changed since 'fashionlens index-attributes' used it; run it again with --replace")
         model, _, _ = load_attribute_model(path, device)
-        return AttributeExplainer(model, mode=self.meta["loss"], box_threshold=self.meta["box_threshold"],
-                                  method=self.meta["method"], device=device)
+        explainer = AttributeExplainer(model, mode=self.meta["loss"], box_threshold=self.meta["box_threshold"],
+                                       method=self.meta["method"], device=device)
+        explainer.optimize(optimize)
+        return explainer
 
     def rows(self, rowids: list[int], attrs: list[int] | None = None) -> dict[int, list[StoredAttribute | None]]:
         """Per item with attributes: one entry per attribute in schema order (None: not stored or
@@ -249,6 +252,7 @@ def _setup(folder: Path, checkpoint: Path, cfg: IndexAttributesConfig, replace: 
     model, train_cfg, _ = load_attribute_model(checkpoint, cfg.device)
     explainer = AttributeExplainer(model, mode=train_cfg.loss, box_threshold=cfg.box_threshold,
                                    method=cfg.method, device=cfg.device)
+    explainer.optimize(cfg.optimize)
     record = {"checkpoint": str(checkpoint.resolve()), "checkpoint_id": checkpoint_id(checkpoint),
               "schema": explainer.schema, "loss": train_cfg.loss, "threshold": train_cfg.threshold,
               "box_threshold": cfg.box_threshold, "method": cfg.method, "input_size": explainer.size,

@@ -70,13 +70,17 @@ class Embedder:
 
 def freeze_traced(model: nn.Module, probe: torch.Tensor, atol: float = 1e-3) -> nn.Module | None:
     """``model`` traced on ``probe`` and frozen with TorchScript, or None when it cannot be
-    traced or its outputs differ from the eager model's (checked on another batch size)."""
+    traced or its outputs (a tensor or a tuple of tensors) differ from the eager model's
+    (checked on another batch size)."""
     try:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.freeze(torch.jit.trace(model.eval(), probe))
             odd = probe[:3]  # another batch size than the traced one
-            if not torch.allclose(traced(odd), model(odd), atol=atol, rtol=1e-3):
+            got, want = traced(odd), model(odd)
+            got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+            if len(got) != len(want) or not all(
+                    torch.allclose(g, w, atol=atol, rtol=1e-3) for g, w in zip(got, want)):
                 return None
     except Exception:  # a model TorchScript cannot trace stays eager
         return None

@@ -14,6 +14,7 @@ and tombstones (:meth:`CatalogIndex.refresh`), so a killed server loses nothing 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -127,18 +128,23 @@ class LiveCatalog:
             self.searcher.attributes = _attributes_of(self.index)
             self.index.refresh(save=writable)  # catch up with what a killed server committed
             self.embedder = self.searcher.embedder
-            self.explainer = self.searcher.attributes.explainer(cfg.device) if self.searcher.attributes else None
+            self.explainer = (self.searcher.attributes.explainer(cfg.device, cfg.optimize)
+                              if self.searcher.attributes else None)
         except BaseException:
             self.index.close()
             raise
-        self.model_lock = threading.Lock()  # the explainer serves batches and explanation images
         workers = cfg.resolved_model_workers()
         if workers > 1:  # each batch on its own cores: no idle cores between batches
             torch.set_num_threads(cfg.model_threads(workers))
         self.batch = Batcher(self._run_batch, cfg.worker_batch(workers), cfg.batch_wait_ms / 1000, "embed",
                              workers=workers, nice=cfg.model_nice)
-        self.explain_batch = Batcher(self._explain, cfg.max_batch, cfg.batch_wait_ms / 1000, "explain",
-                                     nice=cfg.model_nice) if self.explainer else None
+        # The attribute model takes batches side by side too, unless Grad-CAM's hooks need it alone
+        # (it also draws the explanation images)
+        concurrent = self.explainer is not None and self.explainer.concurrent
+        self.model_lock = contextlib.nullcontext() if concurrent else threading.Lock()
+        explain_workers = workers if concurrent else 1
+        self.explain_batch = Batcher(self._explain, cfg.worker_batch(explain_workers), cfg.batch_wait_ms / 1000,
+                                     "explain", workers=explain_workers, nice=cfg.model_nice) if self.explainer else None
         self._unsaved_chunks: list[int] = []
         self._unsaved_removed: list[int] = []
         self._last_save = time.monotonic()
