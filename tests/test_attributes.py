@@ -395,10 +395,13 @@ def test_traced_forward_explains_as_the_eager_model(explainer, dataset):
     eager = explainer.explain(photos)
     fast = copy.copy(explainer)
     assert fast.optimize("jit") == "jit" and fast._fast is not None
+    traced, calls = fast._fast, []
+    fast._fast = lambda x: calls.append(len(x)) or traced(x)  # the explanations go through the trace
     for row_fast, row_eager in zip(fast.explain(photos), eager):
         for a, b in zip(row_fast, row_eager):
             assert a.value == b.value and a.box == b.box
             assert a.confidence == pytest.approx(b.confidence, abs=1e-4)
             assert np.allclose(a.cam, b.cam, atol=1e-3)
+    assert calls == [3]
     assert fast.optimize("none") == "none" and fast._fast is None  # back to the eager model
     assert explainer._fast is None  # the copy's trace is its own

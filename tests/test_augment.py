@@ -196,6 +196,12 @@ def test_replace_background_leaves_photos_without_one():
     assert np.array_equal(np.asarray(replace_background(busy)), np.asarray(busy))  # no light border region
     white = Image.new("RGB", (40, 40), (255, 255, 255))
     assert np.array_equal(np.asarray(replace_background(white)), np.asarray(white))  # over max_share
+    # a garment filling the frame, a white rim of one pixel: 396 of 10,000 pixels, under min_share
+    arr = np.full((100, 100, 3), 255, np.uint8)
+    arr[1:-1, 1:-1] = (30, 60, 90)
+    rim = Image.fromarray(arr)
+    assert np.array_equal(np.asarray(replace_background(rim)), arr)
+    assert not np.array_equal(np.asarray(replace_background(rim, min_share=0.03)), arr)
 
 
 def test_random_texture_shape_range_and_variety():
@@ -207,6 +213,10 @@ def test_random_texture_shape_range_and_variety():
     means = np.array([t.mean() for t in textures])
     assert means.std() > 10  # brightness varies between draws
     assert all(t.std() > 0 for t in textures)
+    # clipped, not wrapped around: neighbouring pixels never jump from dark to bright
+    many = [random_texture(40, 40) for _ in range(200)]
+    assert max(int(np.abs(np.diff(t.astype(int), axis=1)).max()) for t in many) < 160
+    assert max(int(t.max()) for t in many) == 255  # bright draws reach the clip
 
 
 def test_train_preprocess_background_probability():

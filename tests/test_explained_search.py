@@ -56,6 +56,7 @@ def _searcher(folder: Path) -> Searcher:
     searcher.index = CatalogIndex(folder)
     searcher.attributes = StoredAttributes(searcher.index)
     searcher.embedder = build_embedder("lite0", 64, optimize="none")
+    searcher.optimize = "none"
     return searcher
 
 
@@ -219,6 +220,32 @@ def test_explained_search_of_a_red_garment(world):
             assert sorted(same) == ["collar_labels", "sleeve_length_labels"]
             assert h.reasons["text"].endswith("; differs: neckline (v-shape vs round), colour (black vs white)")
             assert set(h.reasons["text"].split(";")[0].removeprefix("same: ").split(", ")) == {"long sleeves", "collar"}
+
+
+def test_the_attribute_model_is_traced_only_for_many_photos(world, monkeypatch):
+    """A search of a few photos keeps the eager attribute model (tracing costs more than it
+    saves); from ``TRACE_FROM`` photos the searcher's own ``optimize`` applies."""
+    from fashionlens.data.images import open_image
+    from fashionlens.index import query
+
+    asked = []
+    original = StoredAttributes.explainer
+
+    def explainer(self, device="cpu", optimize="auto"):
+        asked.append(optimize)
+        return original(self, device, optimize)
+    monkeypatch.setattr(StoredAttributes, "explainer", explainer)
+    photos = [open_image(world["rows"][n][1]) for n in (0, 1)]
+    searcher = _searcher(world["index"])
+    searcher.optimize = "jit"
+    try:
+        few = searcher.search_explained(photos, SearchConfig(k=3, explain=True))
+        monkeypatch.setattr(query, "TRACE_FROM", 2)
+        many = searcher.search_explained(photos, SearchConfig(k=3, explain=True))
+    finally:
+        searcher.close()
+    assert asked == ["none", "jit"]
+    assert [[a.value for a in q] for q in few[1]] == [[a.value for a in q] for q in many[1]]
 
 
 def test_want_is_the_plain_order_filtered(world):

@@ -398,3 +398,21 @@ def test_training_with_augmented_views(catalog, tmp_path):
     assert (out / "best").exists() or (out / "last").exists()
     with pytest.raises(ValueError, match="feature_cache_views needs feature_cache"):
         tiny_config(catalog, tmp_path, feature_cache_views=1)
+
+
+def test_view_folders_of_earlier_settings_stay_where_they_were(catalog, tmp_path):
+    """``augment.background`` came later: settings without it hash as before (the defaults'
+    views stay in ``views-d145a96dbf``, made before it existed), its level counts only when it
+    is on, and with it on the views go elsewhere."""
+    from fashionlens.training.feature_cache import view_cache
+
+    model_cfg = tiny_config(catalog, tmp_path, model={"backbone": "lite0", "pretrained": True, "input_size": SIZE,
+                                                      "freeze_backbone": True}).model
+
+    def folder(augment):
+        return view_cache(tmp_path / "cache", model_cfg, SIZE, augment, 1).folder.parent.name
+
+    assert folder(None) == folder({}) == "views-d145a96dbf"
+    assert folder({"background": 0.0, "background_level": 200}) == "views-d145a96dbf"
+    assert folder({"background": 0.5}) != "views-d145a96dbf"
+    assert folder({"background": 0.5}) != folder({"background": 0.5, "background_level": 200})

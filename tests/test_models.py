@@ -81,6 +81,34 @@ def test_embedder_gives_unit_vectors_and_jit_matches_eager():
     assert eager.describe()["letterbox"] == 224
 
 
+def test_freeze_traced_checks_every_output():
+    """A tuple of outputs is traced and checked output by output: a model whose second output
+    bakes in the traced batch size is refused, one with a faithful second output is kept."""
+    from fashionlens.models.embedder import freeze_traced
+
+    class Pair(torch.nn.Module):
+        def __init__(self, faithful: bool):
+            super().__init__()
+            self.conv, self.faithful = torch.nn.Conv2d(3, 4, 3), faithful
+
+        def forward(self, x):
+            y = self.conv(x)
+            # int(): a constant in the trace, right only at the traced batch size
+            return y.mean(dim=(2, 3)), (y if self.faithful else y * int(x.shape[0]))
+
+    probe = torch.randn(4, 3, 8, 8)
+    model = Pair(True)
+    kept = freeze_traced(model, probe)
+    assert kept is not None
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for got, want in zip(kept(x), model(x), strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
+    assert freeze_traced(Pair(False), probe) is None
+    single = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    assert freeze_traced(single, probe) is not None  # one tensor, as the embedder's
+
+
 def test_unknown_timm_model_is_a_user_error():
     from fashionlens.errors import UserError
 

@@ -163,12 +163,13 @@ def index_attributes_command(
     workers: Annotated[Optional[int], typer.Option(help="decoding processes")] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
     feature_dim: Annotated[Optional[int], typer.Option(help="stored feature dims (0 = full)")] = None,
+    optimize: Annotated[Optional[str], typer.Option(help="auto | jit | none: TorchScript freeze of the model")] = None,
 ) -> None:
     from fashionlens.cli import RichProgress, console
     from fashionlens.index.attributes import index_attributes
 
     cfg = IndexAttributesConfig.load(config, batch_size=batch_size, workers=workers, device=device,
-                                     feature_dim=feature_dim)
+                                     feature_dim=feature_dim, optimize=optimize)
     report = index_attributes(index_dir, model, cfg, RichProgress(), replace=replace)
     console.print(f"[green]attributes[/green] of {report.total:,} items in {index_dir}; this run: "
                   f"{report.explained:,} explained at {report.per_second:.1f} img/s, {report.skipped:,} unreadable")

@@ -162,7 +162,8 @@ class ServeConfig(Config):
     faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of each FAISS search (exact flat "
                                "searches of under 20 queries run on torch's threads instead); more only contend "
                                "with the model on a small machine")
-    optimize: Literal["auto", "jit", "none"] = Field("auto", description="embedding model speed-up (see index)")
+    optimize: Literal["auto", "jit", "none"] = Field("auto", description="speed-up of the embedding and "
+                                                     "attribute models (see index)")
     thumbnail_px: int = Field(256, ge=16, le=2048, description="longest side of result thumbnails")
     search: SearchConfig = Field(default_factory=SearchConfig,
                                  description="defaults of each search: min_confidence, max_pool, max_reasons")

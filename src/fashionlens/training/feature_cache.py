@@ -282,6 +282,8 @@ def view_cache(folder: str | Path, model_cfg, input_size: int, augment: dict | N
     """Augmented view ``view`` (1, 2 ...) beside the plain cache ``folder``:
     ``folder/views-<hash of the augmentation settings>/v<view>``, so that other settings get other folders."""
     settings = AugmentConfig(**(augment or {})).model_dump()
+    if not settings["background"]:  # added later: caches made without it keep their folder
+        del settings["background"], settings["background_level"]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return FeatureCache.for_model(Path(folder) / f"views-{digest}" / f"v{view}", model_cfg, input_size, settings, view)
 
