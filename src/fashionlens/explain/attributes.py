@@ -132,6 +132,7 @@ class AttributeExplainer:
         self.size = int(model.data_config["input_size"][-1])
         self.preprocess = Preprocess(self.size, model.data_config["mean"], model.data_config["std"])
         self.target_layer = backbone_stages(model.backbone)[-1][1]
+        self._eager = _LogitsAndMap(self.model)
         self._fast = None  # the traced forward pass (optimize)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -159,23 +160,18 @@ class AttributeExplainer:
         :meth:`Embedder.optimize <fashionlens.models.embedder.Embedder.optimize>` does; checked
         against the eager model, kept eager if it differs. Grad-CAM still hooks the eager model.
         Returns the mode used."""
-        from fashionlens.models.embedder import freeze_traced
+        from fashionlens.models.embedder import freeze_traced, wants_jit
 
-        if mode == "auto":
-            mode = "jit" if torch.device(self.device).type == "cpu" else "none"
         self._fast = None
-        if mode != "jit":
+        if not wants_jit(mode, self.device):
             return "none"
         probe = torch.randn(batch_size, 3, self.size, self.size, device=self.device)
-        self._fast = freeze_traced(_LogitsAndMap(self.model), probe)
+        self._fast = freeze_traced(self._eager, probe)
         return "jit" if self._fast is not None else "none"
 
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._fast is not None:
-            logits, tmap = self._fast(x)
-        else:
-            logits, tmap = _LogitsAndMap(self.model)(x)
+        logits, tmap = (self._eager if self._fast is None else self._fast)(x)
         return logits.float(), tmap.float()
 
     def explain(self, images: Sequence[Image.Image], attributes: Sequence[str] | None = None,

@@ -27,8 +27,6 @@ from fashionlens.models.embedder import Embedder, build_embedder
 
 # JPEGs are decoded at reduced scale down to this size at least (>= any input size we use).
 DRAFT_SIZE = 512
-
-
 TRACE_FROM = 100  # photos explained in one call from which the attribute model is traced first
 
 

@@ -49,9 +49,7 @@ class Embedder:
         CPU (see docs/BENCHMARKS.md). The traced model is checked against the eager one on a
         random batch and dropped if they differ. ``auto`` means ``jit`` on CPU, eager elsewhere.
         """
-        if mode == "auto":
-            mode = "jit" if self.device.type == "cpu" else "none"
-        if mode != "jit":
+        if not wants_jit(mode, self.device):
             return "none"
         size = self.preprocess.size
         probe = torch.randn(batch_size, 3, size, size, device=self.device).contiguous(
@@ -66,6 +64,11 @@ class Embedder:
         """What an index records about the model that made its vectors."""
         return {"model": self.name, "dim": self.dim, "pooling": "gap", "normalise": "l2",
                 **self.preprocess.describe()}
+
+
+def wants_jit(mode: str, device: str | torch.device) -> bool:
+    """Whether an ``optimize`` setting asks for a TorchScript trace: ``jit``, or ``auto`` on a CPU."""
+    return mode == "jit" or (mode == "auto" and torch.device(device).type == "cpu")
 
 
 def freeze_traced(model: nn.Module, probe: torch.Tensor, atol: float = 1e-3) -> nn.Module | None:
