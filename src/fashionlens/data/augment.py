@@ -191,21 +191,21 @@ class TrainPreprocess:
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        # the crop acts on the photo before the letterbox; a callable ``augment`` has none
-        self.crop, self.crop_min, self.background, self.background_level = 0.0, 1.0, 0.0, 245
+        # the settings that act on the photo before the letterbox (background, crop); a callable
+        # ``augment`` has none
+        self.photo: AugmentConfig | None = None
         if callable(augment):
             self.augment = augment
         else:
-            cfg = augment if isinstance(augment, AugmentConfig) else AugmentConfig(**(augment or {}))
-            self.augment = build_train_augment(cfg)
-            self.crop, self.crop_min = cfg.crop, cfg.crop_min
-            self.background, self.background_level = cfg.background, cfg.background_level
+            self.photo = augment if isinstance(augment, AugmentConfig) else AugmentConfig(**(augment or {}))
+            self.augment = build_train_augment(self.photo)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        if self.background > 0 and float(torch.rand(())) < self.background:
-            img = replace_background(img, self.background_level)
-        if self.crop > 0 and float(torch.rand(())) < self.crop:
-            img = img.crop(crop_box(img.width, img.height, self.crop_min))
+        photo = self.photo
+        if photo is not None and photo.background > 0 and float(torch.rand(())) < photo.background:
+            img = replace_background(img, photo.background_level)
+        if photo is not None and photo.crop > 0 and float(torch.rand(())) < photo.crop:
+            img = img.crop(crop_box(img.width, img.height, photo.crop_min))
         arr = np.asarray(letterbox(img, self.size), dtype=np.float32) / 255.0
         x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
         x = self.augment(x)
