@@ -112,12 +112,14 @@ def all_vectors(index) -> tuple[np.ndarray, np.ndarray]:
 
 
 def synthetic_index(folder: Path, vecs: np.ndarray, index_type="auto", flat_max=100_000, chunk=500,
-                    first=0) -> CatalogIndex:
-    """Add ``vecs`` as items ``v<first+i>`` through the store and chunk API, then refresh."""
+                    first=0, **settings) -> CatalogIndex:
+    """Add ``vecs`` as items ``v<first+i>`` through the store and chunk API, then refresh
+    (``settings``: more of the recorded index settings, e.g. ``ivf_flat_max``, ``rerank``)."""
     idx = CatalogIndex(folder, create=True)
     store = idx.store
     store.set_meta("embedder", {"model": "synthetic", "dim": vecs.shape[1], "letterbox": 0})
-    store.set_meta("index_settings", {"index_type": index_type, "flat_max": flat_max, "train_sample": 100_000})
+    store.set_meta("index_settings", {"index_type": index_type, "flat_max": flat_max, "train_sample": 100_000,
+                                      **settings})
     ids = range(first, first + len(vecs))
     store.upsert([Item(f"v{i:05d}", Path(f"/fake/{i}.jpg"), {"n": str(i)}) for i in ids], store.new_run())
     for page in store.pending(chunk):

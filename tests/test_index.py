@@ -27,7 +27,7 @@ from fashionlens.config import IndexConfig
 from fashionlens.errors import UserError
 from fashionlens.index import CatalogIndex
 from fashionlens.index.pipeline import build_index
-from fashionlens.index.vectors import choose_spec, new_index, search_index
+from fashionlens.index.vectors import ChunkFiles, IndexSpec, choose_spec, new_index, rerank_exact, search_index
 
 
 # --- search against brute force ----------------------------------------------------------------
@@ -61,39 +61,138 @@ def test_hnsw_recall_against_brute_force(tmp_path):
         assert recall(idx, unit(rng, 50, 32)) >= 0.9
 
 
-def test_ivfpq_chosen_above_flat_max_with_useful_recall(tmp_path, fast_ivfpq):
-    """3000 clustered 64-d vectors (like real embeddings: groups of similar items), flat_max 1000.
+def clustered(rng, n: int, dim: int = 64, groups: int = 40, spread: float = 0.35) -> np.ndarray:
+    """Unit vectors in groups of similar items, like real embeddings."""
+    centres = unit(rng, groups, dim)
+    data = centres[rng.integers(0, groups, n)] + spread * unit(rng, n, dim)
+    return (data / np.linalg.norm(data, axis=1, keepdims=True)).astype(np.float32)
 
-    Threshold: IVF-PQ is approximate; with nprobe 32 of 128 lists and PQ64 on 64 dimensions the
-    measured recall@10 on this (seeded) data is 0.975; 0.8 leaves room for FAISS version and
-    threading differences, while a broken index (wrong metric, untrained quantiser, mismatched
-    ids, too few lists probed) falls far below it.
-    """
+
+def exact_scores_of(idx: CatalogIndex, queries: np.ndarray, hits) -> list[list[float]]:
+    """Each hit's true inner product with its query, from the stored vectors."""
+    rowids, vecs = all_vectors(idx)
+    at = {int(r): i for i, r in enumerate(rowids)}
+    return [[float(q @ vecs[at[h.rowid]]) for h in row] for q, row in zip(queries, hits)]
+
+
+def test_index_type_follows_the_catalog_size(tmp_path, fast_ivfpq):
+    """9,000 clustered 64-d vectors added in three steps, flat_max 3,000 and ivf_flat_max 6,000:
+    exact, then IVF-Flat, then IVF-PQ (8 bytes a vector) with its shortlist re-scored exactly.
+
+    Thresholds: on this (seeded) data IVF-Flat (nprobe 64 of 128 lists) measured recall@10 1.0,
+    and IVF-PQ 0.29 with its codes' own scores against 1.0 re-scored (nprobe 64 of 128 lists, a
+    shortlist of 400); 0.9 leaves room for FAISS version and threading differences, while a broken
+    index (wrong metric, untrained quantiser, mismatched ids, no re-scoring) falls below it. The
+    re-scored scores are the true inner products."""
     rng = np.random.default_rng(3)
-    centres = unit(rng, 40, 64)
-    data = centres[rng.integers(0, 40, 3000)] + 0.35 * unit(rng, 3000, 64)
-    data = (data / np.linalg.norm(data, axis=1, keepdims=True)).astype(np.float32)
-    with closing(synthetic_index(tmp_path / "q", data[:800], flat_max=1000)) as idx:
+    data = clustered(rng, 9000)
+    sizes = dict(flat_max=3000, ivf_flat_max=6000, pq_bytes=8)
+    queries = data[rng.integers(0, 9000, 60)] + 0.1 * unit(rng, 60, 64)
+    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    with closing(synthetic_index(tmp_path / "q", data[:2500], **sizes)) as idx:
         assert idx.spec.kind == "flat"
-    # the catalog grows past flat_max: auto rebuilds as IVF-PQ
-    with closing(synthetic_index(tmp_path / "q", data[800:], flat_max=1000, first=800)) as idx:
+    # the catalog grows past flat_max: auto rebuilds as IVF-Flat, whose scores are exact
+    with closing(synthetic_index(tmp_path / "q", data[2500:5000], first=2500, **sizes)) as idx:
+        assert idx.spec == choose_spec(5000, 64, "ivfflat") and idx.spec.rerank is None
+        assert idx.spec.factory == "IVF128,Flat" and idx.spec.nprobe == 64
+        assert idx.load().ntotal == 5000 and idx.load().is_trained
+        assert recall(idx, queries) >= 0.9
+        hits = idx.search(queries, 10)
+        np.testing.assert_allclose([[h.score for h in q] for q in hits], exact_scores_of(idx, queries, hits), atol=1e-5)
+    # ... and past ivf_flat_max: IVF-PQ, its shortlist re-scored from the chunk files
+    with closing(synthetic_index(tmp_path / "q", data[5000:], first=5000, **sizes)) as idx:
         spec = idx.spec
-        assert spec == choose_spec(3000, 64, "ivfpq") and spec.nprobe == 32
-        assert re.fullmatch(r"IVF\d+,PQ64(np)?", spec.factory)
+        assert spec == choose_spec(9000, 64, "ivfpq", pq_bytes=8) and spec.nprobe == 64 and spec.rerank == 400
+        assert spec.factory == "IVF128,PQ8np"
         assert idx.store.get_meta("index_spec")["kind"] == "ivfpq"
-        assert idx.load().ntotal == 3000 and idx.load().is_trained
-        queries = data[rng.integers(0, 3000, 60)] + 0.1 * unit(rng, 60, 64)
-        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-        assert recall(idx, queries.astype(np.float32)) >= 0.8
+        assert idx.load().ntotal == 9000 and idx.load().is_trained
+        rescored = recall(idx, queries)
+        hits = idx.search(queries, 10)
+        got = [[h.score for h in q] for q in hits]
+        np.testing.assert_allclose(got, exact_scores_of(idx, queries, hits), atol=1e-5)
+        assert all(row == sorted(row, reverse=True) for row in got)
+        idx._spec = IndexSpec(**{**spec.to_dict(), "rerank": None})  # the codes' own approximate scores
+        approximate = recall(idx, queries)
+        approx_hits = idx.search(queries, 10)
+        assert np.abs(np.array([[h.score for h in q] for q in approx_hits])
+                      - np.array(exact_scores_of(idx, queries, approx_hits))).max() > 1e-3
+    assert rescored >= 0.9 and rescored > approximate + 0.3, (rescored, approximate)
     with closing(CatalogIndex(tmp_path / "q")) as reopened:
-        assert faiss.extract_index_ivf(reopened.load()).nprobe == 32  # search settings survive reopening
+        assert faiss.extract_index_ivf(reopened.load()).nprobe == 64  # search settings survive reopening
+        assert reopened.search(queries[:1], 3)[0][0].score == pytest.approx(hits[0][0].score, abs=1e-6)
+        # a removed item leaves the re-scored results at once
+        gone = reopened.search(queries[:1], 1)[0][0]
+        reopened.remove([gone.id])
+        assert gone.id not in [h.id for h in reopened.search(queries[:1], 10)[0]]
+
+
+def test_rerank_exact_against_brute_force():
+    rng = np.random.default_rng(7)
+    stored = {int(r): v for r, v in zip(rng.permutation(1000)[:300], unit(rng, 300, 16))}
+    known = np.array(sorted(stored), np.int64)
+    lookups = []
+
+    def vectors_of(rowids):
+        lookups.append(rowids)
+        found = np.array([r for r in rowids if r in stored], np.int64)
+        return found, np.array([stored[int(r)] for r in found], np.float32).reshape(len(found), 16)
+
+    queries = unit(rng, 6, 16)
+    ids = np.full((6, 40), -1, np.int64)
+    for q in range(6):  # FAISS-like answers: distinct candidates, some removed since (not stored), -1 padding
+        n = [40, 25, 3, 0, 40, 12][q]
+        ids[q, :n] = rng.choice(np.concatenate([known, [5000, 5001, 5002]]), n, replace=False)
+    for k in (1, 5, 30):
+        scores, got = rerank_exact(queries, ids, vectors_of, k)
+        assert got.shape == scores.shape == (6, k)
+        for q in range(6):  # brute force: every stored candidate, scored, best first
+            cands = [int(r) for r in ids[q] if r in stored]
+            exact = sorted(((float(queries[q] @ stored[r]), r) for r in cands), key=lambda t: -t[0])[:k]
+            assert got[q, :len(exact)].tolist() == [r for _, r in exact]
+            np.testing.assert_allclose(scores[q, :len(exact)], [s for s, _ in exact], atol=1e-6)
+            assert (got[q, len(exact):] == -1).all()
+    assert all(np.array_equal(lk, np.unique(lk)) and (lk >= 0).all() for lk in lookups)  # sorted, unique, no -1
+    none = rerank_exact(queries[:2], np.full((2, 4), -1, np.int64), vectors_of, 3)[1]
+    assert (none == -1).all()
+
+
+def test_store_reads_more_rows_than_sqlite_takes_parameters(tmp_path):
+    """A batch's re-scored shortlists can name more rows than SQLite's default build allows
+    parameters in one statement (32,766); the store asks in pieces."""
+    import sqlite3
+
+    from fashionlens.data.records import Item
+    from fashionlens.index.store import CatalogStore
+
+    store = CatalogStore(tmp_path / "s.sqlite")
+    store.db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32_766)
+    store.upsert([Item(f"i{i}", Path(f"/x/{i}.jpg"), {}) for i in range(40_000)], store.new_run())
+    rowids = [r for page in store.pending(40_000) for r, _ in page]
+    store.commit_chunk(1, rowids[:35_000], [])
+    asked = rowids + [10**9]  # all of them, one unknown: only the 35,000 embedded come back
+    assert sorted(store.chunk_of(asked)) == rowids[:35_000] and set(store.chunk_of(asked).values()) == {1}
+    assert len(store.get_rows(asked)) == len(store.live_rowids(asked)) == 35_000
+    store.close()
+
+
+def test_chunk_rows_read_only_what_is_asked(tmp_path):
+    files = ChunkFiles(tmp_path / "v")
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(500)[:200].astype(np.int64)  # not sorted, as a chunk may be
+    vecs = rng.normal(size=(200, 8)).astype(np.float32)
+    files.write(3, ids, vecs)
+    ask = ids[[150, 2, 77, 2]]
+    np.testing.assert_array_equal(files.rows(3, ask), vecs[[150, 2, 77, 2]])
+    missing = int(np.setdiff1d(np.arange(600), ids)[0])
+    with pytest.raises(KeyError, match=f"does not hold rows \\[{missing}\\]"):
+        files.rows(3, np.array([ids[0], missing]))
 
 
 def test_ivfpq_skips_polysemous_training():
     """FAISS's factory string "IVFn,PQm" enables polysemous training, which here took ~250 s of
     the training of 3000 vectors (PQ64) and is never used by search (polysemous_ht stays 0);
     "PQ{m}np" turns it off."""
-    index = new_index(choose_spec(200_000, 1280))
+    index = new_index(choose_spec(500_000, 1280))
     assert index.do_polysemous_training is False
 
 
@@ -132,23 +231,32 @@ def test_search_index_equals_faiss_and_brute_force(monkeypatch):
 def test_choose_spec():
     assert choose_spec(100, 1280, flat_max=100).kind == "flat"
     assert choose_spec(0, 8).factory == "IDMap2,Flat"
-    big = choose_spec(101, 1280, flat_max=100)
-    assert big.kind == "ivfpq" and re.fullmatch(r"IVF\d+,PQ64(np)?", big.factory)
+    # auto by size: exact, IVF-Flat, IVF-PQ (defaults 20,000 and 200,000)
+    assert [choose_spec(n, 1280).kind for n in (20_000, 20_001, 200_000, 200_001)] == [
+        "flat", "ivfflat", "ivfflat", "ivfpq"]
+    assert choose_spec(500, 64, flat_max=100, ivf_flat_max=50).kind == "ivfpq"  # an empty IVF-Flat band
+    big = choose_spec(101, 1280, flat_max=100, ivf_flat_max=100)
+    assert big.kind == "ivfpq" and re.fullmatch(r"IVF\d+,PQ128(np)?", big.factory) and big.rerank == 400
+    assert choose_spec(10**6, 1280, rerank=0).rerank is None
 
     def parse(spec):
-        return map(int, re.fullmatch(r"IVF(\d+),PQ(\d+)(?:np)?", spec.factory).groups())
+        return tuple(map(int, re.fullmatch(r"IVF(\d+),(?:PQ(\d+)(?:np)?|Flat)", spec.factory).groups(default="0")))
 
-    lists = []
-    for n in (101, 10_000, 10**6, 10**7):  # nlist: a power of two, growing like sqrt(n)
-        nlist, _ = parse(choose_spec(n, 64, "ivfpq"))
-        assert nlist & (nlist - 1) == 0 and 16 <= nlist <= max(16, 8 * n ** 0.5)
-        lists.append(nlist)
-    assert lists == sorted(lists) and lists[-1] > lists[0]
-    for dim, want_m in ((8, 8), (96, 48), (100, 50), (1280, 64), (97, 1), (768, 64)):
+    for kind, per_sqrt in (("ivfpq", 2), ("ivfflat", 4)):
+        lists = []
+        for n in (101, 10_000, 10**6, 10**7):  # nlist: a power of two, growing like sqrt(n) up to the sample's cap
+            nlist, _ = parse(choose_spec(n, 64, kind))
+            assert nlist & (nlist - 1) == 0 and 16 <= nlist <= max(16, 2 * per_sqrt * n ** 0.5)
+            assert nlist * 39 <= min(n, 50_000) or nlist == 16  # ~39 training points a list, from the sample
+            lists.append(nlist)
+        assert lists == sorted(lists) and lists[-1] > lists[0]
+        assert parse(choose_spec(10**6, 64, kind, train_sample=200_000))[0] > lists[-1]  # a larger sample, more lists
+    for dim, want_m in ((8, 8), (96, 96), (100, 100), (1280, 128), (97, 97), (768, 128), (131, 1)):
         spec = choose_spec(50_000, dim, "ivfpq")
         nlist, m = parse(spec)
         assert m == want_m and dim % m == 0 and 1 <= spec.nprobe <= nlist
         new_index(spec)  # a valid FAISS factory string
+    new_index(choose_spec(50_000, 1280, "ivfflat"))
     assert choose_spec(10, 16, "hnsw").factory == "IDMap2,HNSW32,Flat"
     with pytest.raises(ValueError, match="unknown index type"):
         choose_spec(10, 16, "annoy")

@@ -199,16 +199,18 @@ def test_mine_refuses_too_small_targets_and_bad_ranks(tmp_path):
         mine(paths, embed, tmp_path / "w", queries=2, m=5, i=5, j=10)
 
 
-def test_mine_with_ivfpq_index(tmp_path):
-    # a target above flat_max gets an IVF-PQ index: approximate, but the true neighbour is near the top
+@pytest.mark.parametrize("index_type, kind", [("auto", "ivfflat"), ("ivfpq", "ivfpq")])
+def test_mine_with_ivf_index(tmp_path, index_type, kind):
+    # a target above flat_max gets an IVF-Flat index (IVF-PQ above ivf_flat_max, or asked for):
+    # approximate, but the true neighbour is near the top
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(40, 16)).astype(np.float32)
     vecs = centres[np.arange(1200) % 40] + 0.05 * rng.normal(size=(1200, 16)).astype(np.float32)
     paths = [Path(f"/t/p{i}.jpg") for i in range(1200)]
     table = {p: i for i, p in enumerate(paths)}
     found = mine(paths, lambda b: torch.from_numpy(vecs[[table[p] for p in b]]), tmp_path / "w",
-                 queries=50, m=5, i=40, j=45, flat_max=100)
-    assert found.index["kind"] == "ivfpq"
+                 queries=50, m=5, i=40, j=45, flat_max=100, index_type=index_type)
+    assert found.index["kind"] == kind
     same = [np.mean(pos % 40 == q % 40) for q, pos in zip(found.queries, found.positives)]
     assert np.mean(same) > 0.9
 

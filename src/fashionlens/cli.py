@@ -67,7 +67,7 @@ def index(
     input_size: Annotated[Optional[int], typer.Option(help="letterbox size in pixels")] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     workers: Annotated[Optional[int], typer.Option(help="decoding processes")] = None,
-    index_type: Annotated[Optional[str], typer.Option(help="auto, flat, hnsw or ivfpq")] = None,
+    index_type: Annotated[Optional[str], typer.Option(help="auto, flat, ivfflat, hnsw or ivfpq")] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
     optimize: Annotated[Optional[str], typer.Option(help="auto, jit or none")] = None,
 ):

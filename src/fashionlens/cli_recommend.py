@@ -60,12 +60,8 @@ def shared_values(rows: list[list], n_values: dict, cfg: RecommendConfig) -> lis
 
 def liked_vectors(index, rowids: list[int]) -> np.ndarray:
     """The liked items' stored embeddings, read from their chunk files (exact, any index type)."""
-    where, out = index.store.chunk_of(rowids), {}
-    for chunk in sorted(set(where.values())):
-        ids, vecs = index.chunks.read(chunk)
-        position = {int(r): i for i, r in enumerate(ids)}
-        out.update({r: vecs[position[r]] for r, c in where.items() if c == chunk})
-    return np.stack([out[r] for r in rowids]).astype(np.float32)
+    found, vectors = index.vectors(np.asarray(rowids, np.int64))
+    return vectors[np.searchsorted(found, rowids)]
 
 
 def recommend(folder: Path, liked: list[str], cfg: RecommendConfig) -> tuple[list[dict], list[Recommendation]]:

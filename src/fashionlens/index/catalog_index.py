@@ -18,12 +18,14 @@ import numpy as np
 from fashionlens.errors import UserError
 from fashionlens.index.store import CatalogStore
 from fashionlens.index.vectors import (
-    ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, sample_for_training, search_index,
-    supports_remove,
+    ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, rerank_exact, sample_for_training,
+    search_index, supports_remove,
 )
 from fashionlens.locks import exclusive_lock
 
 DB_NAME = "catalog.sqlite"
+# the index settings (IndexConfig fields) recorded in the store and read by every refresh
+INDEX_SETTINGS = ("index_type", "flat_max", "ivf_flat_max", "train_sample", "pq_bytes", "rerank")
 
 
 @dataclass
@@ -106,19 +108,20 @@ class CatalogIndex:
         (``save=False``: in memory only, for a reader such as a read-only server).
 
         The index type follows the ``index`` settings recorded in the store (``index_type``,
-        ``flat_max``, ``train_sample``): when the catalog grows past ``flat_max`` an ``auto``
-        index is rebuilt as IVF-PQ.
+        ``flat_max``, ``ivf_flat_max``, ``train_sample``, ``pq_bytes``, ``rerank``; an index made before a
+        setting existed gets the setting's default): when the catalog grows past ``flat_max``
+        an ``auto`` index is rebuilt as IVF-Flat, and past ``ivf_flat_max`` as IVF-PQ.
         """
         log = log or (lambda msg: None)
-        settings = self.store.get_meta("index_settings", {})
-        kind, flat_max = settings.get("index_type", "auto"), settings.get("flat_max", 100_000)
+        settings = {k: v for k, v in self.store.get_meta("index_settings", {}).items() if k in INDEX_SETTINGS}
+        kind = settings.pop("index_type", "auto")
         train_sample = settings.get("train_sample", 50_000)
         n_live = self.store.count("embedded")
         dim = self.store.get_meta("embedder", {}).get("dim")
         if dim is None:
             raise UserError(f"{self.folder}: no vectors yet; index a catalog first")
         current = self.spec
-        wanted = choose_spec(n_live, dim, kind, flat_max, train_sample=train_sample)
+        wanted = choose_spec(n_live, dim, kind, **settings)
         gen = self.store.get_meta("generation", 0)
         if not rebuild and current and self._file(gen).exists() and current.kind == wanted.kind:
             spec, new_chunks = current, self.store.chunks(in_index=False)
@@ -187,7 +190,13 @@ class CatalogIndex:
             raise UserError(f"{self.folder}: query vectors have {queries.shape[-1]} dims, the index {index.d}")
         dead = len(self.store.tombstones())
         fetch = min(k + dead, max(index.ntotal, 1))
-        scores, ids = search_index(index, np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        shortlist = self._spec.rerank if self._spec is not None else None
+        if shortlist:  # approximate codes: a longer shortlist, re-scored with the stored vectors
+            _, ids = search_index(index, queries, min(max(fetch, shortlist), max(index.ntotal, 1)))
+            scores, ids = rerank_exact(queries, ids, self.vectors, fetch)
+        else:
+            scores, ids = search_index(index, queries, fetch)
         rows = self.store.get_rows(sorted({int(i) for i in ids.ravel() if i >= 0}))
         results = []
         for q_scores, q_ids in zip(scores, ids):
@@ -195,6 +204,19 @@ class CatalogIndex:
                     for s, i in zip(q_scores, q_ids) if i >= 0 and int(i) in rows]
             results.append(hits[:k])
         return results
+
+    def vectors(self, rowids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the ``rowids`` that are live, sorted; their stored embeddings), read from the chunk
+        files each item's current vector is in: exact, whatever the index type."""
+        where = self.store.chunk_of(sorted({int(r) for r in rowids}))
+        found = np.fromiter(sorted(where), np.int64, len(where))
+        out = np.empty((len(found), self.store.get_meta("embedder")["dim"]), np.float32)
+        chunk_of = np.fromiter((where[r] for r in found.tolist()), np.int64, len(found))
+        by_chunk = np.argsort(chunk_of, kind="stable")
+        chunks, starts = np.unique(chunk_of[by_chunk], return_index=True)
+        for chunk, mine in zip(chunks.tolist(), np.split(by_chunk, starts[1:])):
+            out[mine] = self.chunks.rows(chunk, found[mine])
+        return found, out
 
     def remove(self, item_ids: list[str]) -> list[str]:
         """Remove items; returns unknown ids. The FAISS index is updated and saved."""

@@ -20,7 +20,7 @@ import numpy as np
 from fashionlens.config import IndexConfig
 from fashionlens.data.catalog import CatalogSource, Missing, open_catalog
 from fashionlens.errors import UserError
-from fashionlens.index.catalog_index import CatalogIndex
+from fashionlens.index.catalog_index import INDEX_SETTINGS, CatalogIndex
 from fashionlens.index.embedding import embed_rows
 from fashionlens.models.builder import chosen_model, is_checkpoint
 from fashionlens.models.embedder import Embedder, build_embedder
@@ -140,8 +140,7 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
         with store.db:
             store.set_meta("config", {"command": "index", "catalog": str(catalog), **cfg.model_dump()}, commit=False)
             store.set_meta("embedder", embedder.describe(), commit=False)
-            store.set_meta("index_settings", {k: getattr(cfg, k) for k in ("index_type", "flat_max", "train_sample")},
-                           commit=False)
+            store.set_meta("index_settings", {k: getattr(cfg, k) for k in INDEX_SETTINGS}, commit=False)
         embed_pending(index, embedder, cfg, report, progress)
         embedder = None  # free the model before the FAISS build, the memory peak of large catalogs
         gc.collect()

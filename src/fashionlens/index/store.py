@@ -175,30 +175,27 @@ class CatalogStore:
             sql += f" WHERE in_index={int(in_index)}"
         return [r[0] for r in self.db.execute(sql + " ORDER BY chunk")]
 
-    def live_rowids(self, rowids: Iterable[int]) -> set[int]:
+    def _embedded_in(self, columns: str, rowids: Iterable[int]) -> Iterator[tuple]:
+        """``columns`` of the embedded items among ``rowids``, asked in pieces: SQLite allows
+        32,766 parameters a statement in its default build (a batch's re-scored shortlists can
+        hold more rows)."""
         ids = list(rowids)
-        if not ids:
-            return set()
-        marks = ",".join("?" * len(ids))
-        return {r[0] for r in self.db.execute(
-            f"SELECT rowid FROM items WHERE state='embedded' AND rowid IN ({marks})", ids)}
+        for start in range(0, len(ids), 30_000):
+            piece = ids[start:start + 30_000]
+            yield from self.db.execute(f"SELECT {columns} FROM items WHERE state='embedded' AND rowid IN "
+                                       f"({','.join('?' * len(piece))})", piece)
+
+    def live_rowids(self, rowids: Iterable[int]) -> set[int]:
+        return {r[0] for r in self._embedded_in("rowid", rowids)}
 
     # -- reading items ---------------------------------------------------------------------
     def get_rows(self, rowids: list[int]) -> dict[int, dict]:
-        if not rowids:
-            return {}
-        marks = ",".join("?" * len(rowids))
-        rows = self.db.execute(
-            f"SELECT rowid, item_id, path, metadata FROM items WHERE state='embedded' AND rowid IN ({marks})",
-            rowids,
-        )
-        return {r[0]: {"id": r[1], "path": r[2], "metadata": json.loads(r[3])} for r in rows}
+        return {r[0]: {"id": r[1], "path": r[2], "metadata": json.loads(r[3])}
+                for r in self._embedded_in("rowid, item_id, path, metadata", rowids)}
 
     def chunk_of(self, rowids: list[int]) -> dict[int, int]:
         """The chunk file holding each embedded item's vector."""
-        marks = ",".join("?" * len(rowids))
-        return dict(self.db.execute(
-            f"SELECT rowid, chunk FROM items WHERE state='embedded' AND rowid IN ({marks})", rowids))
+        return dict(self._embedded_in("rowid, chunk", rowids))
 
     def get_item(self, item_id: str) -> dict | None:
         row = self.db.execute(

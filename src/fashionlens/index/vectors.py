@@ -4,15 +4,23 @@ Vectors are written once, in chunks (``vectors/chunk-NNNNNN.npy`` + ``.ids.npy``
 computed; the FAISS index is derived from the chunks and can always be rebuilt from them, one
 chunk at a time, so no step needs the whole gallery as one matrix in memory.
 
-Index types (``IndexSpec.kind``), chosen by size when ``auto``:
-- ``flat``: exact inner-product search (``IDMap2,Flat``), up to ``flat_max`` vectors;
-- ``ivfpq``: ``IVF{nlist},PQ{m}`` (nlist ~ 2 sqrt(n)) above that (about ``m`` bytes a vector), trained on a sample;
+Index types (``IndexSpec.kind``), chosen by size when ``auto`` (docs/BENCHMARKS.md, "Which
+index at which size", has the recall and cost of each on Lite0 vectors):
+- ``flat``: exact inner-product search (``IDMap2,Flat``), up to ``flat_max`` vectors (20,000:
+  7 ms a query on one core there);
+- ``ivfflat``: ``IVF{nlist},Flat`` (nlist ~ 4 sqrt(n)), nprobe 64, up to ``ivf_flat_max`` vectors
+  (200,000): the full vectors in memory, the exact score of every vector it visits;
+- ``ivfpq``: ``IVF{nlist},PQ{m}`` (nlist ~ 2 sqrt(n), about ``m`` bytes a vector in memory) above
+  that, its shortlist of ``rerank`` candidates re-scored exactly with their vectors, read from the
+  chunk files, so the scores it returns are true inner products;
 - ``hnsw``: ``IDMap2,HNSW{M},Flat`` on request (fast and exact-ish, but all vectors in memory
   and no removal: removed items are filtered at search time).
+The IVF types are trained on a sample of ``train_sample`` vectors.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -32,30 +40,42 @@ class IndexSpec:
     factory: str
     nprobe: int | None = None
     ef_search: int | None = None
+    rerank: int | None = None  # candidates re-scored exactly from the stored vectors (ivfpq)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 100_000,
-                hnsw_m: int = 32, pq_bytes: int = 64, train_sample: int = 50_000) -> IndexSpec:
+KINDS = ("auto", "flat", "ivfflat", "hnsw", "ivfpq")
+
+
+def _nlist(n: int, per_sqrt: float, train_sample: int) -> int:
+    """IVF lists: a power of two near ``per_sqrt`` x sqrt(n), at least 16, and at most what the
+    training sample (``train_sample``, or all ``n`` when fewer) can train: FAISS wants ~39 points
+    a list, and the sample is capped for memory."""
+    nlist = int(2 ** round(math.log2(max(16.0, per_sqrt * math.sqrt(max(n, 1))))))
+    return min(nlist, int(2 ** math.floor(math.log2(max(16, min(n, train_sample) // 39)))))
+
+
+def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 20_000, ivf_flat_max: int = 200_000,
+                hnsw_m: int = 32, pq_bytes: int = 128, train_sample: int = 50_000, rerank: int = 400) -> IndexSpec:
     """Pick the index for ``n`` vectors of ``dim`` dimensions (``kind`` ``auto`` or forced)."""
     if kind == "auto":
-        kind = "flat" if n <= flat_max else "ivfpq"
+        kind = "flat" if n <= flat_max else "ivfflat" if n <= ivf_flat_max else "ivfpq"
     if kind == "flat":
         return IndexSpec("flat", dim, "IDMap2,Flat")
     if kind == "hnsw":
         return IndexSpec("hnsw", dim, f"IDMap2,HNSW{hnsw_m},Flat", ef_search=128)
+    if kind == "ivfflat":
+        nlist = _nlist(n, 4, train_sample)
+        return IndexSpec("ivfflat", dim, f"IVF{nlist},Flat", nprobe=min(nlist, 64))
     if kind == "ivfpq":
-        # nlist ~ 2 sqrt(n), a power of two (faiss wants ~40 training points per list, and the
-        # training sample is capped for memory); PQ sub-quantisers must divide the dimension.
-        nlist = int(2 ** round(math.log2(max(16.0, 2 * math.sqrt(max(n, 1))))))
-        nlist = min(nlist, int(2 ** math.floor(math.log2(max(16, train_sample // 39)))))
-        m = max(d for d in range(1, min(pq_bytes, dim) + 1) if dim % d == 0)
+        nlist = _nlist(n, 2, train_sample)
+        m = max(d for d in range(1, min(pq_bytes, dim) + 1) if dim % d == 0)  # sub-quantisers divide dim
         # "np": no polysemous training, which FAISS otherwise runs for PQ codes; search never
         # uses it (polysemous_ht stays 0) and it dominated the training time.
-        return IndexSpec("ivfpq", dim, f"IVF{nlist},PQ{m}np", nprobe=min(nlist, 32))
-    raise ValueError(f"unknown index type {kind!r} (auto, flat, hnsw, ivfpq)")
+        return IndexSpec("ivfpq", dim, f"IVF{nlist},PQ{m}np", nprobe=min(nlist, 64), rerank=rerank or None)
+    raise ValueError(f"unknown index type {kind!r} ({', '.join(KINDS)})")
 
 
 def new_index(spec: IndexSpec) -> faiss.Index:
@@ -101,6 +121,35 @@ def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.nd
     return scores, ids
 
 
+def rerank_exact(queries: np.ndarray, ids: np.ndarray, vectors_of, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score each query's candidate ``ids`` (FAISS's answer, -1 = none) by the exact inner
+    product with their stored vectors; (scores, ids) of the best ``k``, -1 padded, as ``search_index``.
+
+    ``vectors_of(sorted unique ids)`` gives ``(found ids, vectors)``; a candidate it does not find
+    (removed since) is dropped. Written by hand: FAISS's ``IndexRefineFlat`` does the same but keeps
+    every vector in memory (5 GB a million at 1,280 dims), which an index above ``ivf_flat_max``
+    must not; the vectors here come from the chunk files, a few hundred a query."""
+    n_q = len(queries)
+    scores = np.full((n_q, k), -np.finfo(np.float32).max, np.float32)
+    out = np.full((n_q, k), -1, np.int64)
+    found, vectors = vectors_of(np.unique(ids[ids >= 0]))
+    if len(found) == 0:
+        return scores, out
+    at = np.clip(np.searchsorted(found, ids), 0, len(found) - 1)
+    is_candidate = np.zeros((n_q, len(found)), bool)
+    rows, cols = np.nonzero((ids >= 0) & (found[at] == ids))
+    is_candidate[rows, at[rows, cols]] = True
+    exact = np.ascontiguousarray(queries, dtype=np.float32) @ np.asarray(vectors, np.float32).T
+    exact[~is_candidate] = -np.inf
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(exact, order, axis=1)
+    keep = np.isfinite(best)
+    width = order.shape[1]
+    scores[:, :width] = np.where(keep, best, scores[:, :width])
+    out[:, :width] = np.where(keep, found[order], -1)
+    return scores, out
+
+
 def supports_remove(spec: IndexSpec) -> bool:
     return spec.kind != "hnsw"
 
@@ -111,6 +160,9 @@ class ChunkFiles:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        # committed chunk files never change (a number is never reused), so their layouts can be kept;
+        # bounded, since a server's adds write one-item chunks
+        self._layouts = functools.lru_cache(maxsize=4096)(self._layout)
 
     def _paths(self, chunk: int) -> tuple[Path, Path]:
         return self.folder / f"chunk-{chunk:06d}.npy", self.folder / f"chunk-{chunk:06d}.ids.npy"
@@ -127,6 +179,39 @@ class ChunkFiles:
     def read(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         vec_path, ids_path = self._paths(chunk)
         return np.load(ids_path), np.load(vec_path)
+
+    def _layout(self, chunk: int) -> tuple[np.ndarray, np.ndarray, str, int, int]:
+        """(the chunk's row ids sorted, their positions in the file, the file, where its vectors
+        start, dim)."""
+        vec_path, ids_path = self._paths(chunk)
+        ids = np.load(ids_path)
+        order = np.argsort(ids, kind="stable")
+        with open(vec_path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            if fortran or dtype != np.float32 or len(shape) != 2 or shape[0] != len(ids):
+                raise ValueError(f"{vec_path}: not a chunk of {len(ids)} float32 vectors")
+            return ids[order], order, str(vec_path), fh.tell(), shape[1]
+
+    def rows(self, chunk: int, rowids: np.ndarray) -> np.ndarray:
+        """The vectors of ``rowids`` (each held by ``chunk``), read row by row from the chunk file:
+        only those rows are read, whatever the chunk's size. (Not a memory map: touching a few
+        rows of a mapped file maps the pages around each as well, which a server's re-scoring
+        turned into gigabytes of resident memory over a million items.)"""
+        ids, order, path, start, dim = self._layouts(chunk)
+        at = np.searchsorted(ids, rowids)
+        if (at >= len(ids)).any() or (ids[np.minimum(at, len(ids) - 1)] != rowids).any():
+            raise KeyError(f"chunk {chunk} does not hold rows {sorted(set(rowids.tolist()) - set(ids.tolist()))}")
+        out = np.empty((len(rowids), dim), np.float32)
+        size = dim * 4
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i, position in enumerate(order[at].tolist()):
+                out[i] = np.frombuffer(os.pread(fd, size, start + position * size), np.float32)
+        finally:
+            os.close(fd)
+        return out
 
     def remove_orphans(self, known: set[int]) -> int:
         """Delete chunk files that no committed chunk refers to (left by a killed run)."""
