@@ -117,13 +117,43 @@ def test_index_type_follows_the_catalog_size(tmp_path, fast_ivfpq):
         assert np.abs(np.array([[h.score for h in q] for q in approx_hits])
                       - np.array(exact_scores_of(idx, queries, approx_hits))).max() > 1e-3
     assert rescored >= 0.9 and rescored > approximate + 0.3, (rescored, approximate)
-    with closing(CatalogIndex(tmp_path / "q")) as reopened:
-        assert faiss.extract_index_ivf(reopened.load()).nprobe == 64  # search settings survive reopening
-        assert reopened.search(queries[:1], 3)[0][0].score == pytest.approx(hits[0][0].score, abs=1e-6)
-        # a removed item leaves the re-scored results at once
-        gone = reopened.search(queries[:1], 1)[0][0]
-        reopened.remove([gone.id])
-        assert gone.id not in [h.id for h in reopened.search(queries[:1], 10)[0]]
+    with closing(CatalogIndex(tmp_path / "q")) as reader, closing(CatalogIndex(tmp_path / "q", write=True)) as writer:
+        assert faiss.extract_index_ivf(reader.load()).nprobe == 64  # search settings survive reopening
+        first = reader.search(queries[:1], 10)[0]
+        assert first[0].score == pytest.approx(hits[0][0].score, abs=1e-6)
+        # removed by another process: the reader's FAISS index still holds the item, whose vector
+        # the re-scoring no longer finds; it drops out, and the next candidate moves up
+        writer.remove([first[0].id])
+        assert reader.load().ntotal == 9000
+        again = reader.search(queries[:1], 10)[0]
+        assert [h.id for h in again[:9]] == [h.id for h in first[1:]] and len(again) == 10
+
+
+def test_an_index_made_before_gets_the_search_settings_and_rebuilds_when_written(tmp_path, fast_ivfpq):
+    """An IVF-PQ index recorded by an earlier version (32 lists probed, no re-scoring, settings
+    without ivf_flat_max, pq_bytes or rerank): a reader searches it with today's search settings
+    at once (re-scored, exact scores) and keeps its structure, saying how to rebuild it; a writer's
+    next update rebuilds it as what the settings now give for its size (IVF-Flat here)."""
+    rng = np.random.default_rng(5)
+    data, queries = clustered(rng, 4000), clustered(rng, 20)
+    with closing(synthetic_index(tmp_path / "old", data, flat_max=1000, index_type="ivfpq", pq_bytes=8)) as idx:
+        old_spec = {k: v for k, v in idx.spec.to_dict().items() if k != "rerank"} | {"nprobe": 32}
+        idx.store.set_meta("index_spec", old_spec)
+        idx.store.set_meta("index_settings", {"index_type": "auto", "flat_max": 1000, "train_sample": 100_000})
+    with closing(CatalogIndex(tmp_path / "old")) as reader:
+        reader.load()
+        assert reader._spec.factory == old_spec["factory"] and reader._spec.rerank == 400
+        assert faiss.extract_index_ivf(reader.load()).nprobe == 64
+        hits = reader.search(queries, 5)
+        np.testing.assert_allclose([[h.score for h in q] for q in hits], exact_scores_of(reader, queries, hits), atol=1e-5)
+        said = []
+        assert reader.refresh(save=False, log=said.append).factory == old_spec["factory"]
+        assert any("run 'fashionlens index'" in m and "IVF" in m for m in said), said
+    assert CatalogIndex(tmp_path / "old").spec.factory == old_spec["factory"]  # the reader saved nothing
+    with closing(CatalogIndex(tmp_path / "old", write=True)) as writer:
+        spec = writer.refresh()
+        assert spec.kind == "ivfflat" and writer.spec == spec and writer.load().ntotal == 4000
+        assert recall(writer, queries, 5) >= 0.9
 
 
 def test_rerank_exact_against_brute_force():
@@ -137,23 +167,53 @@ def test_rerank_exact_against_brute_force():
         found = np.array([r for r in rowids if r in stored], np.int64)
         return found, np.array([stored[int(r)] for r in found], np.float32).reshape(len(found), 16)
 
+    twin = int(known[1])
+    stored[twin] = stored[int(known[0])].copy()  # an exact tie: the lower row id comes first
     queries = unit(rng, 6, 16)
     ids = np.full((6, 40), -1, np.int64)
     for q in range(6):  # FAISS-like answers: distinct candidates, some removed since (not stored), -1 padding
         n = [40, 25, 3, 0, 40, 12][q]
         ids[q, :n] = rng.choice(np.concatenate([known, [5000, 5001, 5002]]), n, replace=False)
+    ids[0, :2] = known[[1, 0]]  # the tied pair, in the wrong order
+    ids[1, 30:32] = ids[1, 0]  # a row named three times
+    queries[0] = stored[twin]  # the tied pair are query 0's best two
     for k in (1, 5, 30):
         scores, got = rerank_exact(queries, ids, vectors_of, k)
         assert got.shape == scores.shape == (6, k)
-        for q in range(6):  # brute force: every stored candidate, scored, best first
-            cands = [int(r) for r in ids[q] if r in stored]
+        for q in range(6):  # brute force: every stored candidate once, scored, best first (ties by row id)
+            cands = sorted({int(r) for r in ids[q] if r in stored})
             exact = sorted(((float(queries[q] @ stored[r]), r) for r in cands), key=lambda t: -t[0])[:k]
             assert got[q, :len(exact)].tolist() == [r for _, r in exact]
             np.testing.assert_allclose(scores[q, :len(exact)], [s for s, _ in exact], atol=1e-6)
             assert (got[q, len(exact):] == -1).all()
+        assert len(set(got[1][got[1] >= 0].tolist())) == (got[1] >= 0).sum()  # each row once
+        assert got[0, :2].tolist() == [int(known[0]), twin][:k]  # the tie: the lower row id first
     assert all(np.array_equal(lk, np.unique(lk)) and (lk >= 0).all() for lk in lookups)  # sorted, unique, no -1
     none = rerank_exact(queries[:2], np.full((2, 4), -1, np.int64), vectors_of, 3)[1]
     assert (none == -1).all()
+
+
+def test_stored_vectors_of_live_items_only(tmp_path):
+    """``CatalogIndex.vectors``: each live item's stored vector, whatever order or repeats it is
+    asked in; removed and unknown rows are left out, and `recommend` says so instead of using
+    another item's vector."""
+    from fashionlens.cli_recommend import liked_vectors
+
+    rng = np.random.default_rng(4)
+    data = unit(rng, 1200, 8)
+    with closing(synthetic_index(tmp_path / "v", data, chunk=500)) as idx:
+        rowids, _ = all_vectors(idx)
+        by_item = {int(r): data[int(idx.store.get_rows([int(r)])[int(r)]["id"][1:])] for r in rowids}
+        ask = np.array([rowids[900], rowids[3], rowids[3], rowids[1100], 10**9])
+        found, vecs = idx.vectors(ask)
+        assert found.tolist() == sorted({int(r) for r in ask[:4]})
+        np.testing.assert_array_equal(vecs, np.stack([by_item[int(r)] for r in found]))
+        np.testing.assert_array_equal(liked_vectors(idx, [int(rowids[1100]), int(rowids[3])]),
+                                      np.stack([by_item[int(rowids[1100])], by_item[int(rowids[3])]]))
+        idx.remove([idx.store.get_rows([int(rowids[3])])[int(rowids[3])]["id"]])
+        assert idx.vectors(ask)[0].tolist() == sorted({int(rowids[900]), int(rowids[1100])})
+        with pytest.raises(UserError, match="1 of the liked items left the index"):
+            liked_vectors(idx, [int(rowids[1100]), int(rowids[3])])
 
 
 def test_store_reads_more_rows_than_sqlite_takes_parameters(tmp_path):
@@ -231,8 +291,8 @@ def test_search_index_equals_faiss_and_brute_force(monkeypatch):
 def test_choose_spec():
     assert choose_spec(100, 1280, flat_max=100).kind == "flat"
     assert choose_spec(0, 8).factory == "IDMap2,Flat"
-    # auto by size: exact, IVF-Flat, IVF-PQ (defaults 20,000 and 200,000)
-    assert [choose_spec(n, 1280).kind for n in (20_000, 20_001, 200_000, 200_001)] == [
+    # auto by size: exact, IVF-Flat, IVF-PQ (defaults 20,000 and 100,000)
+    assert [choose_spec(n, 1280).kind for n in (20_000, 20_001, 100_000, 100_001)] == [
         "flat", "ivfflat", "ivfflat", "ivfpq"]
     assert choose_spec(500, 64, flat_max=100, ivf_flat_max=50).kind == "ivfpq"  # an empty IVF-Flat band
     big = choose_spec(101, 1280, flat_max=100, ivf_flat_max=100)

@@ -61,6 +61,8 @@ def shared_values(rows: list[list], n_values: dict, cfg: RecommendConfig) -> lis
 def liked_vectors(index, rowids: list[int]) -> np.ndarray:
     """The liked items' stored embeddings, read from their chunk files (exact, any index type)."""
     found, vectors = index.vectors(np.asarray(rowids, np.int64))
+    if gone := sorted(set(rowids) - set(found.tolist())):  # removed meanwhile (a server may share the index)
+        raise UserError(f"{len(gone)} of the liked items left the index while reading it; try again")
     return vectors[np.searchsorted(found, rowids)]
 
 

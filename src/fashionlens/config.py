@@ -80,13 +80,18 @@ class EmbedConfig(Config):
         "auto", description="inference speed-up: auto = TorchScript freeze on CPU (checked against eager)")
 
 
+# the vector index types (fashionlens.index.vectors.choose_spec); auto picks by the catalog's size
+INDEX_TYPES = ("auto", "flat", "ivfflat", "hnsw", "ivfpq")
+IndexType = Literal[INDEX_TYPES]
+
+
 class IndexConfig(EmbedConfig):
     chunk_size: int = Field(1024, ge=1, le=30_000, description="vectors per chunk file: the most a kill can lose")
-    index_type: Literal["auto", "flat", "ivfflat", "hnsw", "ivfpq"] = Field(
+    index_type: IndexType = Field(
         "auto", description="auto = exact up to flat_max items, IVF-Flat up to ivf_flat_max, IVF-PQ above")
     flat_max: int = Field(20_000, ge=1, description="largest catalog searched exactly (every vector) when auto")
-    ivf_flat_max: int = Field(200_000, ge=1, description="largest catalog searched with IVF-Flat (full vectors in "
-                              "memory: 1 GB at 200,000 x 1,280 dims) when auto; IVF-PQ above")
+    ivf_flat_max: int = Field(100_000, ge=1, description="largest catalog searched with IVF-Flat (full vectors in "
+                              "memory: 0.5 GB at 100,000 x 1,280 dims) when auto; IVF-PQ above")
     train_sample: int = Field(50_000, ge=256, le=1_000_000,
                               description="vectors sampled to train IVF indexes (50,000 x 1,280 floats = 256 MB)")
     pq_bytes: int = Field(128, ge=1, le=1024, description="IVF-PQ: bytes a vector in memory (the largest divisor "

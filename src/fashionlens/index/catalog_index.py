@@ -15,11 +15,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from fashionlens.config import IndexConfig
 from fashionlens.errors import UserError
 from fashionlens.index.store import CatalogStore
 from fashionlens.index.vectors import (
     ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, rerank_exact, sample_for_training,
-    search_index, supports_remove,
+    search_index, supports_remove, with_search_settings,
 )
 from fashionlens.locks import exclusive_lock
 
@@ -99,23 +100,30 @@ class CatalogIndex:
                 self.refresh(rebuild=True)
             else:
                 self._index = faiss.read_index(str(path))
-                self._spec = spec
-                apply_search_params(self._index, spec)
+                self._spec = with_search_settings(spec, self.settings()["rerank"])
+                apply_search_params(self._index, self._spec)
         return self._index
+
+    def settings(self) -> dict:
+        """The index settings recorded by ``fashionlens index`` (``INDEX_SETTINGS``), with today's
+        defaults for those an older index did not record."""
+        recorded, defaults = self.store.get_meta("index_settings", {}), IndexConfig().model_dump()
+        return {k: recorded.get(k, defaults[k]) for k in INDEX_SETTINGS}
 
     def refresh(self, rebuild: bool = False, log=None, save: bool = True) -> IndexSpec:
         """Bring the FAISS index up to date with the chunks and removals, and save it
         (``save=False``: in memory only, for a reader such as a read-only server).
 
-        The index type follows the ``index`` settings recorded in the store (``index_type``,
-        ``flat_max``, ``ivf_flat_max``, ``train_sample``, ``pq_bytes``, ``rerank``; an index made before a
-        setting existed gets the setting's default): when the catalog grows past ``flat_max``
-        an ``auto`` index is rebuilt as IVF-Flat, and past ``ivf_flat_max`` as IVF-PQ.
+        The index follows the ``index`` settings recorded in the store (``INDEX_SETTINGS``): a
+        catalog that grows past ``flat_max`` is rebuilt as IVF-Flat, past ``ivf_flat_max`` as
+        IVF-PQ, and any index whose FAISS structure differs from what the settings now give for
+        its size (more lists as it grew, other codes) is rebuilt; lists probed and the re-scored
+        shortlist are search-time settings and follow at once. A reader (``save=False``: a
+        read-only server) does not rebuild; it keeps the saved structure and says so in ``log``.
         """
         log = log or (lambda msg: None)
-        settings = {k: v for k, v in self.store.get_meta("index_settings", {}).items() if k in INDEX_SETTINGS}
-        kind = settings.pop("index_type", "auto")
-        train_sample = settings.get("train_sample", 50_000)
+        settings = self.settings()
+        kind, train_sample = settings.pop("index_type"), settings["train_sample"]
         n_live = self.store.count("embedded")
         dim = self.store.get_meta("embedder", {}).get("dim")
         if dim is None:
@@ -123,13 +131,17 @@ class CatalogIndex:
         current = self.spec
         wanted = choose_spec(n_live, dim, kind, **settings)
         gen = self.store.get_meta("generation", 0)
-        if not rebuild and current and self._file(gen).exists() and current.kind == wanted.kind:
-            spec, new_chunks = current, self.store.chunks(in_index=False)
+        saved = not rebuild and current is not None and self._file(gen).exists()
+        if saved and current.factory != wanted.factory and not save:
+            log(f"the index is {current.factory}; its settings now give {wanted.factory} for {n_live:,} "
+                "items: run 'fashionlens index' on it to rebuild")
+        if saved and (current.factory == wanted.factory or not save):
+            spec, new_chunks = with_search_settings(current, settings["rerank"]), self.store.chunks(in_index=False)
             if not new_chunks and not self.store.tombstones():  # up to date: no new generation to write
                 self.load()
                 return spec
             index = self._index or faiss.read_index(str(self._file(gen)))
-            apply_search_params(index, current)
+            apply_search_params(index, spec)
         else:
             spec, index, new_chunks = wanted, new_index(wanted), self.store.chunks()
             if not index.is_trained:

@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS attribute_state (item INTEGER PRIMARY KEY, reason TEX
 """
 
 
+# rows named in one statement: SQLite's default build allows 32,766 parameters
+_PIECE = 30_000
+
+
 class CatalogStore:
     """A thin, explicit layer over one SQLite file."""
 
@@ -180,8 +184,8 @@ class CatalogStore:
         32,766 parameters a statement in its default build (a batch's re-scored shortlists can
         hold more rows)."""
         ids = list(rowids)
-        for start in range(0, len(ids), 30_000):
-            piece = ids[start:start + 30_000]
+        for start in range(0, len(ids), _PIECE):
+            piece = ids[start:start + _PIECE]
             yield from self.db.execute(f"SELECT {columns} FROM items WHERE state='embedded' AND rowid IN "
                                        f"({','.join('?' * len(piece))})", piece)
 

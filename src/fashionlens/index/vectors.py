@@ -7,9 +7,9 @@ chunk at a time, so no step needs the whole gallery as one matrix in memory.
 Index types (``IndexSpec.kind``), chosen by size when ``auto`` (docs/BENCHMARKS.md, "Which
 index at which size", has the recall and cost of each on Lite0 vectors):
 - ``flat``: exact inner-product search (``IDMap2,Flat``), up to ``flat_max`` vectors (20,000:
-  7 ms a query on one core there);
+  5 ms a query on one core there);
 - ``ivfflat``: ``IVF{nlist},Flat`` (nlist ~ 4 sqrt(n)), nprobe 64, up to ``ivf_flat_max`` vectors
-  (200,000): the full vectors in memory, the exact score of every vector it visits;
+  (100,000): the full vectors in memory, the exact score of every vector it visits;
 - ``ivfpq``: ``IVF{nlist},PQ{m}`` (nlist ~ 2 sqrt(n), about ``m`` bytes a vector in memory) above
   that, its shortlist of ``rerank`` candidates re-scored exactly with their vectors, read from the
   chunk files, so the scores it returns are true inner products;
@@ -25,12 +25,14 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
+
+from fashionlens.config import INDEX_TYPES
 
 
 @dataclass
@@ -46,7 +48,7 @@ class IndexSpec:
         return asdict(self)
 
 
-KINDS = ("auto", "flat", "ivfflat", "hnsw", "ivfpq")
+NPROBE = 64  # IVF lists probed a query (docs/BENCHMARKS.md, "Which index at which size")
 
 
 def _nlist(n: int, per_sqrt: float, train_sample: int) -> int:
@@ -57,7 +59,7 @@ def _nlist(n: int, per_sqrt: float, train_sample: int) -> int:
     return min(nlist, int(2 ** math.floor(math.log2(max(16, min(n, train_sample) // 39)))))
 
 
-def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 20_000, ivf_flat_max: int = 200_000,
+def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 20_000, ivf_flat_max: int = 100_000,
                 hnsw_m: int = 32, pq_bytes: int = 128, train_sample: int = 50_000, rerank: int = 400) -> IndexSpec:
     """Pick the index for ``n`` vectors of ``dim`` dimensions (``kind`` ``auto`` or forced)."""
     if kind == "auto":
@@ -68,14 +70,25 @@ def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 20_000, iv
         return IndexSpec("hnsw", dim, f"IDMap2,HNSW{hnsw_m},Flat", ef_search=128)
     if kind == "ivfflat":
         nlist = _nlist(n, 4, train_sample)
-        return IndexSpec("ivfflat", dim, f"IVF{nlist},Flat", nprobe=min(nlist, 64))
+        return IndexSpec("ivfflat", dim, f"IVF{nlist},Flat", nprobe=min(nlist, NPROBE))
     if kind == "ivfpq":
         nlist = _nlist(n, 2, train_sample)
         m = max(d for d in range(1, min(pq_bytes, dim) + 1) if dim % d == 0)  # sub-quantisers divide dim
         # "np": no polysemous training, which FAISS otherwise runs for PQ codes; search never
         # uses it (polysemous_ht stays 0) and it dominated the training time.
-        return IndexSpec("ivfpq", dim, f"IVF{nlist},PQ{m}np", nprobe=min(nlist, 64), rerank=rerank or None)
-    raise ValueError(f"unknown index type {kind!r} ({', '.join(KINDS)})")
+        return IndexSpec("ivfpq", dim, f"IVF{nlist},PQ{m}np", nprobe=min(nlist, NPROBE), rerank=rerank or None)
+    raise ValueError(f"unknown index type {kind!r} ({', '.join(INDEX_TYPES)})")
+
+
+def with_search_settings(spec: IndexSpec, rerank: int) -> IndexSpec:
+    """A recorded ``spec`` with the current search-time settings (lists probed; for IVF-PQ, the
+    shortlist re-scored), which need no rebuild: an index built by an earlier version (32 lists,
+    no re-scoring) then searches as a new one of its type does."""
+    found = re.match(r"IVF(\d+),", spec.factory)
+    if found is None:
+        return spec
+    return replace(spec, nprobe=min(int(found.group(1)), NPROBE),
+                   rerank=(rerank or None) if spec.kind == "ivfpq" else None)
 
 
 def new_index(spec: IndexSpec) -> faiss.Index:

@@ -126,7 +126,7 @@ class LiveCatalog:
         self.index = self.searcher.index
         try:
             self.searcher.attributes = _attributes_of(self.index)
-            self.index.refresh(save=writable)  # catch up with what a killed server committed
+            self.index.refresh(save=writable, log=log.info)  # catch up with what a killed server committed
             self.embedder = self.searcher.embedder
             self.explainer = (self.searcher.attributes.explainer(cfg.device, cfg.optimize)
                               if self.searcher.attributes else None)

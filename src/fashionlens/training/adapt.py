@@ -39,7 +39,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fashionlens.config import Config, read_yaml_mapping
+from fashionlens.config import Config, IndexType, read_yaml_mapping
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_dict_rows, atomic_write_json, atomic_write_text
 from fashionlens.models.builder import CheckpointPath, is_checkpoint
@@ -87,8 +87,8 @@ class AdaptConfig(Config):
     vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source/photo: smallest share of the vote")
     mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
                                       "drawn from the mined ones (None: all identities alike, as the thesis)")
-    index_type: str = Field("auto", pattern="^(auto|flat|ivfflat|hnsw|ivfpq)$", description="target index (auto: "
-                            "exact up to flat_max photos, IVF-Flat up to 200,000, IVF-PQ above)")
+    index_type: IndexType = Field("auto", description="target index (auto: "
+                            "exact up to flat_max photos, IVF-Flat up to 100,000, IVF-PQ above)")
     flat_max: int = Field(100_000, ge=1, description="largest target gallery searched exactly when auto")
     out: str = Field("runs/adapt", description="run folder: rounds.csv, best.json, round-N/")
     seed: int = Field(0, description="seed of the query draws (round r draws with seed + r)")
