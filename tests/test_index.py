@@ -149,7 +149,6 @@ def test_an_index_made_before_gets_the_search_settings_and_rebuilds_when_written
         said = []
         assert reader.refresh(save=False, log=said.append).factory == old_spec["factory"]
         assert any("run 'fashionlens index'" in m and "IVF" in m for m in said), said
-    assert CatalogIndex(tmp_path / "old").spec.factory == old_spec["factory"]  # the reader saved nothing
     with closing(CatalogIndex(tmp_path / "old", write=True)) as writer:
         spec = writer.refresh()
         assert spec.kind == "ivfflat" and writer.spec == spec and writer.load().ntotal == 4000
@@ -191,6 +190,28 @@ def test_rerank_exact_against_brute_force():
     assert all(np.array_equal(lk, np.unique(lk)) and (lk >= 0).all() for lk in lookups)  # sorted, unique, no -1
     none = rerank_exact(queries[:2], np.full((2, 4), -1, np.int64), vectors_of, 3)[1]
     assert (none == -1).all()
+
+
+def test_a_writer_rebuilds_for_other_codes_or_four_times_the_lists_not_one_step(tmp_path, fast_ivfpq):
+    """``refresh`` by a writer: other PQ codes (same type) rebuild; a list count one power of two
+    off does not (a catalog hovering at a step would be retrained at every update); four times the
+    lists, as the catalog grew, does."""
+    rng = np.random.default_rng(6)
+    data = clustered(rng, 6000)
+    with closing(synthetic_index(tmp_path / "pq", data[:3000], index_type="ivfpq", pq_bytes=4)) as idx:
+        assert idx.spec.factory.endswith("PQ4np")
+        settings = idx.store.get_meta("index_settings")
+        idx.store.set_meta("index_settings", {**settings, "pq_bytes": 8})
+        assert idx.refresh().factory.endswith("PQ8np") and idx.load().ntotal == 3000
+    with closing(synthetic_index(tmp_path / "f", data[:1248], index_type="ivfflat")) as idx:
+        assert idx.spec.factory == "IVF32,Flat"
+        one = idx.store.get_rows(all_vectors(idx)[0][:1].tolist())
+        idx.remove([next(iter(one.values()))["id"]])  # 1,247 items call for 16 lists: kept at 32
+        assert idx.spec.factory == "IVF32,Flat" and idx.load().ntotal == 1247
+    with closing(synthetic_index(tmp_path / "f", data[1248:2496], index_type="ivfflat", first=1248)) as idx:
+        assert idx.spec.factory == "IVF32,Flat"  # 2,495 items call for 64: one step, kept
+    with closing(synthetic_index(tmp_path / "f", data[2496:], index_type="ivfflat", first=2496)) as idx:
+        assert idx.spec.factory == "IVF128,Flat" and idx.load().ntotal == 5999  # 4x the lists: rebuilt
 
 
 def test_stored_vectors_of_live_items_only(tmp_path):

@@ -13,7 +13,7 @@ if sys.argv[1:2] == ["serve"]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # numpy's OpenBLAS would start a pool of its own for a matrix product in a request or model
     # thread, and its idle threads spin: 17 ms of CPU a search when IVF-PQ's re-scoring used numpy
-    # (docs/BENCHMARKS.md, "Which index at which size"). The server parallelises over requests.
+    # (docs/BENCHMARKS.md, issue 6, "A 100,000-item catalog"). The server parallelises over requests.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from pathlib import Path
 from typing import Annotated, Optional

@@ -20,7 +20,7 @@ from fashionlens.errors import UserError
 from fashionlens.index.store import CatalogStore
 from fashionlens.index.vectors import (
     ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, rerank_exact, sample_for_training,
-    search_index, supports_remove, with_search_settings,
+    outgrown, search_index, supports_remove, with_search_settings,
 )
 from fashionlens.locks import exclusive_lock
 
@@ -116,8 +116,8 @@ class CatalogIndex:
 
         The index follows the ``index`` settings recorded in the store (``INDEX_SETTINGS``): a
         catalog that grows past ``flat_max`` is rebuilt as IVF-Flat, past ``ivf_flat_max`` as
-        IVF-PQ, and any index whose FAISS structure differs from what the settings now give for
-        its size (more lists as it grew, other codes) is rebuilt; lists probed and the re-scored
+        IVF-PQ, and any index whose FAISS structure the settings now give otherwise (other codes, or
+        4x the lists as it grew: ``outgrown``) is rebuilt; lists probed and the re-scored
         shortlist are search-time settings and follow at once. A reader (``save=False``: a
         read-only server) does not rebuild; it keeps the saved structure and says so in ``log``.
         """
@@ -132,10 +132,11 @@ class CatalogIndex:
         wanted = choose_spec(n_live, dim, kind, **settings)
         gen = self.store.get_meta("generation", 0)
         saved = not rebuild and current is not None and self._file(gen).exists()
-        if saved and current.factory != wanted.factory and not save:
+        rebuild_due = saved and outgrown(current, wanted)
+        if rebuild_due and not save:
             log(f"the index is {current.factory}; its settings now give {wanted.factory} for {n_live:,} "
                 "items: run 'fashionlens index' on it to rebuild")
-        if saved and (current.factory == wanted.factory or not save):
+        if saved and (not rebuild_due or not save):
             spec, new_chunks = with_search_settings(current, settings["rerank"]), self.store.chunks(in_index=False)
             if not new_chunks and not self.store.tombstones():  # up to date: no new generation to write
                 self.load()

@@ -4,7 +4,8 @@ One mining step with the current model:
 
 1. embed every target photo, streaming, into chunk files on disk (``index.vectors.ChunkFiles``);
 2. draw ``queries`` photos at random; the *rest* of the target is the gallery, put into a FAISS
-   index whose type is chosen by size (exact up to ``flat_max``, then IVF-Flat, then IVF-PQ), chunk by chunk;
+   index whose type is chosen by size (``choose_spec``: exact up to ``flat_max``, then IVF-Flat
+   up to 100,000, IVF-PQ codes above, not re-scored), chunk by chunk;
 3. search each query's top ``j``: ranks 1..m with the query make a new identity; ranks i..j are
    that identity's negatives (0 < m < i <= j).
 
