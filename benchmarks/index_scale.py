@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import emit, percentile
+from _common import REPO, emit, percentile
 
 from fashionlens.data.catalog import open_catalog
 from fashionlens.config import IndexConfig
@@ -60,10 +60,10 @@ def main() -> None:
     del embedder
     real = None
     if args.vectors == "lite0":
-        from index_recall import REPO as _repo, gallery, sources
+        from index_recall import gallery, sources
 
         real = np.empty((args.n, args.dim), np.float32)
-        gallery(sources(_repo / "runs" / "cache-lite0-224")[0], args.n, real)
+        gallery(sources(REPO / "runs" / "cache-lite0-224")[0], args.n, real)
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         if args.keep is not None:
             args.keep.mkdir(parents=True)

@@ -223,7 +223,7 @@ class CatalogIndex:
         files each item's current vector is in: exact, whatever the index type."""
         where = self.store.chunk_of(sorted({int(r) for r in rowids}))
         found = np.fromiter(sorted(where), np.int64, len(where))
-        out = np.empty((len(found), self.store.get_meta("embedder")["dim"]), np.float32)
+        out = np.empty((len(found), self.load().d), np.float32)
         chunk_of = np.fromiter((where[r] for r in found.tolist()), np.int64, len(found))
         by_chunk = np.argsort(chunk_of, kind="stable")
         chunks, starts = np.unique(chunk_of[by_chunk], return_index=True)

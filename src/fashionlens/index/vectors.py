@@ -80,6 +80,12 @@ def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 20_000, iv
     raise ValueError(f"unknown index type {kind!r} ({', '.join(INDEX_TYPES)})")
 
 
+def _lists(spec: IndexSpec) -> int:
+    """The IVF lists of ``spec`` (0: not an IVF index)."""
+    found = re.match(r"IVF(\d+),", spec.factory)
+    return int(found.group(1)) if found else 0
+
+
 def with_search_settings(spec: IndexSpec, rerank: int) -> IndexSpec:
     """A recorded ``spec`` with the current search-time settings (lists probed; for IVF-PQ, the
     shortlist re-scored), which need no rebuild: an index built by an earlier version (32 lists,
@@ -88,11 +94,6 @@ def with_search_settings(spec: IndexSpec, rerank: int) -> IndexSpec:
         return spec
     return replace(spec, nprobe=min(_lists(spec), NPROBE),
                    rerank=(rerank or None) if spec.kind == "ivfpq" else None)
-
-
-def _lists(spec: IndexSpec) -> int:
-    found = re.match(r"IVF(\d+),", spec.factory)
-    return int(found.group(1)) if found else 0
 
 
 def outgrown(current: IndexSpec, wanted: IndexSpec) -> bool:

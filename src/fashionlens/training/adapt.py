@@ -87,8 +87,8 @@ class AdaptConfig(Config):
     vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source/photo: smallest share of the vote")
     mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
                                       "drawn from the mined ones (None: all identities alike, as the thesis)")
-    index_type: IndexType = Field("auto", description="target index (auto: "
-                            "exact up to flat_max photos, IVF-PQ above, its codes' own scores)")
+    index_type: IndexType = Field("auto", description="target index (auto: exact up to flat_max photos, "
+                                  "IVF-PQ above, its codes' own scores)")
     flat_max: int = Field(100_000, ge=1, description="largest target gallery searched exactly when auto")
     out: str = Field("runs/adapt", description="run folder: rounds.csv, best.json, round-N/")
     seed: int = Field(0, description="seed of the query draws (round r draws with seed + r)")
