@@ -151,7 +151,13 @@ def search_ids(idx, queries, k):
 
 
 def indexed_rowids(idx) -> np.ndarray:
-    return faiss.vector_to_array(idx.load().id_map)
+    """The ids the loaded FAISS index holds (an ``IDMap`` index's map, or an IVF index's lists)."""
+    index = idx.load()
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map)
+    lists = faiss.extract_index_ivf(index).invlists
+    return np.concatenate([faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                           for i in range(lists.nlist) if lists.list_size(i)])
 
 
 @pytest.fixture

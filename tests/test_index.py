@@ -24,10 +24,11 @@ from conftest import (
     search_ids, synthetic_index, unit,
 )
 from fashionlens.config import IndexConfig
+from fashionlens.data.records import Item
 from fashionlens.errors import UserError
 from fashionlens.index import CatalogIndex
 from fashionlens.index.pipeline import build_index
-from fashionlens.index.vectors import ChunkFiles, IndexSpec, choose_spec, new_index, rerank_exact, search_index
+from fashionlens.index.vectors import IVF_MIN, ChunkFiles, IndexSpec, choose_spec, new_index, rerank_exact, search_index
 
 
 # --- search against brute force ----------------------------------------------------------------
@@ -153,6 +154,104 @@ def test_an_index_made_before_gets_the_search_settings_and_rebuilds_when_written
         spec = writer.refresh()
         assert spec.kind == "ivfflat" and writer.spec == spec and writer.load().ntotal == 4000
         assert recall(writer, queries, 5) >= 0.9
+
+
+def _add_chunk(idx: CatalogIndex, vecs: np.ndarray, first: int) -> np.ndarray:
+    """Items ``v<first+i>`` committed as one chunk, and added to the loaded FAISS index, as a
+    writable server adds them (the saved file is not rewritten); their rowids."""
+    store = idx.store
+    store.upsert([Item(f"v{first + i:05d}", Path(f"/fake/{first + i}.jpg"), {}) for i in range(len(vecs))],
+                 store.new_run())
+    rowids = np.array([store.get_item(f"v{first + i:05d}")["rowid"] for i in range(len(vecs))], np.int64)
+    chunk = store.next_chunk()
+    idx.chunks.write(chunk, rowids, vecs)
+    store.commit_chunk(chunk, rowids.tolist(), [])
+    idx.load().add_with_ids(vecs, rowids)
+    return rowids
+
+
+def _remove(idx: CatalogIndex, item_id: str) -> int:
+    """Remove an item as a writable server does: the store, then the loaded FAISS index."""
+    rowid = idx.store.get_item(item_id)["rowid"]
+    idx.load()
+    idx.store.remove([item_id])
+    if idx._spec.kind != "hnsw":
+        idx.load().remove_ids(np.asarray([rowid], np.int64))
+    return rowid
+
+
+def test_a_rebuild_beside_the_index_in_use_catches_up_with_adds_and_removals(tmp_path):
+    """A flat index that a server grew past flat_max is rebuilt as IVF-Flat from a snapshot while
+    items are added and removed on the flat one; after the swap it holds exactly the live items
+    (all 32 lists probed: exact search, so its answers equal brute force), is saved as the next
+    generation with nothing left to replay, and needs no further rebuild."""
+    rng = np.random.default_rng(11)
+    data = clustered(rng, 2200)
+    with closing(synthetic_index(tmp_path / "g", data[:900], flat_max=1000)) as built:
+        assert built.spec.kind == "flat"
+    with closing(CatalogIndex(tmp_path / "g", write=True)) as idx:
+        assert idx.start_rebuild() is None  # 900 items: flat is what the settings give
+        _add_chunk(idx, data[900:1800], 900)  # grown past flat_max while serving
+        gone_before = _remove(idx, "v00003")
+        plan = idx.start_rebuild()
+        assert plan.spec.kind == "ivfflat" and plan.spec.factory == "IVF32,Flat" and len(plan.live) == 1799
+        generation = idx.store.get_meta("generation")
+        # meanwhile, on the index in use: adds, and removals of old and of new items
+        added = _add_chunk(idx, data[1800:2200], 1800)
+        removed = [_remove(idx, "v00010"), _remove(idx, "v01000"), _remove(idx, "v01900")]
+        idx.build(plan)
+        assert plan.index.ntotal == 1799  # the snapshot, as noted
+        assert idx.spec.kind == "flat" and idx.store.get_meta("generation") == generation  # nothing swapped yet
+        queries = clustered(rng, 30)
+        before = search_ids(idx, queries, 10)
+        idx.finish_rebuild(plan, removed)
+        assert idx.spec == plan.spec and idx._spec is plan.spec and idx.load() is plan.index
+        assert idx.store.get_meta("generation") == generation + 1
+        live_rowids, _ = all_vectors(idx)
+        assert sorted(indexed_rowids(idx).tolist()) == sorted(live_rowids.tolist())
+        assert len(live_rowids) == 2200 - 4 and set(added.tolist()) - set(removed) <= set(live_rowids.tolist())
+        assert gone_before not in live_rowids and not set(removed) & set(live_rowids.tolist())
+        assert search_ids(idx, queries, 10) == brute_force(idx, queries, 10)[0] == before
+        assert not idx.store.tombstones() and not idx.store.chunks(in_index=False)
+        assert idx.start_rebuild() is None
+    with closing(CatalogIndex(tmp_path / "g")) as reader:  # the new generation, as saved
+        assert reader.load().ntotal == 2196 and reader.spec.kind == "ivfflat"
+        assert search_ids(reader, queries, 10) == before
+
+
+def test_a_rebuild_to_an_index_that_cannot_remove_keeps_the_tombstones_it_needs(tmp_path):
+    """Settings changed to HNSW (no removal): rows removed before the snapshot are not in the new
+    index, so their tombstones go; a row removed during the build is in it and stays tombstoned,
+    and searches never return it."""
+    rng = np.random.default_rng(12)
+    data = clustered(rng, 700)
+    with closing(synthetic_index(tmp_path / "h", data, flat_max=1000)) as built:
+        built.store.set_meta("index_settings", {"index_type": "hnsw", "flat_max": 1000, "train_sample": 100_000})
+    with closing(CatalogIndex(tmp_path / "h", write=True)) as idx:
+        early = _remove(idx, "v00001")
+        idx.save([], [early])  # the flat index dropped it and is saved: its tombstone is cleared
+        assert not idx.store.tombstones()
+        late_tomb = idx.store.get_item("v00002")["rowid"]
+        idx.store.remove(["v00002"])  # a tombstone a flat index has not applied yet
+        plan = idx.start_rebuild()
+        assert plan.spec.kind == "hnsw" and early not in plan.live and late_tomb not in plan.live
+        during = _remove(idx, "v00005")
+        idx.build(plan)
+        idx.finish_rebuild(plan, [during])
+        assert idx.spec.kind == "hnsw" and idx.load().ntotal == 698  # v00005 is in it
+        assert idx.store.tombstones() == [during]
+        assert "v00005" not in {h.id for h in idx.search(data[5:6], 20)[0]}
+        assert idx.search(data[6:7], 1)[0][0].id == "v00006"
+
+
+def test_an_ivf_index_of_too_few_vectors_is_refused_clearly(tmp_path):
+    """auto stays exact below IVF_MIN whatever flat_max says; a forced IVF type on too few
+    vectors to train is refused with a message, not FAISS's exception."""
+    rng = np.random.default_rng(13)
+    with closing(synthetic_index(tmp_path / "a", unit(rng, 40, 16), flat_max=10)) as idx:
+        assert idx.spec.kind == "flat"
+    with pytest.raises(UserError, match="needs at least 256 vectors to train"):
+        synthetic_index(tmp_path / "b", unit(rng, 40, 16), index_type="ivfpq").close()
 
 
 def test_rerank_exact_against_brute_force():
@@ -315,10 +414,12 @@ def test_choose_spec():
     # auto by size: exact, IVF-Flat, IVF-PQ (defaults 20,000 and 100,000)
     assert [choose_spec(n, 1280).kind for n in (20_000, 20_001, 100_000, 100_001)] == [
         "flat", "ivfflat", "ivfflat", "ivfpq"]
-    assert choose_spec(500, 64, flat_max=100, ivf_flat_max=50).kind == "ivfpq"  # an empty IVF-Flat band
-    big = choose_spec(101, 1280, flat_max=100, ivf_flat_max=100)
+    assert choose_spec(5000, 64, flat_max=1000, ivf_flat_max=500).kind == "ivfpq"  # an empty IVF-Flat band
+    big = choose_spec(1001, 1280, flat_max=1000, ivf_flat_max=1000)
     assert big.kind == "ivfpq" and re.fullmatch(r"IVF\d+,PQ128(np)?", big.factory) and big.rerank == 400
     assert choose_spec(10**6, 1280, rerank=0).rerank is None
+    # too few vectors to train an IVF index: exact, whatever flat_max says
+    assert [choose_spec(n, 64, flat_max=10).kind for n in (IVF_MIN - 1, IVF_MIN)] == ["flat", "ivfflat"]
 
     def parse(spec):
         return tuple(map(int, re.fullmatch(r"IVF(\d+),(?:PQ(\d+)(?:np)?|Flat)", spec.factory).groups(default="0")))
@@ -418,6 +519,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import make_tiny_embedder
 from fashionlens.config import IndexConfig
+from fashionlens.data.records import Item
 from fashionlens.index.pipeline import build_index
 cfg = IndexConfig(chunk_size=4, batch_size=4, workers=0)
 build_index(Path(sys.argv[1]), Path(sys.argv[2]), cfg, embedder=make_tiny_embedder(delay=0.05))

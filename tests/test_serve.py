@@ -462,3 +462,160 @@ def test_explain_workers_side_by_side_agree_with_one(world, tmp_path):
     for row, ref in zip(got, expect):
         assert [a[:2] + a[3:] for a in row] == [a[:2] + a[3:] for a in ref]  # names, values, boxes
         np.testing.assert_allclose([a[2] for a in row], [a[2] for a in ref], atol=1e-5)
+
+
+def _grown_copy(world, tmp_path: Path, n_fake: int, flat_max: int) -> Path:
+    """A copy of the world's index with ``n_fake`` more items (random unit vectors, far from every
+    photo's) committed as a server's adds leave them, and ``flat_max`` in its settings."""
+    from fashionlens.data.records import Item
+
+    index = tmp_path / "index"
+    shutil.copytree(world["index"], index)
+    with closing(CatalogIndex(index, write=True)) as idx:
+        store = idx.store
+        dim = store.get_meta("embedder")["dim"]
+        store.set_meta("index_settings", {**store.get_meta("index_settings", {}), "flat_max": flat_max})
+        store.upsert([Item(f"fake-{i}", Path(f"/fake/{i}.jpg"), {}) for i in range(n_fake)], store.new_run())
+        rowids = [r for page in store.pending(10**6) for r, _ in page]
+        vecs = np.random.default_rng(0).normal(size=(n_fake, dim)).astype(np.float32)
+        chunk = store.next_chunk()
+        idx.chunks.write(chunk, np.asarray(rowids, np.int64), vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+        store.commit_chunk(chunk, rowids, [])
+    return index
+
+
+def _top(live, data: bytes, k: int = 1) -> list[str]:
+    from fashionlens.config import SearchConfig
+    from fashionlens.serving.live import decode_photo
+
+    cfg = SearchConfig(k=k, explain=False)
+    hits, _ = live.search(decode_photo(data, max_pixels=10**7), cfg, live.plan(cfg))
+    return [h.id for h in hits]
+
+
+def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(world, tmp_path, monkeypatch):
+    """A catalog past flat_max, left flat by a server's adds: the next server starts on the flat
+    index at once and rebuilds it as IVF-Flat in the background (held here until released). A
+    stop meanwhile keeps the flat generation and everything added; the next start rebuilds
+    again, and adds and removals made during the rebuild are in the index it swaps in."""
+    import torch
+
+    import faiss
+
+    from fashionlens.config import ServeConfig
+    from fashionlens.serving.live import LiveCatalog, decode_photo
+
+    index = _grown_copy(world, tmp_path, 800, flat_max=700)
+    release, original = threading.Event(), CatalogIndex.build
+
+    def held_build(self, plan, log=None):
+        assert release.wait(120)
+        return original(self, plan, log)
+
+    monkeypatch.setattr(CatalogIndex, "build", held_build)
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    cfg = ServeConfig(model_workers=1, persist_seconds=3600)
+    try:
+        live = LiveCatalog(index, cfg, writable=True)  # returns while the rebuild is held
+        try:
+            assert live.rebuilding and live.index.spec.kind == "flat" and live.index.load().ntotal == 813
+            assert _top(live, photo(world, 3)) == ["item-03"]
+            live.add("before-stop", decode_photo(new_photo(tmp_path, 52), 10**7), {})
+        finally:
+            live.close()
+        stopped = live._rebuilder
+        release.set()
+        stopped.join(60)
+        assert not stopped.is_alive()
+        with closing(CatalogIndex(index)) as idx:  # the rebuild did not swap after the stop
+            assert idx.spec.kind == "flat" and idx.load().ntotal == 814 and not idx.store.chunks(in_index=False)
+
+        release.clear()
+        live = LiveCatalog(index, cfg, writable=True)
+        try:
+            assert live.rebuilding and live.index.spec.kind == "flat"
+            added = new_photo(tmp_path, 53)
+            live.add("during", decode_photo(added, 10**7), {})
+            live.remove("item-05")
+            assert _top(live, added) == ["during"]
+            release.set()
+            live._rebuilder.join(120)
+            assert not live.rebuilding
+            spec = live.index.spec
+            assert spec.kind == "ivfflat" and spec.factory == "IVF16,Flat" and live.index._spec.nprobe == 16
+            assert live.index.load().ntotal == 813 + 2 - 1
+            assert _top(live, added) == ["during"] and _top(live, photo(world, 3)) == ["item-03"]
+            assert "item-05" not in _top(live, photo(world, 5), k=20)
+            assert _top(live, new_photo(tmp_path, 52)) == ["before-stop"]
+            assert live.rebuild() is False  # nothing more to rebuild
+        finally:
+            live.close()
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(faiss_threads)
+    with closing(CatalogIndex(index)) as idx:
+        assert idx.spec.kind == "ivfflat" and idx.load().ntotal == 814
+        assert not idx.store.tombstones() and not idx.store.chunks(in_index=False)
+
+
+def test_a_catalog_grown_through_the_api_is_rebuilt_while_serving(world, tmp_path):
+    """Adds through the API take the catalog past its structure's size (623 items, flat; two
+    adds make it 625, at least IVF_MIN and over flat_max): after the next write of the FAISS
+    file the server rebuilds it as IVF-Flat without stopping, and the searches stay exact."""
+    import time
+
+    from fashionlens.index.vectors import IVF_MIN
+
+    index = _grown_copy(world, tmp_path, IVF_MIN - 1 - 13, flat_max=100)
+    config = tmp_path / "serve.yaml"
+    config.write_text("persist_seconds: 1\n")
+    with Server(index, api_key=API_KEY, config=config) as srv:
+        for n in (54, 55):
+            assert srv.client.post("/api/items", files={"image": ("a.jpg", new_photo(tmp_path, n))},
+                                   data={"id": f"grow-{n}"}, headers=KEY).status_code == 201
+        deadline, spec = time.monotonic() + 120, None
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            with closing(sqlite3.connect(index / "catalog.sqlite")) as db:
+                spec = json.loads(db.execute("SELECT value FROM meta WHERE key='index_spec'").fetchone()[0])
+            if spec["kind"] == "ivfflat":
+                break
+        assert spec["kind"] == "ivfflat", spec
+        assert srv.client.get("/health").json()["items"] == IVF_MIN + 1
+        deadline = time.monotonic() + 10  # the log line follows the commit
+        while not any("IVF16,Flat in use: 625 vectors, rebuilt in" in line for line in srv.log):
+            assert time.monotonic() < deadline, "".join(srv.log)
+            time.sleep(0.2)
+        for n in (54, 55):
+            assert search(srv, new_photo(tmp_path, n), k=1).json()["results"][0]["id"] == f"grow-{n}"
+        assert search(srv, photo(world, 4), k=1).json()["results"][0]["id"] == "item-04"
+
+
+def test_faiss_threads_reach_the_model_workers(world):
+    """OpenMP keeps omp_set_num_threads per thread: the setting must be made in the workers
+    that search, not only in the thread that opened the catalog."""
+    import torch
+
+    import faiss
+
+    from fashionlens.config import ServeConfig
+    from fashionlens.serving.live import LiveCatalog
+
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    wanted = faiss_threads + 3  # not what a thread gets by default
+    seen = []
+    try:
+        live = LiveCatalog(world["index"], ServeConfig(model_workers=2, faiss_threads=wanted))
+        try:
+            search = live.index.search
+            live.index.search = lambda *a, **kw: (seen.append((threading.get_ident(), faiss.omp_get_max_threads())),
+                                                  search(*a, **kw))[1]
+            with ThreadPoolExecutor(4) as pool:
+                assert all(ids == [f"item-{n:02d}"] for n, ids in
+                           zip(range(8), pool.map(lambda n: _top(live, photo(world, n)), range(8))))
+        finally:
+            live.close()
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(faiss_threads)
+    assert seen and all(n == wanted for _, n in seen) and threading.get_ident() not in {t for t, _ in seen}

@@ -6,6 +6,7 @@ Registered by ``fashionlens.cli`` (``app.command("serve")(serve_command)``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -43,6 +44,7 @@ def serve_command(
     if api_key is not None and len(api_key) < 16:
         raise UserError(f"{cfg.api_key_env}: the API key must have at least 16 characters")
     sock = _bind(cfg.host, cfg.port)  # a taken port fails before the models load
+    _log_to_stderr()
     live = LiveCatalog(index_dir, cfg, writable=api_key is not None)
     app = create_app(live, api_key)
     host_shown, port_bound = sock.getsockname()[:2]
@@ -66,6 +68,18 @@ class _Server(uvicorn.Server):
 
 
 serve_command.__doc__ += "\n\nSettings:\n\n" + ServeConfig.help_text()
+
+
+def _log_to_stderr() -> None:
+    """The server's own messages (catching up the index, rebuilds, errors) on stderr with their
+    time; uvicorn's are configured by uvicorn (warnings and above)."""
+    logger = logging.getLogger("fashionlens")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -170,6 +170,9 @@ class ServeConfig(Config):
     model_nice: int = Field(5, ge=0, le=19, description="how much lower than the request threads the model "
                             "threads run (Linux thread nice value; 0 = same): answers and new requests are never "
                             "queued behind a forward")
+    rebuild_nice: int = Field(10, ge=0, le=19, description="how much lower than the request threads a "
+                              "rebuild of the FAISS structure runs (when the catalog outgrows it, e.g. past "
+                              "flat_max), beside the structure in use (Linux thread nice value)")
     faiss_threads: int = Field(1, ge=1, le=256, description="OpenMP threads of each FAISS search (exact flat "
                                "searches of under 20 queries run on torch's threads instead); more only contend "
                                "with the model on a small machine")

@@ -20,7 +20,7 @@ from fashionlens.errors import UserError
 from fashionlens.index.store import CatalogStore
 from fashionlens.index.vectors import (
     ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, rerank_exact, sample_for_training,
-    outgrown, search_index, supports_remove, with_search_settings,
+    outgrown, training_minimum, search_index, supports_remove, with_search_settings,
 )
 from fashionlens.locks import exclusive_lock
 
@@ -36,6 +36,16 @@ class SearchHit:
     path: str
     metadata: dict
     rowid: int | None = None  # the item's row in the store (its id in the vector index)
+
+
+@dataclass
+class Rebuild:
+    """A FAISS structure built beside the one in use (:meth:`CatalogIndex.start_rebuild`)."""
+    spec: IndexSpec
+    chunks: list[int]  # the committed chunks it is built from
+    live: np.ndarray  # the rows live when it started, sorted
+    train_sample: int
+    index: faiss.Index | None = None  # set by build()
 
 
 class CatalogIndex:
@@ -110,7 +120,7 @@ class CatalogIndex:
         recorded, defaults = self.store.get_meta("index_settings", {}), IndexConfig().model_dump()
         return {k: recorded.get(k, defaults[k]) for k in INDEX_SETTINGS}
 
-    def refresh(self, rebuild: bool = False, log=None, save: bool = True) -> IndexSpec:
+    def refresh(self, rebuild: bool = False, log=None, save: bool = True, defer_rebuild: bool = False) -> IndexSpec:
         """Bring the FAISS index up to date with the chunks and removals, and save it
         (``save=False``: in memory only, for a reader such as a read-only server).
 
@@ -120,6 +130,8 @@ class CatalogIndex:
         4x the lists as it grew: ``outgrown``) is rebuilt; lists probed and the re-scored
         shortlist are search-time settings and follow at once. A reader (``save=False``: a
         read-only server) does not rebuild; it keeps the saved structure and says so in ``log``.
+        ``defer_rebuild``: a writer that keeps serving the saved structure meanwhile (a writable
+        server) catches it up here and rebuilds it beside it (:meth:`start_rebuild`).
         """
         log = log or (lambda msg: None)
         settings = self.settings()
@@ -136,7 +148,10 @@ class CatalogIndex:
         if rebuild_due and not save:
             log(f"the index is {current.factory}; its settings now give {wanted.factory} for {n_live:,} "
                 "items: run 'fashionlens index' on it to rebuild")
-        if saved and (not rebuild_due or not save):
+        elif rebuild_due and defer_rebuild:
+            log(f"the index is {current.factory}; its settings now give {wanted.factory} for {n_live:,} "
+                "items: it is rebuilt beside the one in use")
+        if saved and (not rebuild_due or not save or defer_rebuild):
             spec, new_chunks = with_search_settings(current, settings["rerank"]), self.store.chunks(in_index=False)
             if not new_chunks and not self.store.tombstones():  # up to date: no new generation to write
                 self.load()
@@ -144,12 +159,8 @@ class CatalogIndex:
             index = self._index or faiss.read_index(str(self._file(gen)))
             apply_search_params(index, spec)
         else:
-            spec, index, new_chunks = wanted, new_index(wanted), self.store.chunks()
-            if not index.is_trained:
-                log(f"training {spec.factory} on up to {train_sample:,} of {n_live:,} vectors")
-                sample = sample_for_training(self._live_chunks(new_chunks), n_live, train_sample, dim)
-                index.train(sample)
-                del sample
+            spec, new_chunks = wanted, self.store.chunks()
+            index = self._trained(spec, lambda: self._live_chunks(new_chunks), n_live, train_sample, log)
             if save:
                 self.store.db.execute("DELETE FROM tombstones")  # a fresh index holds no dead rows
         removed = self.store.tombstones()
@@ -162,6 +173,70 @@ class CatalogIndex:
         else:
             self._index, self._spec = index, spec
         log(f"index {spec.factory}: {index.ntotal:,} vectors")
+        return spec
+
+    @staticmethod
+    def _trained(spec: IndexSpec, chunks, n_live: int, train_sample: int, log) -> faiss.Index:
+        """An empty index of ``spec``, trained on a sample of the vectors ``chunks()`` yields."""
+        index = new_index(spec)
+        if not index.is_trained and n_live < training_minimum(spec):
+            raise UserError(f"{spec.factory} needs at least {training_minimum(spec):,} vectors to train, and the "
+                            f"catalog has {n_live:,}: index it with --index-type flat or auto")
+        if not index.is_trained:
+            log(f"training {spec.factory} on up to {train_sample:,} of {n_live:,} vectors")
+            sample = sample_for_training(chunks(), n_live, train_sample, spec.dim)
+            index.train(sample)
+            del sample
+        return index
+
+    # -- rebuilding beside the index in use (a writable server) ---------------------------------
+    def start_rebuild(self) -> Rebuild | None:
+        """The structure the index settings give for the catalog as it is now, when the one in
+        use has outgrown it (``outgrown``); else None. Under the caller's lock: it notes the chunks
+        and live rows to build from, so that :meth:`build` can run outside the lock while searches,
+        adds and removals go on, and :meth:`finish_rebuild`, under the lock again, catches up."""
+        self.load()
+        settings = self.settings()
+        kind, train_sample = settings.pop("index_type"), settings["train_sample"]
+        wanted = choose_spec(self.store.count("embedded"), self._spec.dim, kind, **settings)
+        if not outgrown(self._spec, wanted):
+            return None
+        live = np.fromiter(self.store.embedded_rowids(), np.int64)
+        return Rebuild(wanted, self.store.chunks(), np.sort(live), train_sample)
+
+    def build(self, plan: Rebuild, log=None) -> None:
+        """Train and fill ``plan``'s index from the chunk files it noted. It reads no SQLite and
+        touches nothing in use (committed chunk files never change), so no lock is needed."""
+        def chunks():
+            for chunk in plan.chunks:
+                rowids, vecs = self.chunks.read(chunk)
+                live = np.isin(rowids, plan.live)
+                if live.any():
+                    yield rowids[live], np.ascontiguousarray(vecs[live])
+
+        log = log or (lambda msg: None)
+        index = self._trained(plan.spec, chunks, len(plan.live), plan.train_sample, log)
+        for rowids, vecs in chunks():
+            index.add_with_ids(vecs, rowids)
+        plan.index = index
+
+    def finish_rebuild(self, plan: Rebuild, removed) -> IndexSpec:
+        """Under the caller's lock: add to ``plan``'s built index the chunks committed since
+        :meth:`start_rebuild`, drop the rows ``removed`` since, and make it the index in use,
+        saved as the next generation (every chunk in it, the tombstones it needs no more cleared)."""
+        index, spec, noted = plan.index, plan.spec, set(plan.chunks)
+        for rowids, vecs in self._live_chunks([c for c in self.store.chunks() if c not in noted]):
+            index.add_with_ids(vecs, rowids)
+        removed = sorted({int(r) for r in removed})
+        dead = self.store.tombstones()
+        if supports_remove(spec):
+            if removed:
+                index.remove_ids(np.asarray(removed, np.int64))
+            cleared = dead
+        else:  # rows removed meanwhile are in it: their tombstones stay, the others' go
+            cleared = sorted(set(dead) - set(removed))
+        apply_search_params(index, spec)
+        self._save(index, spec, self.store.get_meta("generation", 0) + 1, self.store.chunks(), cleared)
         return spec
 
     def save(self, added_chunks: list[int], removed: list[int]) -> None:

@@ -189,6 +189,10 @@ class CatalogStore:
             yield from self.db.execute(f"SELECT {columns} FROM items WHERE state='embedded' AND rowid IN "
                                        f"({','.join('?' * len(piece))})", piece)
 
+    def embedded_rowids(self) -> Iterator[int]:
+        """Every embedded item's rowid."""
+        return (r[0] for r in self.db.execute("SELECT rowid FROM items WHERE state='embedded'"))
+
     def live_rowids(self, rowids: Iterable[int]) -> set[int]:
         return {r[0] for r in self._embedded_in("rowid", rowids)}
 

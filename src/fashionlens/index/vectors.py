@@ -49,6 +49,14 @@ class IndexSpec:
 
 
 NPROBE = 64  # IVF lists probed a query (docs/BENCHMARKS.md, "Which index at which size")
+# the fewest vectors ``auto`` gives an IVF index, whatever ``flat_max``: its smallest (16 lists) with
+# the 39 training points a list FAISS asks for; an exact search of fewer costs next to nothing
+IVF_MIN = 16 * 39
+
+
+def training_minimum(spec: IndexSpec) -> int:
+    """The fewest vectors that can train ``spec``: one a list, and 256 for PQ's 8-bit codebooks."""
+    return max(_lists(spec), 256 if spec.kind == "ivfpq" else 0)
 
 
 def _nlist(n: int, per_sqrt: float, train_sample: int) -> int:
@@ -63,7 +71,7 @@ def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 20_000, iv
                 hnsw_m: int = 32, pq_bytes: int = 128, train_sample: int = 50_000, rerank: int = 400) -> IndexSpec:
     """Pick the index for ``n`` vectors of ``dim`` dimensions (``kind`` ``auto`` or forced)."""
     if kind == "auto":
-        kind = "flat" if n <= flat_max else "ivfflat" if n <= ivf_flat_max else "ivfpq"
+        kind = "flat" if n <= flat_max or n < IVF_MIN else "ivfflat" if n <= ivf_flat_max else "ivfpq"
     if kind == "flat":
         return IndexSpec("flat", dim, "IDMap2,Flat")
     if kind == "hnsw":

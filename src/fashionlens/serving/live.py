@@ -10,6 +10,13 @@ a chunk file, then one SQLite transaction records item, chunk and attributes; th
 point after which a ``kill -9`` cannot lose it. The FAISS file is rewritten only every
 ``persist_seconds`` and at shutdown: at start-up the server brings it up to date from the chunks
 and tombstones (:meth:`CatalogIndex.refresh`), so a killed server loses nothing committed.
+
+Growth: when the catalog outgrows its FAISS structure (the index settings give another type, or 4x
+the lists: a flat index past ``flat_max``), a writable server rebuilds it in a thread of its own,
+at a low priority, while it keeps searching, adding and removing on the old one; the new one then
+catches up with what changed meanwhile and replaces it under the lock (:meth:`LiveCatalog.rebuild`).
+It checks at start-up and after each write of the FAISS file. A killed rebuild loses nothing: the
+old generation stays on disk until the new one is committed.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from fashionlens.data.images import ImageError, open_image
 from fashionlens.index.attributes import item_rows
 from fashionlens.index.query import DRAFT_SIZE, ExplainedHit, Searcher
 from fashionlens.index.vectors import supports_remove
-from fashionlens.serving.batcher import Batcher
+from fashionlens.serving.batcher import Batcher, lower_thread_priority
 
 # Photo formats accepted from clients (no EPS and the like, which Pillow hands to Ghostscript).
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone cameras)
@@ -118,15 +125,13 @@ class LiveCatalog:
     def __init__(self, folder: Path, cfg: ServeConfig, writable: bool = False):
         # absolute: uploaded photos are stored by path, valid from any working directory
         self.cfg, self.folder, self.writable = cfg, Path(folder).resolve(), writable
-        # One query vector per search: FAISS's OpenMP threads only contend with the model's
-        # (two OpenMP pools spinning on the same cores); requests run in parallel instead.
-        faiss.omp_set_num_threads(cfg.faiss_threads)
         self.lock = threading.Lock()
         self.searcher = Searcher(self.folder, cfg.device, cfg.optimize, write=writable)
         self.index = self.searcher.index
         try:
             self.searcher.attributes = _attributes_of(self.index)
-            self.index.refresh(save=writable, log=log.info)  # catch up with what a killed server committed
+            # catch up with what a killed server committed; an outgrown structure is rebuilt beside it
+            self.index.refresh(save=writable, defer_rebuild=True, log=log.info)
             self.embedder = self.searcher.embedder
             self.explainer = (self.searcher.attributes.explainer(cfg.device, cfg.optimize)
                               if self.searcher.attributes else None)
@@ -150,8 +155,11 @@ class LiveCatalog:
         self._last_save = time.monotonic()
         self._stop = threading.Event()
         self._saver = threading.Thread(target=self._save_loop, name="persist", daemon=True)
+        self._rebuilder: threading.Thread | None = None
+        self._removed_meanwhile: list[int] = []  # rows removed while a rebuild runs
         if writable:
             self._saver.start()
+            self.rebuild()
 
     # -- reading ----------------------------------------------------------------------------------
     @property
@@ -208,6 +216,10 @@ class LiveCatalog:
         """One model call for every queued photo, then, under the lock, one vector search for all
         plain searches (a matrix product instead of one pass over the vectors per photo) and the
         results of each: a search sees the catalog whole, before or after any change."""
+        # A few query vectors per search: more FAISS threads only contend with the model's (two
+        # OpenMP pools on the same cores). Set in each worker thread: OpenMP keeps the setting per
+        # thread, so a call in the thread that opened the catalog did not reach the workers.
+        faiss.omp_set_num_threads(self.cfg.faiss_threads)
         vecs = self.embedder.embed_tensors(torch.stack([j.tensor for j in jobs]))
         plain = [i for i, j in enumerate(jobs) if j.cfg is not None and not (j.plan.wants or j.plan.filters)]
         out: list = list(vecs)
@@ -265,6 +277,8 @@ class LiveCatalog:
                 if supports_remove(self.index.spec):
                     self.index.load().remove_ids(np.asarray([row["rowid"]], np.int64))
                 self._unsaved_removed.append(row["rowid"])
+                if self.rebuilding:
+                    self._removed_meanwhile.append(row["rowid"])
             upload = Path(row["path"])
             if upload.parent.parent == self.folder / UPLOADS:
                 _remove_upload(upload, self.index.store)
@@ -308,15 +322,55 @@ class LiveCatalog:
         while not self._stop.wait(min(5.0, self.cfg.persist_seconds)):
             if time.monotonic() - self._last_save >= self.cfg.persist_seconds:
                 try:
-                    self.persist()
+                    if self.persist():
+                        self.rebuild()  # grown past its structure?
                 except Exception:  # a full disk must not end the saving for good; nothing is lost
                     log.exception("cannot write the FAISS file; SQLite and the chunks hold every change")
                     self._last_save = time.monotonic()
+
+    # -- rebuilding the FAISS structure beside the one in use -----------------------------------------
+    @property
+    def rebuilding(self) -> bool:
+        return self._rebuilder is not None and self._rebuilder.is_alive()
+
+    def rebuild(self) -> bool:
+        """Start rebuilding the FAISS structure in the background if the catalog has outgrown it
+        (:meth:`CatalogIndex.start_rebuild`); True if a rebuild runs now."""
+        if not self.writable or self._stop.is_set() or self.rebuilding:
+            return self.rebuilding
+        with self.lock:
+            plan = self.index.start_rebuild()
+            if plan is None:
+                return False
+            self._removed_meanwhile = []
+            self._rebuilder = threading.Thread(target=self._rebuild, args=(plan,), name="rebuild", daemon=True)
+            self._rebuilder.start()
+        return True
+
+    def _rebuild(self, plan) -> None:
+        lower_thread_priority(self.cfg.rebuild_nice)  # FAISS's OpenMP threads, started here, inherit it
+        start = time.monotonic()
+        try:
+            log.info("rebuilding the index as %s from %s items, beside the one in use", plan.spec.factory,
+                     f"{len(plan.live):,}")
+            self.index.build(plan, log=log.info)
+            with self.lock:
+                if self._stop.is_set():  # shutting down: the old generation stays, the next start rebuilds
+                    return
+                self.index.finish_rebuild(plan, self._removed_meanwhile)
+                self._unsaved_chunks, self._unsaved_removed = [], []  # all in the generation just written
+                self._last_save = time.monotonic()
+            log.info("index %s in use: %s vectors, rebuilt in %.0f s", plan.spec.factory,
+                     f"{self.index.load().ntotal:,}", time.monotonic() - start)
+        except Exception:  # the old structure keeps serving; nothing stored is touched
+            log.exception("cannot rebuild the index; the one in use stays")
 
     def close(self) -> None:
         self._stop.set()
         if self._saver.is_alive():
             self._saver.join(timeout=60)
+        if self.rebuilding:  # not waited for: a rebuild of millions takes minutes, and is redone at start
+            log.info("stopping before the index rebuild finished; it starts again with the server")
         self.batch.close()
         if self.explain_batch:
             self.explain_batch.close()
