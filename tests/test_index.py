@@ -197,25 +197,33 @@ def test_a_rebuild_beside_the_index_in_use_catches_up_with_adds_and_removals(tmp
         assert plan.spec.kind == "ivfflat" and plan.spec.factory == "IVF32,Flat" and len(plan.live) == 1799
         generation = idx.store.get_meta("generation")
         # meanwhile, on the index in use: adds, and removals of old and of new items
-        added = _add_chunk(idx, data[1800:2200], 1800)
+        added = _add_chunk(idx, data[1800:2100], 1800)
         removed = [_remove(idx, "v00010"), _remove(idx, "v01000"), _remove(idx, "v01900")]
         idx.build(plan)
         assert plan.index.ntotal == 1799  # the snapshot, as noted
-        assert idx.spec.kind == "flat" and idx.store.get_meta("generation") == generation  # nothing swapped yet
+        later = idx.chunks_since(plan)
+        assert len(later) == 1
+        idx.add_chunks(plan, later)  # caught up outside the lock: every row, removals come at the end
+        assert plan.index.ntotal == 2099 and idx.chunks_since(plan) == []
+        idx.save([], removed)  # a periodic write of the index in use clears their tombstones meanwhile
+        added = np.concatenate([added, _add_chunk(idx, data[2100:2200], 2100)])  # after the catch-up
+        removed += [_remove(idx, "v02150"), _remove(idx, "v00020")]
+        assert idx.spec.kind == "flat" and idx.store.get_meta("generation") == generation + 1  # nothing swapped yet
         queries = clustered(rng, 30)
         before = search_ids(idx, queries, 10)
+        generation += 1
         idx.finish_rebuild(plan, removed)
         assert idx.spec == plan.spec and idx._spec is plan.spec and idx.load() is plan.index
         assert idx.store.get_meta("generation") == generation + 1
         live_rowids, _ = all_vectors(idx)
         assert sorted(indexed_rowids(idx).tolist()) == sorted(live_rowids.tolist())
-        assert len(live_rowids) == 2200 - 4 and set(added.tolist()) - set(removed) <= set(live_rowids.tolist())
+        assert len(live_rowids) == 2200 - 6 and set(added.tolist()) - set(removed) <= set(live_rowids.tolist())
         assert gone_before not in live_rowids and not set(removed) & set(live_rowids.tolist())
         assert search_ids(idx, queries, 10) == brute_force(idx, queries, 10)[0] == before
         assert not idx.store.tombstones() and not idx.store.chunks(in_index=False)
         assert idx.start_rebuild() is None
     with closing(CatalogIndex(tmp_path / "g")) as reader:  # the new generation, as saved
-        assert reader.load().ntotal == 2196 and reader.spec.kind == "ivfflat"
+        assert reader.load().ntotal == 2194 and reader.spec.kind == "ivfflat"
         assert search_ids(reader, queries, 10) == before
 
 
@@ -237,6 +245,8 @@ def test_a_rebuild_to_an_index_that_cannot_remove_keeps_the_tombstones_it_needs(
         assert plan.spec.kind == "hnsw" and early not in plan.live and late_tomb not in plan.live
         during = _remove(idx, "v00005")
         idx.build(plan)
+        idx.save([], [during])  # a periodic write of the flat index in use clears its tombstone meanwhile
+        assert idx.store.tombstones() == [late_tomb]  # only the one the flat index has not applied
         idx.finish_rebuild(plan, [during])
         assert idx.spec.kind == "hnsw" and idx.load().ntotal == 698  # v00005 is in it
         assert idx.store.tombstones() == [during]

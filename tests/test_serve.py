@@ -11,6 +11,7 @@ import json
 import shutil
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -332,7 +333,6 @@ def test_items_added_by_api_do_not_collide_with_a_rebuilt_chunk(world, tmp_path)
 def test_the_faiss_file_catches_up_while_serving(world, tmp_path):
     """With persist_seconds: 1 the server rewrites the FAISS file soon after an add, without
     stopping: a restart then has nothing to replay."""
-    import time
 
     index = tmp_path / "index"
     shutil.copytree(world["index"], index)
@@ -559,14 +559,13 @@ def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(worl
 
 
 def test_a_catalog_grown_through_the_api_is_rebuilt_while_serving(world, tmp_path):
-    """Adds through the API take the catalog past its structure's size (623 items, flat; two
-    adds make it 625, at least IVF_MIN and over flat_max): after the next write of the FAISS
-    file the server rebuilds it as IVF-Flat without stopping, and the searches stay exact."""
-    import time
-
+    """Adds through the API take the catalog past its structure's size (622 items, flat; two
+    adds make it 624 = IVF_MIN, over flat_max; after one it is still under IVF_MIN): after the next
+    write of the FAISS file the server rebuilds it as IVF-Flat without stopping, and the searches
+    stay exact."""
     from fashionlens.index.vectors import IVF_MIN
 
-    index = _grown_copy(world, tmp_path, IVF_MIN - 1 - 13, flat_max=100)
+    index = _grown_copy(world, tmp_path, IVF_MIN - 2 - 13, flat_max=100)
     config = tmp_path / "serve.yaml"
     config.write_text("persist_seconds: 1\n")
     with Server(index, api_key=API_KEY, config=config) as srv:
@@ -581,9 +580,9 @@ def test_a_catalog_grown_through_the_api_is_rebuilt_while_serving(world, tmp_pat
             if spec["kind"] == "ivfflat":
                 break
         assert spec["kind"] == "ivfflat", spec
-        assert srv.client.get("/health").json()["items"] == IVF_MIN + 1
+        assert srv.client.get("/health").json()["items"] == IVF_MIN
         deadline = time.monotonic() + 10  # the log line follows the commit
-        while not any("IVF16,Flat in use: 625 vectors, rebuilt in" in line for line in srv.log):
+        while not any("IVF16,Flat in use: 624 vectors, rebuilt in" in line for line in srv.log):
             assert time.monotonic() < deadline, "".join(srv.log)
             time.sleep(0.2)
         for n in (54, 55):
@@ -619,3 +618,46 @@ def test_faiss_threads_reach_the_model_workers(world):
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(faiss_threads)
     assert seen and all(n == wanted for _, n in seen) and threading.get_ident() not in {t for t, _ in seen}
+
+
+def test_a_failed_rebuild_keeps_the_index_in_use_and_waits_before_trying_again(world, tmp_path, monkeypatch):
+    """A rebuild that fails at the swap (a full disk, say) leaves the flat index serving with
+    everything added, logs it once, and is not retried at once; after the wait it succeeds."""
+    import torch
+
+    import faiss
+
+    from fashionlens.config import ServeConfig
+    from fashionlens.serving import live as live_module
+    from fashionlens.serving.live import LiveCatalog, decode_photo
+
+    index = _grown_copy(world, tmp_path, 800, flat_max=700)
+    original, calls = CatalogIndex.finish_rebuild, []
+
+    def failing_once(self, plan, removed):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        return original(self, plan, removed)
+
+    monkeypatch.setattr(CatalogIndex, "finish_rebuild", failing_once)
+    threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        live = LiveCatalog(index, ServeConfig(model_workers=1, persist_seconds=3600), writable=True)
+        try:
+            live._rebuilder.join(120)
+            assert calls == [0] and live.index.spec.kind == "flat" and live._rebuild_failures == 1
+            assert live._rebuild_retry_at - time.monotonic() > live_module.REBUILD_RETRY - 60
+            assert live.rebuild() is False and not live.rebuilding  # waits before trying again
+            live.add("kept", decode_photo(new_photo(tmp_path, 42), 10**7), {})
+            assert _top(live, new_photo(tmp_path, 42)) == ["kept"]
+            live._rebuild_retry_at = 0.0  # the wait is over
+            assert live.rebuild() is True
+            live._rebuilder.join(120)
+            assert calls == [0, 1] and live.index.spec.kind == "ivfflat" and live._rebuild_failures == 0
+            assert _top(live, new_photo(tmp_path, 42)) == ["kept"] and live.index.load().ntotal == 814
+        finally:
+            live.close()
+    finally:
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(faiss_threads)

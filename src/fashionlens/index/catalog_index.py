@@ -48,6 +48,14 @@ class Rebuild:
     index: faiss.Index | None = None  # set by build()
 
 
+def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Which of ``ids`` are in ``sorted_ids`` (``np.isin`` sorts its second argument on every
+    call: 170 us a one-item chunk against 100,000 rows, where this takes 3)."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), bool)
+    return sorted_ids[np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)] == ids
+
+
 class CatalogIndex:
     """Open the index in ``folder``, to read (any number of processes) or to write (one).
 
@@ -193,8 +201,10 @@ class CatalogIndex:
     def start_rebuild(self) -> Rebuild | None:
         """The structure the index settings give for the catalog as it is now, when the one in
         use has outgrown it (``outgrown``); else None. Under the caller's lock: it notes the chunks
-        and live rows to build from, so that :meth:`build` can run outside the lock while searches,
-        adds and removals go on, and :meth:`finish_rebuild`, under the lock again, catches up."""
+        and live rows to build from. Then :meth:`build` runs outside the lock while searches, adds
+        and removals go on (so may :meth:`add_chunks`, for the chunks committed meanwhile), and
+        :meth:`finish_rebuild`, under the lock again, catches up and swaps. The caller keeps the
+        rows it removes from the start on, for ``finish_rebuild``."""
         self.load()
         settings = self.settings()
         kind, train_sample = settings.pop("index_type"), settings["train_sample"]
@@ -210,7 +220,7 @@ class CatalogIndex:
         def chunks():
             for chunk in plan.chunks:
                 rowids, vecs = self.chunks.read(chunk)
-                live = np.isin(rowids, plan.live)
+                live = _members(plan.live, rowids)
                 if live.any():
                     yield rowids[live], np.ascontiguousarray(vecs[live])
 
@@ -220,23 +230,43 @@ class CatalogIndex:
             index.add_with_ids(vecs, rowids)
         plan.index = index
 
+    def chunks_since(self, plan: Rebuild) -> list[int]:
+        """Under the caller's lock: the chunks committed since ``plan`` noted its own."""
+        noted = set(plan.chunks)
+        return [c for c in self.store.chunks() if c not in noted]
+
+    def add_chunks(self, plan: Rebuild, chunks: list[int]) -> None:
+        """Add every row of ``chunks`` (committed after :meth:`start_rebuild`, so live then; the
+        caller's removals since are applied by :meth:`finish_rebuild`) to ``plan``'s built index,
+        which then counts them as noted. No SQLite: outside the lock, for what a long build let
+        pile up; under it, for the rest."""
+        added = []
+        for chunk in chunks:
+            rowids, vecs = self.chunks.read(chunk)
+            plan.index.add_with_ids(np.ascontiguousarray(vecs), rowids)
+            added.append(rowids)
+        plan.chunks = plan.chunks + list(chunks)
+        if added:
+            plan.live = np.union1d(plan.live, np.concatenate(added))
+
     def finish_rebuild(self, plan: Rebuild, removed) -> IndexSpec:
-        """Under the caller's lock: add to ``plan``'s built index the chunks committed since
-        :meth:`start_rebuild`, drop the rows ``removed`` since, and make it the index in use,
-        saved as the next generation (every chunk in it, the tombstones it needs no more cleared)."""
-        index, spec, noted = plan.index, plan.spec, set(plan.chunks)
-        for rowids, vecs in self._live_chunks([c for c in self.store.chunks() if c not in noted]):
-            index.add_with_ids(vecs, rowids)
-        removed = sorted({int(r) for r in removed})
+        """Under the caller's lock: add to ``plan``'s built index the chunks committed since it
+        noted its own, drop the rows ``removed`` since :meth:`start_rebuild`, and make it the index
+        in use, saved as the next generation (every chunk in it; tombstones for the removed rows it
+        still holds when it cannot remove them, the others cleared)."""
+        self.add_chunks(plan, self.chunks_since(plan))
+        index, spec = plan.index, plan.spec
+        removed = np.unique(np.asarray(list(removed), np.int64))
         dead = self.store.tombstones()
         if supports_remove(spec):
-            if removed:
-                index.remove_ids(np.asarray(removed, np.int64))
-            cleared = dead
-        else:  # rows removed meanwhile are in it: their tombstones stay, the others' go
-            cleared = sorted(set(dead) - set(removed))
+            if len(removed):
+                index.remove_ids(removed)
+            held = []
+        else:  # it holds the rows removed meanwhile (a write of the old index may have cleared their tombstones)
+            held = np.intersect1d(removed, plan.live).tolist()
         apply_search_params(index, spec)
-        self._save(index, spec, self.store.get_meta("generation", 0) + 1, self.store.chunks(), cleared)
+        self._save(index, spec, self.store.get_meta("generation", 0) + 1, self.store.chunks(),
+                   sorted(set(dead) - set(held)), tombstoned=held)
         return spec
 
     def save(self, added_chunks: list[int], removed: list[int]) -> None:
@@ -253,7 +283,10 @@ class CatalogIndex:
             if live.any():
                 yield rowids[live], np.ascontiguousarray(vecs[live])
 
-    def _save(self, index, spec: IndexSpec, gen: int, added: list[int], removed: list[int]) -> None:
+    def _save(self, index, spec: IndexSpec, gen: int, added: list[int], removed: list[int],
+              tombstoned: list[int] = ()) -> None:
+        """Write ``index`` as generation ``gen``, then commit it: ``added`` chunks marked in it, the
+        ``removed`` rows' tombstones cleared, ``tombstoned`` rows given one (it holds them, dead)."""
         path = self._file(gen)
         tmp = path.with_name(path.name + ".tmp")
         faiss.write_index(index, str(tmp))
@@ -265,6 +298,7 @@ class CatalogIndex:
             self.store.set_meta("generation", gen, commit=False)
             self.store.db.executemany("UPDATE chunks SET in_index=1 WHERE chunk=?", [(c,) for c in added])
             self.store.clear_tombstones(removed)
+            self.store.add_tombstones(tombstoned)
         for old in self.folder.glob("index-*.faiss*"):
             if old != path:
                 old.unlink()

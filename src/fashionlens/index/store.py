@@ -265,3 +265,6 @@ class CatalogStore:
 
     def clear_tombstones(self, rowids: Iterable[int]) -> None:
         self.db.executemany("DELETE FROM tombstones WHERE rowid=?", [(r,) for r in rowids])
+
+    def add_tombstones(self, rowids: Iterable[int]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO tombstones VALUES (?)", [(r,) for r in rowids])

@@ -51,6 +51,7 @@ UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MP
 log = logging.getLogger("fashionlens.serve")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 UPLOADS = "uploads"
+REBUILD_RETRY = 300.0  # seconds before a failed index rebuild is tried again (doubling, up to 6 h)
 
 
 class NotFound(Exception):
@@ -157,6 +158,7 @@ class LiveCatalog:
         self._saver = threading.Thread(target=self._save_loop, name="persist", daemon=True)
         self._rebuilder: threading.Thread | None = None
         self._removed_meanwhile: list[int] = []  # rows removed while a rebuild runs
+        self._rebuild_failures, self._rebuild_retry_at = 0, 0.0
         if writable:
             self._saver.start()
             self.rebuild()
@@ -335,11 +337,18 @@ class LiveCatalog:
 
     def rebuild(self) -> bool:
         """Start rebuilding the FAISS structure in the background if the catalog has outgrown it
-        (:meth:`CatalogIndex.start_rebuild`); True if a rebuild runs now."""
-        if not self.writable or self._stop.is_set() or self.rebuilding:
+        (:meth:`CatalogIndex.start_rebuild`); True if a rebuild runs now. After a failed rebuild
+        the next try waits ``REBUILD_RETRY`` seconds, doubling with each failure."""
+        if not self.writable or self._stop.is_set() or time.monotonic() < self._rebuild_retry_at:
             return self.rebuilding
         with self.lock:
-            plan = self.index.start_rebuild()
+            if self.rebuilding:
+                return True
+            try:
+                plan = self.index.start_rebuild()
+            except Exception as exc:
+                self._rebuild_failed(exc)
+                return False
             if plan is None:
                 return False
             self._removed_meanwhile = []
@@ -348,22 +357,38 @@ class LiveCatalog:
         return True
 
     def _rebuild(self, plan) -> None:
-        lower_thread_priority(self.cfg.rebuild_nice)  # FAISS's OpenMP threads, started here, inherit it
+        """Build at ``rebuild_nice``, then catch up and swap at the server's own priority: the swap
+        holds the lock that every search waits for (and a thread cannot raise its priority again)."""
         start = time.monotonic()
         try:
             log.info("rebuilding the index as %s from %s items, beside the one in use", plan.spec.factory,
                      f"{len(plan.live):,}")
-            self.index.build(plan, log=log.info)
+            _at_low_priority(self.cfg.rebuild_nice, self.index.build, plan, log.info)
+            with self.lock:
+                later = self.index.chunks_since(plan)
+            # what was added meanwhile, outside the lock; finish_rebuild adds the last few under it
+            _at_low_priority(self.cfg.rebuild_nice, self.index.add_chunks, plan, later)
             with self.lock:
                 if self._stop.is_set():  # shutting down: the old generation stays, the next start rebuilds
                     return
                 self.index.finish_rebuild(plan, self._removed_meanwhile)
                 self._unsaved_chunks, self._unsaved_removed = [], []  # all in the generation just written
                 self._last_save = time.monotonic()
+                self._rebuild_failures, self._rebuild_retry_at = 0, 0.0
             log.info("index %s in use: %s vectors, rebuilt in %.0f s", plan.spec.factory,
                      f"{self.index.load().ntotal:,}", time.monotonic() - start)
-        except Exception:  # the old structure keeps serving; nothing stored is touched
-            log.exception("cannot rebuild the index; the one in use stays")
+        except Exception as exc:  # the old structure keeps serving; nothing stored is touched
+            self._rebuild_failed(exc)
+
+    def _rebuild_failed(self, exc: Exception) -> None:
+        self._rebuild_failures += 1
+        wait = min(REBUILD_RETRY * 2 ** (self._rebuild_failures - 1), 6 * 3600)
+        self._rebuild_retry_at = time.monotonic() + wait
+        if self._rebuild_failures == 1:
+            log.exception("cannot rebuild the index; the one in use stays; next try in %.0f s", wait)
+        else:
+            log.warning("cannot rebuild the index (%s: %s), failure %d; next try in %.0f s",
+                        type(exc).__name__, exc, self._rebuild_failures, wait)
 
     def close(self) -> None:
         self._stop.set()
@@ -377,6 +402,25 @@ class LiveCatalog:
         if self.writable:
             self.persist()
         self.index.close()
+
+
+def _at_low_priority(nice: int, fn, *args) -> None:
+    """``fn(*args)`` in a thread of its own at ``nice`` (FAISS's OpenMP threads, started there,
+    inherit it), its exception raised here."""
+    failed: list[BaseException] = []
+
+    def run():
+        lower_thread_priority(nice)
+        try:
+            fn(*args)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="rebuild-build", daemon=True)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
 
 
 def _attributes_of(index):
