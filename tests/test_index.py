@@ -182,46 +182,59 @@ def _remove(idx: CatalogIndex, item_id: str) -> int:
 
 def test_a_rebuild_beside_the_index_in_use_catches_up_with_adds_and_removals(tmp_path):
     """A flat index that a server grew past flat_max is rebuilt as IVF-Flat from a snapshot while
-    items are added and removed on the flat one; after the swap it holds exactly the live items
-    (all 32 lists probed: exact search, so its answers equal brute force), is saved as the next
-    generation with nothing left to replay, and needs no further rebuild."""
+    items are added and removed on the flat one, its file written before the swap; after the swap
+    it holds exactly the live items (all 32 lists probed: exact search, so its answers equal brute
+    force), the committed generation is its file plus what to replay (the chunks added after the
+    file was written, tombstones for the removed rows in it), and a process killed right then
+    loses nothing: the next writer replays them."""
     rng = np.random.default_rng(11)
     data = clustered(rng, 2200)
     with closing(synthetic_index(tmp_path / "g", data[:900], flat_max=1000)) as built:
         assert built.spec.kind == "flat"
-    with closing(CatalogIndex(tmp_path / "g", write=True)) as idx:
-        assert idx.start_rebuild() is None  # 900 items: flat is what the settings give
-        _add_chunk(idx, data[900:1800], 900)  # grown past flat_max while serving
-        gone_before = _remove(idx, "v00003")
-        plan = idx.start_rebuild()
-        assert plan.spec.kind == "ivfflat" and plan.spec.factory == "IVF32,Flat" and len(plan.live) == 1799
-        generation = idx.store.get_meta("generation")
-        # meanwhile, on the index in use: adds, and removals of old and of new items
-        added = _add_chunk(idx, data[1800:2100], 1800)
-        removed = [_remove(idx, "v00010"), _remove(idx, "v01000"), _remove(idx, "v01900")]
-        idx.build(plan)
-        assert plan.index.ntotal == 1799  # the snapshot, as noted
-        later = idx.chunks_since(plan)
-        assert len(later) == 1
-        idx.add_chunks(plan, later)  # caught up outside the lock: every row, removals come at the end
-        assert plan.index.ntotal == 2099 and idx.chunks_since(plan) == []
-        idx.save([], removed)  # a periodic write of the index in use clears their tombstones meanwhile
-        added = np.concatenate([added, _add_chunk(idx, data[2100:2200], 2100)])  # after the catch-up
-        removed += [_remove(idx, "v02150"), _remove(idx, "v00020")]
-        assert idx.spec.kind == "flat" and idx.store.get_meta("generation") == generation + 1  # nothing swapped yet
-        queries = clustered(rng, 30)
-        before = search_ids(idx, queries, 10)
-        generation += 1
-        idx.finish_rebuild(plan, removed)
-        assert idx.spec == plan.spec and idx._spec is plan.spec and idx.load() is plan.index
-        assert idx.store.get_meta("generation") == generation + 1
-        live_rowids, _ = all_vectors(idx)
-        assert sorted(indexed_rowids(idx).tolist()) == sorted(live_rowids.tolist())
-        assert len(live_rowids) == 2200 - 6 and set(added.tolist()) - set(removed) <= set(live_rowids.tolist())
-        assert gone_before not in live_rowids and not set(removed) & set(live_rowids.tolist())
-        assert search_ids(idx, queries, 10) == brute_force(idx, queries, 10)[0] == before
-        assert not idx.store.tombstones() and not idx.store.chunks(in_index=False)
-        assert idx.start_rebuild() is None
+    idx = CatalogIndex(tmp_path / "g", write=True)
+    assert idx.start_rebuild() is None  # 900 items: flat is what the settings give
+    _add_chunk(idx, data[900:1800], 900)  # grown past flat_max while serving
+    gone_before = _remove(idx, "v00003")
+    plan = idx.start_rebuild()
+    assert plan.spec.kind == "ivfflat" and plan.spec.factory == "IVF32,Flat" and len(plan.live) == 1799
+    # meanwhile, on the index in use: adds, and removals of old and of new items
+    added = _add_chunk(idx, data[1800:2100], 1800)
+    removed = [_remove(idx, "v00010"), _remove(idx, "v01000"), _remove(idx, "v01900")]
+    idx.build(plan)
+    assert plan.index.ntotal == 1799  # the snapshot, as noted
+    later = idx.chunks_since(plan)
+    assert len(later) == 1
+    idx.add_chunks(plan, later)  # caught up outside the lock: every row, removals come at the end
+    assert plan.index.ntotal == 2099 and idx.chunks_since(plan) == []
+    idx.stage(plan)
+    idx.save([], removed)  # a periodic write of the index in use meanwhile clears their tombstones
+    assert (tmp_path / "g" / "rebuild-staged.faiss").exists()  # not taken for an old generation
+    generation = idx.store.get_meta("generation")
+    last = _add_chunk(idx, data[2100:2200], 2100)  # after the file was written
+    added = np.concatenate([added, last])
+    removed += [_remove(idx, "v02150"), _remove(idx, "v00020")]
+    assert idx.spec.kind == "flat"  # nothing swapped yet
+    queries = clustered(rng, 30)
+    before = search_ids(idx, queries, 10)
+    unsaved_chunks, unsaved_removed = idx.finish_rebuild(plan, removed)
+    assert idx.spec == plan.spec and idx._spec is plan.spec and idx.load() is plan.index
+    assert idx.store.get_meta("generation") == generation + 1 and not (tmp_path / "g" / "rebuild-staged.faiss").exists()
+    live_rowids, _ = all_vectors(idx)
+    assert sorted(indexed_rowids(idx).tolist()) == sorted(live_rowids.tolist())
+    assert len(live_rowids) == 2200 - 6 and set(added.tolist()) - set(removed) <= set(live_rowids.tolist())
+    assert gone_before not in live_rowids and not set(removed) & set(live_rowids.tolist())
+    assert search_ids(idx, queries, 10) == brute_force(idx, queries, 10)[0] == before
+    # the file holds the rows removed before it was written, not the last chunk
+    assert unsaved_chunks == idx.store.chunks(in_index=False) and len(unsaved_chunks) == 1
+    in_file = sorted(set(removed) - {removed[3]})  # v02150 came with the last chunk
+    assert unsaved_removed == idx.store.tombstones() == in_file and len(in_file) == 4
+    assert idx.start_rebuild() is None
+    idx.close()  # killed here: no save of what the file lacks
+    with closing(CatalogIndex(tmp_path / "g", write=True)) as again:
+        again.refresh()
+        assert again.spec.kind == "ivfflat" and again.load().ntotal == 2194
+        assert not again.store.tombstones() and not again.store.chunks(in_index=False)
+        assert search_ids(again, queries, 10) == before
     with closing(CatalogIndex(tmp_path / "g")) as reader:  # the new generation, as saved
         assert reader.load().ntotal == 2194 and reader.spec.kind == "ivfflat"
         assert search_ids(reader, queries, 10) == before
@@ -247,7 +260,7 @@ def test_a_rebuild_to_an_index_that_cannot_remove_keeps_the_tombstones_it_needs(
         idx.build(plan)
         idx.save([], [during])  # a periodic write of the flat index in use clears its tombstone meanwhile
         assert idx.store.tombstones() == [late_tomb]  # only the one the flat index has not applied
-        idx.finish_rebuild(plan, [during])
+        assert idx.finish_rebuild(plan, [during]) == ([], [])  # nothing to save: the file has it all
         assert idx.spec.kind == "hnsw" and idx.load().ntotal == 698  # v00005 is in it
         assert idx.store.tombstones() == [during]
         assert "v00005" not in {h.id for h in idx.search(data[5:6], 20)[0]}

@@ -25,6 +25,7 @@ from fashionlens.index.vectors import (
 from fashionlens.locks import exclusive_lock
 
 DB_NAME = "catalog.sqlite"
+STAGED = "rebuild-staged.faiss"  # a rebuilt index written beside the one in use, before its commit
 # the index settings (IndexConfig fields) recorded in the store and read by every refresh
 INDEX_SETTINGS = ("index_type", "flat_max", "ivf_flat_max", "train_sample", "pq_bytes", "rerank")
 
@@ -46,6 +47,16 @@ class Rebuild:
     live: np.ndarray  # the rows live when it started, sorted
     train_sample: int
     index: faiss.Index | None = None  # set by build()
+    staged: tuple[list[int], np.ndarray] | None = None  # (chunks, rows) of the staged file, set by stage()
+
+
+def _write_index(index: faiss.Index, path: Path) -> None:
+    """``index`` written to ``path`` whole or not at all (a synced temporary file, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -77,6 +88,8 @@ class CatalogIndex:
         self.chunks = ChunkFiles(self.folder / "vectors")
         if self._lock is not None:
             self.chunks.remove_orphans(set(self.store.chunks()))
+            for left in self.folder.glob(STAGED + "*"):  # by a rebuild that did not commit
+                left.unlink()
         self._index: faiss.Index | None = None
         self._spec: IndexSpec | None = None
 
@@ -249,25 +262,46 @@ class CatalogIndex:
         if added:
             plan.live = np.union1d(plan.live, np.concatenate(added))
 
-    def finish_rebuild(self, plan: Rebuild, removed) -> IndexSpec:
+    def stage(self, plan: Rebuild) -> None:
+        """Write ``plan``'s built index to a staged file, outside the lock: the write (hundreds of
+        MB for a large IVF-Flat index) then stalls no search; :meth:`finish_rebuild` commits it."""
+        _write_index(plan.index, self.folder / STAGED)
+        plan.staged = (list(plan.chunks), plan.live)
+
+    def finish_rebuild(self, plan: Rebuild, removed) -> tuple[list[int], list[int]]:
         """Under the caller's lock: add to ``plan``'s built index the chunks committed since it
-        noted its own, drop the rows ``removed`` since :meth:`start_rebuild`, and make it the index
-        in use, saved as the next generation (every chunk in it; tombstones for the removed rows it
-        still holds when it cannot remove them, the others cleared)."""
-        self.add_chunks(plan, self.chunks_since(plan))
+        noted its own, drop the rows ``removed`` since :meth:`start_rebuild`, make it the index in
+        use, and commit its staged file (:meth:`stage`; written here if it was not) as the next
+        generation. Returns what that file lacks, for the caller's next :meth:`save`: the chunks
+        added after it was written, and the removed rows it holds (their tombstones, which any
+        reader of the file applies, are cleared by that save). An index that cannot remove keeps
+        the tombstones of the removed rows it holds (a write of the old index meanwhile may have
+        cleared them)."""
+        if plan.staged is None:
+            self.stage(plan)
+        file_chunks, file_rows = plan.staged
+        later = self.chunks_since(plan)
+        self.add_chunks(plan, later)
         index, spec = plan.index, plan.spec
         removed = np.unique(np.asarray(list(removed), np.int64))
-        dead = self.store.tombstones()
-        if supports_remove(spec):
-            if len(removed):
-                index.remove_ids(removed)
-            held = []
-        else:  # it holds the rows removed meanwhile (a write of the old index may have cleared their tombstones)
-            held = np.intersect1d(removed, plan.live).tolist()
+        removable = supports_remove(spec)
+        if removable and len(removed):
+            index.remove_ids(removed)
+        dead = np.intersect1d(removed, file_rows if removable else plan.live).tolist()
         apply_search_params(index, spec)
-        self._save(index, spec, self.store.get_meta("generation", 0) + 1, self.store.chunks(),
-                   sorted(set(dead) - set(held)), tombstoned=held)
-        return spec
+        gen = self.store.get_meta("generation", 0) + 1
+        path = self._file(gen)
+        os.replace(self.folder / STAGED, path)
+        with self.store.db:
+            self.store.set_meta("index_spec", spec.to_dict(), commit=False)
+            self.store.set_meta("generation", gen, commit=False)
+            self.store.db.execute("UPDATE chunks SET in_index=1 WHERE in_index=0")  # all but `later` are in it
+            self.store.db.executemany("UPDATE chunks SET in_index=0 WHERE chunk=?", [(c,) for c in later])
+            self.store.db.execute("DELETE FROM tombstones")
+            self.store.add_tombstones(dead)
+        self._drop_other_files(path)
+        self._index, self._spec = index, spec
+        return later, dead if removable else []
 
     def save(self, added_chunks: list[int], removed: list[int]) -> None:
         """Write the loaded FAISS index, changed in memory since it was read (a server's adds and
@@ -283,26 +317,24 @@ class CatalogIndex:
             if live.any():
                 yield rowids[live], np.ascontiguousarray(vecs[live])
 
-    def _save(self, index, spec: IndexSpec, gen: int, added: list[int], removed: list[int],
-              tombstoned: list[int] = ()) -> None:
+    def _save(self, index, spec: IndexSpec, gen: int, added: list[int], removed: list[int]) -> None:
         """Write ``index`` as generation ``gen``, then commit it: ``added`` chunks marked in it, the
-        ``removed`` rows' tombstones cleared, ``tombstoned`` rows given one (it holds them, dead)."""
+        ``removed`` rows' tombstones cleared."""
         path = self._file(gen)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _write_index(index, path)
         with self.store.db:
             self.store.set_meta("index_spec", spec.to_dict(), commit=False)
             self.store.set_meta("generation", gen, commit=False)
             self.store.db.executemany("UPDATE chunks SET in_index=1 WHERE chunk=?", [(c,) for c in added])
             self.store.clear_tombstones(removed)
-            self.store.add_tombstones(tombstoned)
-        for old in self.folder.glob("index-*.faiss*"):
-            if old != path:
-                old.unlink()
+        self._drop_other_files(path)
         self._index, self._spec = index, spec
+
+    def _drop_other_files(self, current: Path) -> None:
+        """Delete the FAISS files of other generations (the committed one is ``current``)."""
+        for old in self.folder.glob("index-*.faiss*"):
+            if old != current:
+                old.unlink()
 
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[SearchHit]]:

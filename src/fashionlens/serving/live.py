@@ -366,14 +366,15 @@ class LiveCatalog:
             _at_low_priority(self.cfg.rebuild_nice, self.index.build, plan, log.info)
             with self.lock:
                 later = self.index.chunks_since(plan)
-            # what was added meanwhile, outside the lock; finish_rebuild adds the last few under it
+            # what was added meanwhile, outside the lock (finish_rebuild adds the last few under it),
+            # and the new index's file written outside it too: the swap then only renames and commits
             _at_low_priority(self.cfg.rebuild_nice, self.index.add_chunks, plan, later)
+            self.index.stage(plan)
             with self.lock:
                 if self._stop.is_set():  # shutting down: the old generation stays, the next start rebuilds
                     return
-                self.index.finish_rebuild(plan, self._removed_meanwhile)
-                self._unsaved_chunks, self._unsaved_removed = [], []  # all in the generation just written
-                self._last_save = time.monotonic()
+                # what the committed file lacks, which the next write of the index saves
+                self._unsaved_chunks, self._unsaved_removed = self.index.finish_rebuild(plan, self._removed_meanwhile)
                 self._rebuild_failures, self._rebuild_retry_at = 0, 0.0
             log.info("index %s in use: %s vectors, rebuilt in %.0f s", plan.spec.factory,
                      f"{self.index.load().ntotal:,}", time.monotonic() - start)
