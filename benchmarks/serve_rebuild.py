@@ -14,8 +14,8 @@ The script copies it to ``--work`` (the chunk files hard-linked: they never chan
    the new index is in use, then ``--after`` rounds on the new index.
 
 Per phase: searches/s, p50/p99 latency, errors; and the rebuild's time from the server's log.
-A round that spans the swap (which writes the new index under the lock) is counted in neither
-phase; it is reported on its own.
+A round that spans the swap (the new index's last catch-up and its commit, under the lock) is
+counted in neither phase; it is reported on its own.
 """
 
 from __future__ import annotations

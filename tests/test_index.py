@@ -207,11 +207,14 @@ def test_a_rebuild_beside_the_index_in_use_catches_up_with_adds_and_removals(tmp
     idx.add_chunks(plan, later)  # caught up outside the lock: every row, removals come at the end
     assert plan.index.ntotal == 2099 and idx.chunks_since(plan) == []
     idx.stage(plan)
-    idx.save([], removed)  # a periodic write of the index in use meanwhile clears their tombstones
-    assert (tmp_path / "g" / "rebuild-staged.faiss").exists()  # not taken for an old generation
-    generation = idx.store.get_meta("generation")
     last = _add_chunk(idx, data[2100:2200], 2100)  # after the file was written
     added = np.concatenate([added, last])
+    # a periodic write of the index in use meanwhile: the last chunk is marked as in the (old)
+    # file, and the tombstones of the rows removed so far are cleared, as a server's persist() does
+    idx.save(idx.store.chunks(in_index=False), idx.store.tombstones())
+    assert not idx.store.chunks(in_index=False) and not idx.store.tombstones()
+    assert (tmp_path / "g" / "rebuild-staged.faiss").exists()  # not taken for an old generation
+    generation = idx.store.get_meta("generation")
     removed += [_remove(idx, "v02150"), _remove(idx, "v00020")]
     assert idx.spec.kind == "flat"  # nothing swapped yet
     queries = clustered(rng, 30)
@@ -265,6 +268,11 @@ def test_a_rebuild_to_an_index_that_cannot_remove_keeps_the_tombstones_it_needs(
         assert idx.store.tombstones() == [during]
         assert "v00005" not in {h.id for h in idx.search(data[5:6], 20)[0]}
         assert idx.search(data[6:7], 1)[0][0].id == "v00006"
+    with closing(CatalogIndex(tmp_path / "h", write=True)) as again:  # as a restart finds it
+        again.refresh()
+        assert again.spec.kind == "hnsw" and again.load().ntotal == 698 and again.store.tombstones() == [during]
+        hits = again.search(data[5:6], 20)[0]
+        assert len(hits) == 20 and "v00005" not in {h.id for h in hits}
 
 
 def test_an_ivf_index_of_too_few_vectors_is_refused_clearly(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import shutil
 import sqlite3
 import threading
@@ -493,7 +494,7 @@ def _top(live, data: bytes, k: int = 1) -> list[str]:
     return [h.id for h in hits]
 
 
-def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(world, tmp_path, monkeypatch):
+def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(world, tmp_path, monkeypatch, caplog):
     """A catalog past flat_max, left flat by a server's adds: the next server starts on the flat
     index at once and rebuilds it as IVF-Flat in the background (held here until released). A
     stop meanwhile keeps the flat generation and everything added; the next start rebuilds
@@ -527,6 +528,8 @@ def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(worl
         release.set()
         stopped.join(60)
         assert not stopped.is_alive()
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # a quiet stop, not a failure
+        assert not list(index.glob("rebuild-staged*"))
         with closing(CatalogIndex(index)) as idx:  # the rebuild did not swap after the stop
             assert idx.spec.kind == "flat" and idx.load().ntotal == 814 and not idx.store.chunks(in_index=False)
 
@@ -620,7 +623,7 @@ def test_faiss_threads_reach_the_model_workers(world):
     assert seen and all(n == wanted for _, n in seen) and threading.get_ident() not in {t for t, _ in seen}
 
 
-def test_a_failed_rebuild_keeps_the_index_in_use_and_waits_before_trying_again(world, tmp_path, monkeypatch):
+def test_a_failed_rebuild_keeps_the_index_in_use_and_waits_before_trying_again(world, tmp_path, monkeypatch, caplog):
     """A rebuild that fails at the swap (a full disk, say) leaves the flat index serving with
     everything added, logs it once, and is not retried at once; after the wait it succeeds."""
     import torch
@@ -647,6 +650,9 @@ def test_a_failed_rebuild_keeps_the_index_in_use_and_waits_before_trying_again(w
         try:
             live._rebuilder.join(120)
             assert calls == [0] and live.index.spec.kind == "flat" and live._rebuild_failures == 1
+            errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert len(errors) == 1 and "cannot rebuild the index" in errors[0].getMessage() and errors[0].exc_info
+            assert not list(index.glob("rebuild-staged*"))  # its staged file is not left on a full disk
             assert live._rebuild_retry_at - time.monotonic() > live_module.REBUILD_RETRY - 60
             assert live.rebuild() is False and not live.rebuilding  # waits before trying again
             live.add("kept", decode_photo(new_photo(tmp_path, 42), 10**7), {})

@@ -8,6 +8,7 @@ old or the new generation complete, and an index whose file is gone is rebuilt f
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ class Rebuild:
     live: np.ndarray  # the rows live when it started, sorted
     train_sample: int
     index: faiss.Index | None = None  # set by build()
-    staged: tuple[list[int], np.ndarray] | None = None  # (chunks, rows) of the staged file, set by stage()
+    staged: np.ndarray | None = None  # the rows of the staged file, set by stage()
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
@@ -88,8 +89,7 @@ class CatalogIndex:
         self.chunks = ChunkFiles(self.folder / "vectors")
         if self._lock is not None:
             self.chunks.remove_orphans(set(self.store.chunks()))
-            for left in self.folder.glob(STAGED + "*"):  # by a rebuild that did not commit
-                left.unlink()
+            self.discard_staged()  # left by a rebuild that did not commit
         self._index: faiss.Index | None = None
         self._spec: IndexSpec | None = None
 
@@ -262,11 +262,16 @@ class CatalogIndex:
         if added:
             plan.live = np.union1d(plan.live, np.concatenate(added))
 
+    def discard_staged(self) -> None:
+        """Delete a staged file (:meth:`stage`) that will not be committed."""
+        for left in self.folder.glob(STAGED + "*"):
+            left.unlink(missing_ok=True)
+
     def stage(self, plan: Rebuild) -> None:
         """Write ``plan``'s built index to a staged file, outside the lock: the write (hundreds of
         MB for a large IVF-Flat index) then stalls no search; :meth:`finish_rebuild` commits it."""
         _write_index(plan.index, self.folder / STAGED)
-        plan.staged = (list(plan.chunks), plan.live)
+        plan.staged = plan.live
 
     def finish_rebuild(self, plan: Rebuild, removed) -> tuple[list[int], list[int]]:
         """Under the caller's lock: add to ``plan``'s built index the chunks committed since it
@@ -279,7 +284,7 @@ class CatalogIndex:
         cleared them)."""
         if plan.staged is None:
             self.stage(plan)
-        file_chunks, file_rows = plan.staged
+        file_rows = plan.staged
         later = self.chunks_since(plan)
         self.add_chunks(plan, later)
         index, spec = plan.index, plan.spec
@@ -299,8 +304,8 @@ class CatalogIndex:
             self.store.db.executemany("UPDATE chunks SET in_index=0 WHERE chunk=?", [(c,) for c in later])
             self.store.db.execute("DELETE FROM tombstones")
             self.store.add_tombstones(dead)
+        self._index, self._spec = index, spec  # committed: memory follows before anything else can fail
         self._drop_other_files(path)
-        self._index, self._spec = index, spec
         return later, dead if removable else []
 
     def save(self, added_chunks: list[int], removed: list[int]) -> None:
@@ -327,14 +332,16 @@ class CatalogIndex:
             self.store.set_meta("generation", gen, commit=False)
             self.store.db.executemany("UPDATE chunks SET in_index=1 WHERE chunk=?", [(c,) for c in added])
             self.store.clear_tombstones(removed)
+        self._index, self._spec = index, spec  # committed: memory follows before anything else can fail
         self._drop_other_files(path)
-        self._index, self._spec = index, spec
 
     def _drop_other_files(self, current: Path) -> None:
-        """Delete the FAISS files of other generations (the committed one is ``current``)."""
+        """Delete the FAISS files of other generations (the committed one is ``current``); one
+        that cannot be deleted now is deleted by a later write."""
         for old in self.folder.glob("index-*.faiss*"):
             if old != current:
-                old.unlink()
+                with contextlib.suppress(OSError):
+                    old.unlink()
 
     # -- search ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[SearchHit]]:

@@ -329,6 +329,8 @@ class LiveCatalog:
                 except Exception:  # a full disk must not end the saving for good; nothing is lost
                     log.exception("cannot write the FAISS file; SQLite and the chunks hold every change")
                     self._last_save = time.monotonic()
+            if self._rebuild_failures and time.monotonic() >= self._rebuild_retry_at:
+                self.rebuild()  # a failed rebuild's next try, changes or not
 
     # -- rebuilding the FAISS structure beside the one in use -----------------------------------------
     @property
@@ -365,13 +367,17 @@ class LiveCatalog:
                      f"{len(plan.live):,}")
             _at_low_priority(self.cfg.rebuild_nice, self.index.build, plan, log.info)
             with self.lock:
+                if self._stop.is_set():  # shutting down: the old generation stays, the next start rebuilds
+                    return
                 later = self.index.chunks_since(plan)
             # what was added meanwhile, outside the lock (finish_rebuild adds the last few under it),
             # and the new index's file written outside it too: the swap then only renames and commits
             _at_low_priority(self.cfg.rebuild_nice, self.index.add_chunks, plan, later)
-            self.index.stage(plan)
+            if self._stop.is_set():
+                return
+            _at_low_priority(self.cfg.rebuild_nice, self.index.stage, plan)
             with self.lock:
-                if self._stop.is_set():  # shutting down: the old generation stays, the next start rebuilds
+                if self._stop.is_set():  # a staged file left here is removed by the next writer
                     return
                 # what the committed file lacks, which the next write of the index saves
                 self._unsaved_chunks, self._unsaved_removed = self.index.finish_rebuild(plan, self._removed_meanwhile)
@@ -379,6 +385,9 @@ class LiveCatalog:
             log.info("index %s in use: %s vectors, rebuilt in %.0f s", plan.spec.factory,
                      f"{self.index.load().ntotal:,}", time.monotonic() - start)
         except Exception as exc:  # the old structure keeps serving; nothing stored is touched
+            with self.lock:
+                if not self._stop.is_set():  # (after a stop the folder may have a new writer)
+                    self.index.discard_staged()  # hundreds of MB, on a disk that may be full
             self._rebuild_failed(exc)
 
     def _rebuild_failed(self, exc: Exception) -> None:
