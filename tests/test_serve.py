@@ -135,7 +135,8 @@ def test_items_images_and_explanations(server, world):
 
 def test_health_metrics_info_and_openapi(server):
     health = server.client.get("/health").json()
-    assert health == {"status": "ok", "items": 13, "attributes": True, "writable": True}
+    assert health == {"status": "ok", "items": 13, "attributes": True, "writable": True,
+                      "index": "IDMap2,Flat", "rebuilding": False}
     info = server.client.get("/api/info").json()
     assert info["max_k"] == 50 and {a["name"] for a in info["attributes"]} >= {"neckline", "colour"}
     spec = server.client.get("/openapi.json").json()
@@ -520,6 +521,7 @@ def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(worl
         live = LiveCatalog(index, cfg, writable=True)  # returns while the rebuild is held
         try:
             assert live.rebuilding and live.index.spec.kind == "flat" and live.index.load().ntotal == 813
+            assert live.index_state() == {"index": "IDMap2,Flat", "rebuilding": True}
             assert _top(live, photo(world, 3)) == ["item-03"]
             live.add("before-stop", decode_photo(new_photo(tmp_path, 52), 10**7), {})
         finally:
@@ -583,11 +585,14 @@ def test_a_catalog_grown_through_the_api_is_rebuilt_while_serving(world, tmp_pat
             if spec["kind"] == "ivfflat":
                 break
         assert spec["kind"] == "ivfflat", spec
-        assert srv.client.get("/health").json()["items"] == IVF_MIN
+        health = srv.client.get("/health").json()
+        assert health["items"] == IVF_MIN and health["index"] == "IVF16,Flat"
         deadline = time.monotonic() + 10  # the log line follows the commit
         while not any("IVF16,Flat in use: 624 vectors, rebuilt in" in line for line in srv.log):
             assert time.monotonic() < deadline, "".join(srv.log)
             time.sleep(0.2)
+        assert srv.client.get("/health").json()["rebuilding"] is False
+        assert "fashionlens_index_rebuilding 0.0" in srv.client.get("/metrics").text
         for n in (54, 55):
             assert search(srv, new_photo(tmp_path, n), k=1).json()["results"][0]["id"] == f"grow-{n}"
         assert search(srv, photo(world, 4), k=1).json()["results"][0]["id"] == "item-04"

@@ -217,9 +217,9 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health", tags=["service"])
     async def health():
-        count = await run_in_threadpool(live.count)
+        count, state = await run_in_threadpool(lambda: (live.count(), live.index_state()))
         return {"status": "ok", "items": count, "attributes": live.attributes is not None,
-                "writable": writable}
+                "writable": writable, **state}
 
     @app.get("/metrics", tags=["service"], response_class=Response)
     async def prometheus():

@@ -172,6 +172,11 @@ class LiveCatalog:
         with self.lock:
             return self.index.store.count("embedded")
 
+    def index_state(self) -> dict:
+        """The FAISS structure in use and whether a rebuild runs beside it (for /health)."""
+        with self.lock:
+            return {"index": self.index.spec.factory, "rebuilding": self.rebuilding}
+
     def item(self, item_id: str) -> dict:
         with self.lock:
             return self._item(item_id)

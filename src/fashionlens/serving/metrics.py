@@ -21,6 +21,9 @@ class Metrics:
                                buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=self.registry)
         items = Gauge("fashionlens_catalog_items", "searchable items", registry=self.registry)
         items.set_function(live.count)
+        rebuilding = Gauge("fashionlens_index_rebuilding", "1 while the index is rebuilt beside the one in use",
+                           registry=self.registry)
+        rebuilding.set_function(lambda: float(live.rebuilding))
         live.batch.on_batch = self.batch.observe
 
     def render(self) -> tuple[bytes, str]:
