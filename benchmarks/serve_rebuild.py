@@ -60,6 +60,15 @@ def _link_or_copy(src: str, dst: str) -> None:
     shutil.copy2(src, dst)
 
 
+def peak_rss_mb(pid: int) -> int | None:
+    """A process's peak resident memory so far (Linux /proc), in MB."""
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) // 1024 if found else None
+
+
 def summary(latencies: list[float], errors: int, seconds: float) -> dict:
     if not latencies:
         return {"requests": 0}
@@ -109,10 +118,11 @@ def main() -> None:
         deadline = time.monotonic() + 60 * args.max_minutes
         done = rounds(srv, lambda out: sum(r[0] == "after" for r in out) >= args.after or time.monotonic() > deadline)
         items = srv.client.get("/health").json()["items"]
+        peak_mb = peak_rss_mb(srv.proc.pid)
         log = "".join(srv.log)
     built = re.search(r"index (\S+) in use: ([\d,]+) vectors, rebuilt in (\d+) s", log)
     emit({"benchmark": "serve_rebuild", "index": args.index, "items": items, "concurrency": args.concurrency,
-          "round": args.round, "writable_server_ready_s": round(ready, 1),
+          "round": args.round, "writable_server_ready_s": round(ready, 1), "writable_server_peak_rss_mb": peak_mb,
           "rebuilt_as": built.group(1) if built else None, "rebuild_s": int(built.group(3)) if built else None,
           "read_only_flat": phase([("x", *r[1:]) for r in before], "x"),
           "during_rebuild": phase(done, "during"), "after_rebuild": phase(done, "after"),
