@@ -218,14 +218,22 @@ class CatalogIndex:
         and removals go on (so may :meth:`add_chunks`, for the chunks committed meanwhile), and
         :meth:`finish_rebuild`, under the lock again, catches up and swaps. The caller keeps the
         rows it removes from the start on, for ``finish_rebuild``."""
-        self.load()
-        settings = self.settings()
-        kind, train_sample = settings.pop("index_type"), settings["train_sample"]
-        wanted = choose_spec(self.store.count("embedded"), self._spec.dim, kind, **settings)
+        wanted = self._wanted(self.store.count("embedded"))
         if not outgrown(self._spec, wanted):
             return None
         live = np.fromiter(self.store.embedded_rowids(), np.int64)
-        return Rebuild(wanted, self.store.chunks(), np.sort(live), train_sample)
+        return Rebuild(wanted, self.store.chunks(), np.sort(live), self.settings()["train_sample"])
+
+    def outgrown_at(self, n_live: int) -> bool:
+        """Whether the structure in use is outgrown at ``n_live`` items (a cheap check for a
+        writer that counts its adds; :meth:`start_rebuild` counts the store itself)."""
+        return outgrown(self._spec, self._wanted(n_live))
+
+    def _wanted(self, n_live: int) -> IndexSpec:
+        """The structure the recorded index settings give for ``n_live`` items."""
+        self.load()
+        settings = self.settings()
+        return choose_spec(n_live, self._spec.dim, settings.pop("index_type"), **settings)
 
     def build(self, plan: Rebuild, log=None) -> None:
         """Train and fill ``plan``'s index from the chunk files it noted. It reads no SQLite and

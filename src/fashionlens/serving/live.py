@@ -15,8 +15,8 @@ Growth: when the catalog outgrows its FAISS structure (the index settings give a
 the lists: a flat index past ``flat_max``), a writable server rebuilds it in a thread of its own,
 at a low priority, while it keeps searching, adding and removing on the old one; the new one then
 catches up with what changed meanwhile and replaces it under the lock (:meth:`LiveCatalog.rebuild`).
-It checks at start-up and after each write of the FAISS file. A killed rebuild loses nothing: the
-old generation stays on disk until the new one is committed.
+It checks at start-up, at each add and after each write of the FAISS file. A killed rebuild loses
+nothing: the old generation stays on disk until the new one is committed.
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ class LiveCatalog:
         self._rebuilder: threading.Thread | None = None
         self._removed_meanwhile: list[int] = []  # rows removed while a rebuild runs
         self._rebuild_failures, self._rebuild_retry_at = 0, 0.0
+        self._items = self.index.store.count("embedded")  # kept by add and remove: growth is checked at each add
         if writable:
             self._saver.start()
             self.rebuild()
@@ -266,7 +267,12 @@ class LiveCatalog:
                                                       attrs.schema, attrs.projection), [rowid])
             self.index.load().add_with_ids(vec[None].astype(np.float32), np.asarray([rowid], np.int64))
             self._unsaved_chunks.append(chunk)
-            return self._item(item_id)  # as added, whatever a DELETE does next
+            self._items += 1
+            grown = self.index.outgrown_at(self._items)
+            added = self._item(item_id)  # as added, whatever a DELETE does next
+        if grown:  # past flat_max, say: rebuilt in the background from now on
+            self.rebuild()
+        return added
 
     def _check_free(self, item_id: str) -> None:
         if self.index.store.get_item(item_id) is not None:
@@ -281,6 +287,7 @@ class LiveCatalog:
                 raise NotFound(f"no item {item_id!r} in the catalog")
             self.index.store.remove([item_id])  # one transaction; a tombstone if it had a vector
             if row["state"] == "embedded":
+                self._items -= 1
                 if supports_remove(self.index.spec):
                     self.index.load().remove_ids(np.asarray([row["rowid"]], np.int64))
                 self._unsaved_removed.append(row["rowid"])
