@@ -156,23 +156,20 @@ class CatalogIndex:
         """
         log = log or (lambda msg: None)
         settings = self.settings()
-        kind, train_sample = settings.pop("index_type"), settings["train_sample"]
         n_live = self.store.count("embedded")
         dim = self.store.get_meta("embedder", {}).get("dim")
         if dim is None:
             raise UserError(f"{self.folder}: no vectors yet; index a catalog first")
         current = self.spec
-        wanted = choose_spec(n_live, dim, kind, **settings)
+        wanted = self._wanted(n_live, dim)
         gen = self.store.get_meta("generation", 0)
         saved = not rebuild and current is not None and self._file(gen).exists()
         rebuild_due = saved and outgrown(current, wanted)
-        if rebuild_due and not save:
-            log(f"the index is {current.factory}; its settings now give {wanted.factory} for {n_live:,} "
-                "items: run 'fashionlens index' on it to rebuild")
-        elif rebuild_due and defer_rebuild:
-            log(f"the index is {current.factory}; its settings now give {wanted.factory} for {n_live:,} "
-                "items: it is rebuilt beside the one in use")
-        if saved and (not rebuild_due or not save or defer_rebuild):
+        keep_saved = rebuild_due and (not save or defer_rebuild)
+        if keep_saved:
+            log(f"the index is {current.factory}; its settings now give {wanted.factory} for {n_live:,} items: "
+                + ("run 'fashionlens index' on it to rebuild" if not save else "it is rebuilt beside the one in use"))
+        if saved and (not rebuild_due or keep_saved):
             spec, new_chunks = with_search_settings(current, settings["rerank"]), self.store.chunks(in_index=False)
             if not new_chunks and not self.store.tombstones():  # up to date: no new generation to write
                 self.load()
@@ -181,7 +178,7 @@ class CatalogIndex:
             apply_search_params(index, spec)
         else:
             spec, new_chunks = wanted, self.store.chunks()
-            index = self._trained(spec, lambda: self._live_chunks(new_chunks), n_live, train_sample, log)
+            index = self._trained(spec, lambda: self._live_chunks(new_chunks), n_live, settings["train_sample"], log)
             if save:
                 self.store.db.execute("DELETE FROM tombstones")  # a fresh index holds no dead rows
         removed = self.store.tombstones()
@@ -218,7 +215,8 @@ class CatalogIndex:
         and removals go on (so may :meth:`add_chunks`, for the chunks committed meanwhile), and
         :meth:`finish_rebuild`, under the lock again, catches up and swaps. The caller keeps the
         rows it removes from the start on, for ``finish_rebuild``."""
-        wanted = self._wanted(self.store.count("embedded"))
+        self.load()
+        wanted = self._wanted(self.store.count("embedded"), self._spec.dim)
         if not outgrown(self._spec, wanted):
             return None
         live = np.fromiter(self.store.embedded_rowids(), np.int64)
@@ -227,13 +225,13 @@ class CatalogIndex:
     def outgrown_at(self, n_live: int) -> bool:
         """Whether the structure in use is outgrown at ``n_live`` items (a cheap check for a
         writer that counts its adds; :meth:`start_rebuild` counts the store itself)."""
-        return outgrown(self._spec, self._wanted(n_live))
-
-    def _wanted(self, n_live: int) -> IndexSpec:
-        """The structure the recorded index settings give for ``n_live`` items."""
         self.load()
+        return outgrown(self._spec, self._wanted(n_live, self._spec.dim))
+
+    def _wanted(self, n_live: int, dim: int) -> IndexSpec:
+        """The structure the recorded index settings give for ``n_live`` items."""
         settings = self.settings()
-        return choose_spec(n_live, self._spec.dim, settings.pop("index_type"), **settings)
+        return choose_spec(n_live, dim, settings.pop("index_type"), **settings)
 
     def build(self, plan: Rebuild, log=None) -> None:
         """Train and fill ``plan``'s index from the chunk files it noted. It reads no SQLite and
@@ -303,17 +301,14 @@ class CatalogIndex:
         dead = np.intersect1d(removed, file_rows if removable else plan.live).tolist()
         apply_search_params(index, spec)
         gen = self.store.get_meta("generation", 0) + 1
-        path = self._file(gen)
-        os.replace(self.folder / STAGED, path)
-        with self.store.db:
-            self.store.set_meta("index_spec", spec.to_dict(), commit=False)
-            self.store.set_meta("generation", gen, commit=False)
+        os.replace(self.folder / STAGED, self._file(gen))
+
+        def in_file():
             self.store.db.execute("UPDATE chunks SET in_index=1 WHERE in_index=0")  # all but `later` are in it
             self.store.db.executemany("UPDATE chunks SET in_index=0 WHERE chunk=?", [(c,) for c in later])
             self.store.db.execute("DELETE FROM tombstones")
             self.store.add_tombstones(dead)
-        self._index, self._spec = index, spec  # committed: memory follows before anything else can fail
-        self._drop_other_files(path)
+        self._commit(index, spec, gen, in_file)
         return later, dead if removable else []
 
     def save(self, added_chunks: list[int], removed: list[int]) -> None:
@@ -333,19 +328,24 @@ class CatalogIndex:
     def _save(self, index, spec: IndexSpec, gen: int, added: list[int], removed: list[int]) -> None:
         """Write ``index`` as generation ``gen``, then commit it: ``added`` chunks marked in it, the
         ``removed`` rows' tombstones cleared."""
-        path = self._file(gen)
-        _write_index(index, path)
+        _write_index(index, self._file(gen))
+
+        def in_file():
+            self.store.db.executemany("UPDATE chunks SET in_index=1 WHERE chunk=?", [(c,) for c in added])
+            self.store.clear_tombstones(removed)
+        self._commit(index, spec, gen, in_file)
+
+    def _commit(self, index, spec: IndexSpec, gen: int, in_file) -> None:
+        """Make generation ``gen`` (its file written) the index: one transaction records its spec,
+        its number and, by ``in_file()``, the chunks and tombstones its file accounts for; then
+        ``index`` is the one in memory, and the other generations' files are deleted (one that
+        cannot be deleted now is deleted by a later commit)."""
         with self.store.db:
             self.store.set_meta("index_spec", spec.to_dict(), commit=False)
             self.store.set_meta("generation", gen, commit=False)
-            self.store.db.executemany("UPDATE chunks SET in_index=1 WHERE chunk=?", [(c,) for c in added])
-            self.store.clear_tombstones(removed)
+            in_file()
         self._index, self._spec = index, spec  # committed: memory follows before anything else can fail
-        self._drop_other_files(path)
-
-    def _drop_other_files(self, current: Path) -> None:
-        """Delete the FAISS files of other generations (the committed one is ``current``); one
-        that cannot be deleted now is deleted by a later write."""
+        current = self._file(gen)
         for old in self.folder.glob("index-*.faiss*"):
             if old != current:
                 with contextlib.suppress(OSError):
