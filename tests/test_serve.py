@@ -371,7 +371,7 @@ def test_a_server_started_with_a_relative_path_keeps_its_uploads_reachable(world
 def test_every_upload_format_is_known_to_pillow():
     from PIL import Image
 
-    from fashionlens.serving.live import UPLOAD_FORMATS
+    from fashionlens.serving.uploads import UPLOAD_FORMATS
 
     Image.init()
     assert set(UPLOAD_FORMATS) <= set(Image.OPEN)
@@ -383,7 +383,8 @@ def test_model_workers_share_max_batch_and_embed_as_one_model(world):
     import torch
 
     from fashionlens.config import ServeConfig
-    from fashionlens.serving.live import LiveCatalog, decode_photo
+    from fashionlens.serving.live import LiveCatalog
+    from fashionlens.serving.uploads import decode_photo
 
     import faiss
 
@@ -422,7 +423,8 @@ def test_explain_workers_side_by_side_agree_with_one(world, tmp_path):
 
     from fashionlens.config import SearchConfig, ServeConfig
     from fashionlens.index.attributes import META_KEY
-    from fashionlens.serving.live import LiveCatalog, decode_photo
+    from fashionlens.serving.live import LiveCatalog
+    from fashionlens.serving.uploads import decode_photo
 
     def attrs(result):
         return [(a.attribute, a.value, a.confidence, a.box) for a in result]
@@ -488,7 +490,7 @@ def _grown_copy(world, tmp_path: Path, n_fake: int, flat_max: int) -> Path:
 
 def _top(live, data: bytes, k: int = 1) -> list[str]:
     from fashionlens.config import SearchConfig
-    from fashionlens.serving.live import decode_photo
+    from fashionlens.serving.uploads import decode_photo
 
     cfg = SearchConfig(k=k, explain=False)
     hits, _ = live.search(decode_photo(data, max_pixels=10**7), cfg, live.plan(cfg))
@@ -505,7 +507,8 @@ def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(worl
     import faiss
 
     from fashionlens.config import ServeConfig
-    from fashionlens.serving.live import LiveCatalog, decode_photo
+    from fashionlens.serving.live import LiveCatalog
+    from fashionlens.serving.uploads import decode_photo
 
     index = _grown_copy(world, tmp_path, 800, flat_max=700)
     release, original = threading.Event(), CatalogIndex.build
@@ -635,7 +638,8 @@ def test_a_failed_rebuild_keeps_the_index_in_use_and_waits_before_trying_again(w
 
     from fashionlens.config import ServeConfig
     from fashionlens.serving import live as live_module
-    from fashionlens.serving.live import LiveCatalog, decode_photo
+    from fashionlens.serving.live import LiveCatalog
+    from fashionlens.serving.uploads import decode_photo
 
     index = _grown_copy(world, tmp_path, 800, flat_max=700)
     original, calls = CatalogIndex.finish_rebuild, []

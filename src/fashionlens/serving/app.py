@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fashionlens.data.images import ImageError
 from fashionlens.errors import UserError
 from fashionlens.serving.batcher import Closing
-from fashionlens.serving.live import BadPhoto, Conflict, LiveCatalog, NotFound, check_id, decode_photo
+from fashionlens.serving.live import Conflict, LiveCatalog, NotFound
+from fashionlens.serving.uploads import BadPhoto, check_id, decode_photo
 from fashionlens.serving.metrics import Guard, Metrics
 
 log = logging.getLogger("fashionlens.serve")

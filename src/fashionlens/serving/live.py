@@ -22,35 +22,26 @@ nothing: the old generation stays on disk until the new one is committed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
-import os
 import logging
-import re
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fashionlens.config import SearchConfig, ServeConfig
-from fashionlens.data.images import ImageError, open_image
 from fashionlens.index.attributes import item_rows
-from fashionlens.index.query import DRAFT_SIZE, ExplainedHit, Searcher
+from fashionlens.index.query import ExplainedHit, Searcher
 from fashionlens.index.vectors import supports_remove
 from fashionlens.serving.batcher import Batcher, lower_thread_priority
+from fashionlens.serving.uploads import UPLOADS, Photo, remove_upload, save_upload
 
-# Photo formats accepted from clients (no EPS and the like, which Pillow hands to Ghostscript).
-UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone cameras)
 log = logging.getLogger("fashionlens.serve")
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-UPLOADS = "uploads"
 REBUILD_RETRY = 300.0  # seconds before a failed index rebuild is tried again (doubling, up to 6 h)
 
 
@@ -62,47 +53,6 @@ class Conflict(Exception):
     """The request clashes with what is stored (409)."""
 
 
-class BadPhoto(Exception):
-    """An upload that is not a usable photo (422)."""
-
-
-@dataclass
-class Photo:
-    """An uploaded photo, decoded as each model decodes catalog photos (a JPEG at reduced scale
-    down to the model's input size: the same pixels as when the catalog was indexed)."""
-    data: bytes
-    size: tuple[int, int]  # the photo's own width and height
-    format: str
-    max_pixels: int
-    _decoded: dict = field(default_factory=dict, repr=False)
-
-    def at(self, draft: int) -> Image.Image:
-        key = draft if self.format == "jpeg" else 0
-        if key not in self._decoded:
-            self._decoded[key] = open_image(self.data, draft_size=draft, max_pixels=self.max_pixels)
-        return self._decoded[key]
-
-
-def decode_photo(data: bytes, max_pixels: int, draft: int = DRAFT_SIZE) -> Photo:
-    """The upload's bytes as a photo (decoded once at ``draft`` to check it), or
-    :class:`BadPhoto` with the reason."""
-    if not data:
-        raise BadPhoto("the photo is empty (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as header:
-            photo = Photo(data, header.size, (header.format or "bin").lower(), max_pixels)
-        photo.at(draft)
-    except ImageError as exc:
-        raise BadPhoto(str(exc).removeprefix("upload: ")) from None
-    except UnidentifiedImageError:
-        raise BadPhoto(f"not a photo in a supported format ({', '.join(UPLOAD_FORMATS)})") from None
-    except Image.DecompressionBombError as exc:
-        raise BadPhoto(f"too many pixels ({exc})") from None
-    except Exception as exc:  # a codec bug: a 422, not a crash
-        raise BadPhoto(f"cannot decode ({type(exc).__name__})") from None
-    return photo
-
-
 @dataclass
 class Job:
     """One photo for the model: embed only (``cfg`` None), or search with ``cfg`` and ``plan``."""
@@ -110,13 +60,6 @@ class Job:
     cfg: SearchConfig | None = None
     plan: object = None
     query: list | None = None
-
-
-def check_id(item_id: str) -> str:
-    if not ID_PATTERN.fullmatch(item_id or ""):
-        raise ValueError(f"item id {item_id[:80]!r}: use 1-128 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
-    return item_id
 
 
 class LiveCatalog:
@@ -248,12 +191,12 @@ class LiveCatalog:
             self._check_free(item_id)
         vec = self.embed(photo)
         results = self.explain_batch(photo.at(self.explainer.size)) if self.explain_batch else None
-        path = self._save_upload(photo)
+        path = save_upload(self.folder, photo)
         store = self.index.store
         with self.lock:
             self._check_free(item_id)  # added meanwhile by another request?
             if not path.exists():  # removed meanwhile with an item that had the same photo
-                path = self._save_upload(photo)
+                path = save_upload(self.folder, photo)
             with store.db:  # one transaction: the item is all there or not at all
                 cur = store.db.execute("INSERT INTO items (item_id, path, metadata, state) VALUES (?, ?, ?, 'pending')",
                                        (item_id, str(path), _json(metadata)))
@@ -295,31 +238,7 @@ class LiveCatalog:
                     self._removed_meanwhile.append(row["rowid"])
             upload = Path(row["path"])
             if upload.parent.parent == self.folder / UPLOADS:
-                _remove_upload(upload, self.index.store)
-
-    def _save_upload(self, photo: Photo) -> Path:
-        """The photo's bytes under ``uploads/``, named by their hash, synced to disk."""
-        digest = hashlib.sha256(photo.data).hexdigest()
-        folder = self.folder / UPLOADS / digest[:2]
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{digest[:40]}.{re.sub(r'[^a-z0-9]', '', photo.format) or 'bin'}"
-        if not path.exists():  # a unique temporary name: two adds of one photo may race here
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest[:8]}-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(photo.data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        return path
+                remove_upload(upload, self.index.store)
 
     # -- persistence ----------------------------------------------------------------------------------
     def persist(self) -> bool:
@@ -453,9 +372,3 @@ def _attributes_of(index):
 
 def _json(metadata: dict) -> str:
     return json.dumps({str(k): str(v) for k, v in metadata.items()}, ensure_ascii=False)
-
-
-def _remove_upload(path: Path, store) -> None:
-    """Delete an uploaded photo no other item uses (the same photo may back two ids)."""
-    if store.db.execute("SELECT 1 FROM items WHERE path=? LIMIT 1", (str(path),)).fetchone() is None:
-        path.unlink(missing_ok=True)

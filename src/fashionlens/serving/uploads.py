@@ -1,0 +1,102 @@
+"""Photos and item ids from clients: checked and decoded (``decode_photo``, ``check_id``), and
+stored under ``INDEX/uploads/`` for the items added through the API (``save_upload``,
+``remove_upload``)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from fashionlens.data.images import ImageError, open_image
+from fashionlens.index.query import DRAFT_SIZE
+
+# Photo formats accepted from clients (no EPS and the like, which Pillow hands to Ghostscript).
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone cameras)
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+UPLOADS = "uploads"
+
+
+class BadPhoto(Exception):
+    """An upload that is not a usable photo (422)."""
+
+
+@dataclass
+class Photo:
+    """An uploaded photo, decoded as each model decodes catalog photos (a JPEG at reduced scale
+    down to the model's input size: the same pixels as when the catalog was indexed)."""
+    data: bytes
+    size: tuple[int, int]  # the photo's own width and height
+    format: str
+    max_pixels: int
+    _decoded: dict = field(default_factory=dict, repr=False)
+
+    def at(self, draft: int) -> Image.Image:
+        key = draft if self.format == "jpeg" else 0
+        if key not in self._decoded:
+            self._decoded[key] = open_image(self.data, draft_size=draft, max_pixels=self.max_pixels)
+        return self._decoded[key]
+
+
+def decode_photo(data: bytes, max_pixels: int, draft: int = DRAFT_SIZE) -> Photo:
+    """The upload's bytes as a photo (decoded once at ``draft`` to check it), or
+    :class:`BadPhoto` with the reason."""
+    if not data:
+        raise BadPhoto("the photo is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as header:
+            photo = Photo(data, header.size, (header.format or "bin").lower(), max_pixels)
+        photo.at(draft)
+    except ImageError as exc:
+        raise BadPhoto(str(exc).removeprefix("upload: ")) from None
+    except UnidentifiedImageError:
+        raise BadPhoto(f"not a photo in a supported format ({', '.join(UPLOAD_FORMATS)})") from None
+    except Image.DecompressionBombError as exc:
+        raise BadPhoto(f"too many pixels ({exc})") from None
+    except Exception as exc:  # a codec bug: a 422, not a crash
+        raise BadPhoto(f"cannot decode ({type(exc).__name__})") from None
+    return photo
+
+
+def check_id(item_id: str) -> str:
+    if not ID_PATTERN.fullmatch(item_id or ""):
+        raise ValueError(f"item id {item_id[:80]!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return item_id
+
+
+def save_upload(index_folder: Path, photo: Photo) -> Path:
+    """The photo's bytes under ``INDEX/uploads/``, named by their hash, synced to disk."""
+    digest = hashlib.sha256(photo.data).hexdigest()
+    folder = index_folder / UPLOADS / digest[:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{digest[:40]}.{re.sub(r'[^a-z0-9]', '', photo.format) or 'bin'}"
+    if not path.exists():  # a unique temporary name: two adds of one photo may race here
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest[:8]}-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(photo.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def remove_upload(path: Path, store) -> None:
+    """Delete an uploaded photo no other item uses (the same photo may back two ids)."""
+    if store.db.execute("SELECT 1 FROM items WHERE path=? LIMIT 1", (str(path),)).fetchone() is None:
+        path.unlink(missing_ok=True)
