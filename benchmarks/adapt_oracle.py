@@ -60,9 +60,9 @@ def main() -> None:
 
     from fashionlens.evaluation.protocols import read_label_mapping
     from fashionlens.training.adapt import _embedder, evaluate_checkpoint, load_adapt_config
-    from fashionlens.training.data import MinedIdentities, split_for
+    from fashionlens.training.identities import MinedIdentities, split_for
     from fashionlens.training.mining import SourceVote, TargetPhotos, vote_photos
-    from fashionlens.training.trainer import train
+    from fashionlens.training.retrieval_task import train
 
     names = chosen(args.only, ARMS, "arms")
     cfg = load_adapt_config(args.config, args.sets)

@@ -23,11 +23,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="the first N images of the part only")
     args = parser.parse_args()
 
-    from fashionlens.explain.attributes import AttributeExplainer
+    from fashionlens.explain.explainer import AttributeExplainer
     from fashionlens.explain.faithfulness import faithfulness
-    from fashionlens.training.attributes import load_attribute_model, read_config_data
+    from fashionlens.training.attribute_task import load_attribute_run, read_config_data
 
-    model, cfg, _ = load_attribute_model(args.model)
+    model, cfg, _ = load_attribute_run(args.model)
     data, parts = read_config_data(cfg)
     part = data.subset(parts[args.split][:args.limit])
     explainer = AttributeExplainer(model, cfg.loss, args.box_threshold)

@@ -27,16 +27,21 @@ def main() -> None:
     parser.add_argument("--flip", action="store_true", help="also evaluate with mirror-image averaging")
     args = parser.parse_args()
 
-    from fashionlens.evaluation.attributes import mean_over
-    from fashionlens.training.attributes import (evaluate_rows, load_attribute_config, load_attribute_model,
-                                                 read_config_data, train_attributes)
+    from fashionlens.evaluation.attribute_metrics import mean_over
+    from fashionlens.training.attribute_task import (
+        evaluate_rows,
+        load_attribute_run,
+        read_config_data,
+        train_attributes,
+    )
+    from fashionlens.training.config import load_attribute_config
 
     runs = []
     for path in args.configs:
         cfg = load_attribute_config(path, args.sets)
         t0 = time.time()
         last = train_attributes(cfg)
-        model, _, extra = load_attribute_model(f"{cfg.out}/best")
+        model, _, extra = load_attribute_run(f"{cfg.out}/best")
         data, parts = read_config_data(cfg)
         metrics = evaluate_rows(model, data, parts[args.split], cfg.loss, cfg.threshold, "cpu")
         runs.append({"config": path, "out": cfg.out, "best_epoch": extra["epoch"], "epochs": cfg.epochs,

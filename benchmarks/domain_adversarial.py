@@ -33,12 +33,15 @@ from fashionlens.data.catalog import iter_image_folder
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
 from fashionlens.losses import IdentityLoss, WeightedSum
-from fashionlens.models.builder import build_model, save_checkpoint
+from fashionlens.models.builder import build_model
+from fashionlens.models.checkpoints import save_checkpoint
 from fashionlens.training.config import load_train_config
-from fashionlens.training.data import split_for
+from fashionlens.training.identities import split_for
 from fashionlens.training.feature_cache import prepare_cache
-from fashionlens.training.embed import make_embed
-from fashionlens.training.trainer import _optimizer, identity_terms, seed_epoch, train_dataset, triplet_loss_for
+from fashionlens.training.model_outputs import make_embed
+from fashionlens.training.engine import _optimizer, seed_epoch
+from fashionlens.losses.classification import identity_terms
+from fashionlens.training.retrieval_task import train_dataset, triplet_loss_for
 from fashionlens.training.validation import QueryValidation
 
 

@@ -169,7 +169,7 @@ def _box(cells: np.ndarray, groups: list[int] | None, size: tuple[int, int], mar
     """The photo's crop box (left, top, right, bottom) around the largest connected region of
     ``groups`` in the map of argmax groups, ``margin`` cells wider (None: no such region of
     ``min_cells``, or no groups for the item's subCategory)."""
-    from fashionlens.explain.attributes import Letterbox
+    from fashionlens.data.transforms import Letterbox
     from fashionlens.explain.cam import region_mask
 
     region = region_mask(np.isin(cells, groups).astype(np.float32), 1.0) if groups else None

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from _common import REPO, emit
 
-from fashionlens.config import IndexConfig
-from fashionlens.index.vectors import choose_spec, new_index, rerank_exact, search_index
+from fashionlens.index.config import IndexConfig
+from fashionlens.index.types import choose_spec, new_index
+from fashionlens.index.vectors import rerank_exact, search_index
 
 K = 10
 

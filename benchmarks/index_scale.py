@@ -28,7 +28,7 @@ import numpy as np
 from _common import REPO, emit, percentile
 
 from fashionlens.data.catalog import open_catalog
-from fashionlens.config import IndexConfig
+from fashionlens.index.config import IndexConfig
 from fashionlens.index.catalog_index import INDEX_SETTINGS, CatalogIndex
 from fashionlens.index.pipeline import IndexReport, Progress, sync_catalog
 

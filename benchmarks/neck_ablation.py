@@ -85,9 +85,9 @@ def untrained_gap(cfg) -> dict:
     """GAP of the frozen, cached maps: the embedded default's embedding, nothing trained; on the
     consumer queries and on the held-out catalog identities of the same split as the runs."""
     from fashionlens.models.builder import build_model
-    from fashionlens.training.data import make_split
+    from fashionlens.training.identities import make_split
     from fashionlens.training.feature_cache import FeatureCache
-    from fashionlens.training.embed import make_embed
+    from fashionlens.training.model_outputs import make_embed
     from fashionlens.training.validation import QueryValidation, identity_hit_rate
 
     q = QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)

@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=10000)
     args = parser.parse_args()
 
-    from fashionlens.training.trainer import checkpoint_embedder
+    from fashionlens.training.retrieval_task import checkpoint_embedder
     from fashionlens.training.validation import QueryValidation
 
     cfg = _config(args.config)

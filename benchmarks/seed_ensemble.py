@@ -30,10 +30,10 @@ def main() -> None:
     parser.add_argument("--queries", help="labelled query folder instead of the config's val_queries")
     args = parser.parse_args()
 
-    from fashionlens.models.builder import load_checkpoint
+    from fashionlens.models.checkpoints import load_checkpoint
     from fashionlens.training import load_train_config
     from fashionlens.training.feature_cache import FeatureCache
-    from fashionlens.training.embed import make_embed
+    from fashionlens.training.model_outputs import make_embed
     from fashionlens.training.validation import QueryValidation
 
     cfg = load_train_config(args.config, [])

@@ -32,7 +32,8 @@ import httpx
 import torch
 from _common import SHARED, emit, percentile
 
-from fashionlens.config import ServeConfig, usable_cores
+from fashionlens.serving.config import ServeConfig
+from fashionlens.config import usable_cores
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.data.images import open_image
 from fashionlens.index import CatalogIndex

@@ -34,10 +34,10 @@ def main() -> None:
 
     from fashionlens.data.street import read_labels, read_street
     from fashionlens.evaluation.pointing import evaluate_pointing
-    from fashionlens.explain.attributes import AttributeExplainer
-    from fashionlens.training.attributes import load_attribute_model, read_config_data
+    from fashionlens.explain.explainer import AttributeExplainer
+    from fashionlens.training.attribute_task import load_attribute_run, read_config_data
 
-    model, cfg, _ = load_attribute_model(args.model)
+    model, cfg, _ = load_attribute_run(args.model)
     if cfg.format != "street":
         raise SystemExit(f"{args.model}: not a street tag classifier (format {cfg.format})")
     data, parts = read_config_data(cfg)

@@ -32,9 +32,11 @@ def main() -> None:
     from fashionlens.losses import IdentityLoss
     from fashionlens.models.builder import build_model
     from fashionlens.training import load_train_config
-    from fashionlens.training.data import make_split
+    from fashionlens.training.identities import make_split
     from fashionlens.training.feature_cache import FeatureCache
-    from fashionlens.training.trainer import _optimizer, identity_terms, train_dataset, triplet_loss_for
+    from fashionlens.training.engine import _optimizer
+    from fashionlens.losses.classification import identity_terms
+    from fashionlens.training.retrieval_task import train_dataset, triplet_loss_for
 
     cfg = load_train_config(args.config, args.sets)
     if cfg.ema is not None:

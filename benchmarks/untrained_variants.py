@@ -48,11 +48,11 @@ def main() -> None:
 
     from fashionlens.data.catalog import Missing, open_catalog
     from fashionlens.data.transforms import Preprocess, letterbox
-    from fashionlens.index.embedding import decode_batches
+    from fashionlens.data.loader import decode_batches
     from fashionlens.models.builder import build_model
     from fashionlens.training import load_train_config
     from fashionlens.training.feature_cache import FeatureCache
-    from fashionlens.training.embed import make_embed
+    from fashionlens.training.model_outputs import make_embed
     from fashionlens.training.validation import QueryValidation
 
     torch.manual_seed(0)
@@ -158,7 +158,7 @@ def main() -> None:
         rows["cosine of two different catalog photos, ImageNet statistics"] = round(
             float((before @ before.T).fill_diagonal_(float("nan")).nanmean()), 4)
     if "flip" in groups:
-        from fashionlens.models.builder import load_checkpoint
+        from fashionlens.models.checkpoints import load_checkpoint
 
         trained = {"the embedded default": (model, pre)}
         for ckpt in args.checkpoint:
@@ -183,7 +183,7 @@ def layer_rows(model, pre, q, row: Callable, record: Callable) -> None:
     """Rows on the pooled maps of the backbone's middle stages, alone and each L2-normalised and
     concatenated to the final pooled feature: mid-level features (parts, textures) may carry
     across domains better than the last, most ImageNet-specific ones."""
-    from fashionlens.index.embedding import decode_batches
+    from fashionlens.data.loader import decode_batches
 
     taps = ("blocks.3", "blocks.4", "blocks.5", "blocks.6")
     modules = dict(model.backbone.named_modules())

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fashionlens.config import IndexAttributesConfig, IndexConfig
-from fashionlens.index.attributes import index_attributes
+from fashionlens.index.config import IndexAttributesConfig, IndexConfig
+from fashionlens.index.attribute_indexing import index_attributes
 
 SCHEMA = {"sleeve_length_labels": ["short sleeves", "long sleeves"], "neckline_labels": ["v-shape", "round", "other"],
           "colour_labels": ["black", "white"], "collar_labels": ["no", "yes"], "pattern_labels": ["solid", "striped"]}
@@ -33,7 +33,7 @@ def draw(path: Path, i: int, size=(48, 48)) -> None:
 
 
 def _checkpoint(folder: Path, model, cfg) -> Path:
-    from fashionlens.models.builder import save_checkpoint
+    from fashionlens.models.checkpoints import save_checkpoint
 
     extra = {"kind": "attributes", "loss": "sigmoid", "threshold": 0.6,
              "config": {"data": "unused", "model": cfg.model_dump(mode="json")}}

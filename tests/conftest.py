@@ -17,7 +17,7 @@ from PIL import Image
 
 import fashionlens.index.catalog_index as catalog_index_mod
 from fashionlens.data.records import Item
-from fashionlens.index import CatalogIndex, vectors
+from fashionlens.index import CatalogIndex, types
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TESTS_DIR = Path(__file__).resolve().parent
@@ -166,7 +166,7 @@ def fast_ivfpq(monkeypatch):
     against the other processes), and no polysemous training (see test_ivfpq_skips_polysemous_training:
     the factory string turns it on, it costs minutes and search never uses it)."""
     def new_index(spec):
-        index = vectors.new_index(spec)
+        index = types.new_index(spec)
         if hasattr(index, "do_polysemous_training"):
             index.do_polysemous_training = False
         return index
@@ -192,7 +192,7 @@ def catalog(tmp_path) -> Path:
 
 @pytest.fixture
 def index_cfg():
-    from fashionlens.config import IndexConfig
+    from fashionlens.index.config import IndexConfig
 
     return IndexConfig(batch_size=8, workers=0, chunk_size=10)
 

@@ -13,7 +13,8 @@ from fashionlens.data.transforms import Preprocess, letterbox
 from fashionlens.errors import UserError
 from conftest import run_cli_inprocess
 from fashionlens.explain.attention import attention_masks, attention_sheet, masked_images, normalize_masks
-from fashionlens.models.builder import ModelConfig, build_model, save_checkpoint
+from fashionlens.models.builder import ModelConfig, build_model
+from fashionlens.models.checkpoints import save_checkpoint
 
 SIZE, CELLS = 96, 3  # resnet18: stride 32
 LAN = {"type": "lan", "branches": 2, "dim": 8}
@@ -155,7 +156,7 @@ def test_cli_model_errors(lan, photo, tmp_path, monkeypatch, capsys):
 def test_no_spatial_masks_error():
     model, _ = build_model(ModelConfig(backbone="resnet18", pretrained=False, input_size=64,
                                        neck={**LAN, "spatial": False}))
-    with pytest.raises(UserError, match=r"neck type lan with spatial=False"):
+    with pytest.raises(UserError, match=r"neck type local_alignment with spatial=False"):
         attention_masks(model, Image.new("RGB", (50, 40)))
 
 

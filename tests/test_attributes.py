@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 
 from fashionlens.errors import UserError
-from fashionlens.evaluation.attributes import attribute_metrics, average_precision, mean_over
-from fashionlens.explain.attributes import AttributeExplainer, Letterbox, find_attribute, phrase
+from fashionlens.evaluation.attribute_metrics import attribute_metrics, average_precision, mean_over
+from fashionlens.explain.explainer import AttributeExplainer
+from fashionlens.data.transforms import Letterbox
+from fashionlens.explain.wording import find_attribute, phrase
 from fashionlens.explain.faithfulness import blank, faithfulness, random_box_like
 from fashionlens.training.attribute_data import read_attribute_set, split_part, split_rows
-from fashionlens.training.attributes import (AttributeTrainConfig, load_attribute_config, load_attribute_model,
-                                             read_config_data, train_attributes)
+from fashionlens.training.config import AttributeTrainConfig, load_attribute_config
+from fashionlens.training.attribute_task import load_attribute_run, read_config_data, train_attributes
 from fashionlens.training.run_files import read_rows
 
 from conftest import run_cli_inprocess
@@ -135,7 +137,7 @@ def test_train_resume_and_cli(dataset, tmp_path, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         train_attributes(tiny(dataset, out, epochs=3), progress=killed_after_epoch_2)
     assert [int(r["epoch"]) for r in read_rows(out / "metrics.csv", 99)] == [1, 2]
-    model, cfg, extra = load_attribute_model(out / "best")
+    model, cfg, extra = load_attribute_run(out / "best")
     assert model.attr_head.schema == SCHEMA and extra["kind"] == "attributes" and cfg.loss == "sigmoid"
     assert {e["event"] for e in events} >= {"start", "step", "epoch"}
     # resume trains epoch 3 only, and equals an uninterrupted 3-epoch run
@@ -185,7 +187,7 @@ def test_config_refuses_a_normalised_neck(dataset, tmp_path):
 def explainer(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     train_attributes(tiny(dataset, out, epochs=1))
-    model, cfg, _ = load_attribute_model(out / "last")
+    model, cfg, _ = load_attribute_run(out / "last")
     return AttributeExplainer(model, cfg.loss)
 
 
@@ -287,7 +289,7 @@ def test_street_tags_train_and_pointing_counts(tmp_path, monkeypatch):
     present = make_street(root)
     cfg = tiny(root, tmp_path / "run", format="street", min_tag_photos=5, epochs=1, test_fraction=0.0)
     train_attributes(cfg)
-    model, cfg, _ = load_attribute_model(tmp_path / "run" / "last")
+    model, cfg, _ = load_attribute_run(tmp_path / "run" / "last")
     assert list(model.attr_head.schema) == ["dress", "hair", "shoes"]
     explainer = AttributeExplainer(model, cfg.loss)
     result = evaluate_pointing(explainer, read_street(root), read_labels(root), tolerances=(0, 100))
@@ -333,7 +335,7 @@ def test_pointing_loss_trains_on_the_masks_of_training_photos(tmp_path):
     pointing = [float(r["pointing"]) for r in rows]
     assert len(pointing) == 6 and all(p > 0 for p in pointing)
     assert pointing[-1] < pointing[0]
-    model, _, _ = load_attribute_model(run / "last")
+    model, _, _ = load_attribute_run(run / "last")
     data, parts = read_config_data(cfg)
     assert yes_columns(data) == [1, 3, 5]  # dress, hair, shoes: each [no, yes]
     explainer = AttributeExplainer(model, cfg.loss)
@@ -367,7 +369,7 @@ def test_flip_averages_each_photo_with_its_mirror_image(tmp_path):
     from torch import nn
 
     from fashionlens.data.transforms import Preprocess
-    from fashionlens.training.embed import make_embed
+    from fashionlens.training.model_outputs import make_embed
 
     class LeftRight(nn.Module):  # outputs the mean of the left and of the right half of channel 0
         def forward(self, x, from_map=False):

@@ -97,8 +97,8 @@ def test_a_model_that_loses_results_fails_its_callers():
 
 
 def test_model_workers_auto_is_a_few_on_cpu_and_one_on_a_gpu(monkeypatch):
-    import fashionlens.config as config
-    from fashionlens.config import ServeConfig
+    import fashionlens.serving.config as config
+    from fashionlens.serving.config import ServeConfig
 
     for cores, expect in ((1, 1), (2, 2), (3, 3), (5, 1), (6, 3), (8, 4), (16, 4)):  # workers divide the cores
         monkeypatch.setattr(config, "usable_cores", lambda cores=cores: cores)
@@ -114,7 +114,7 @@ def test_model_workers_auto_is_a_few_on_cpu_and_one_on_a_gpu(monkeypatch):
 
 
 def test_max_batch_is_shared_evenly_among_the_model_workers():
-    from fashionlens.config import ServeConfig
+    from fashionlens.serving.config import ServeConfig
 
     for max_batch, workers, expect in ((8, 1, 8), (8, 2, 4), (7, 2, 4), (8, 3, 3), (2, 4, 1), (1, 1, 1)):
         cfg = ServeConfig(max_batch=max_batch, model_workers=workers)

@@ -11,11 +11,9 @@ from safetensors.torch import load_file
 
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
-from fashionlens.models.builder import (
-    EmbeddingOnly,
+from fashionlens.models.builder import EmbeddingOnly, ModelConfig, build_model
+from fashionlens.models.checkpoints import (
     chosen_model,
-    ModelConfig,
-    build_model,
     is_checkpoint,
     load_checkpoint,
     resolve_checkpoint,

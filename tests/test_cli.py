@@ -68,7 +68,7 @@ def squash(text: str) -> str:
 @pytest.fixture(scope="module")
 def lite_index(tmp_path_factory):
     """A 12-item synthetic catalog indexed with the real default model at 64 px (fast, offline)."""
-    from fashionlens.config import IndexConfig
+    from fashionlens.index.config import IndexConfig
     from fashionlens.index.pipeline import build_index
     from fashionlens.models.embedder import build_embedder
 
@@ -81,7 +81,7 @@ def lite_index(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_index(tmp_path_factory, tiny_embedder):
-    from fashionlens.config import IndexConfig
+    from fashionlens.index.config import IndexConfig
     from fashionlens.index.pipeline import build_index
 
     root = tmp_path_factory.mktemp("tiny")
@@ -92,7 +92,7 @@ def tiny_index(tmp_path_factory, tiny_embedder):
 
 def _shared_index(root: Path) -> tuple[Path, list[str]]:
     """12 rows of the shared catalog (4 T-shirts, 4 shoes, 4 others), indexed in place by path."""
-    from fashionlens.config import IndexConfig
+    from fashionlens.index.config import IndexConfig
     from fashionlens.index.pipeline import build_index
     from fashionlens.models.embedder import build_embedder
 

@@ -13,7 +13,7 @@ from fashionlens.data.augment import AugmentConfig
 from fashionlens.errors import UserError
 from fashionlens.models.necks import build_neck
 from fashionlens.training.adapt import load_adapt_config
-from fashionlens.training.attributes import load_attribute_config
+from fashionlens.training.config import load_attribute_config
 from fashionlens.training.config import load_train_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -20,10 +20,12 @@ import pytest
 
 from attribute_world import N, RED, SCHEMA, build_attribute_world, draw
 from conftest import all_vectors, run_cli_inprocess, synthetic_index, unit
-from fashionlens.config import IndexAttributesConfig, IndexConfig, RecommendConfig, SearchConfig
+from fashionlens.index.config import IndexAttributesConfig, IndexConfig, SearchConfig
+from fashionlens.index.recommend import RecommendConfig
 from fashionlens.errors import UserError
 from fashionlens.index import CatalogIndex
-from fashionlens.index.attributes import Projection, StoredAttributes, index_attributes, projection_spec
+from fashionlens.index.attribute_store import Projection, StoredAttributes, projection_spec
+from fashionlens.index.attribute_indexing import index_attributes
 from fashionlens.index.query import Searcher, compare, reason_text
 
 @pytest.fixture(scope="module")
@@ -172,8 +174,8 @@ def test_projection_is_orthonormal_float16_and_keeps_cosines():
 
 
 def test_reasons_same_and_differs():
-    from fashionlens.explain.attributes import AttributeResult
-    from fashionlens.index.attributes import StoredAttribute
+    from fashionlens.explain.explainer import AttributeResult
+    from fashionlens.index.attribute_store import StoredAttribute
 
     spec = projection_spec(8, 0, 0)
     f = lambda *v: np.array(v + (0,) * (8 - len(v)), np.float32)  # noqa: E731
@@ -305,7 +307,7 @@ def test_want_pools_grow_until_k_found(tmp_path):
 
 
 def test_recommend_against_brute_force(world):
-    from fashionlens.cli_recommend import recommend
+    from fashionlens.index.recommend import recommend
 
     folder, liked = world["index"], ["item-00", "item-02", "item-05"]
     stored = _stored(folder)

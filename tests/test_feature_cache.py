@@ -14,7 +14,7 @@ from fashionlens.data.images import open_image
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.models.backbones import create_backbone
-from fashionlens.models.builder import load_checkpoint
+from fashionlens.models.checkpoints import load_checkpoint
 from fashionlens.training import train
 from fashionlens.training.feature_cache import CachedMapDataset, FeatureCache, MapAugment
 from fashionlens.training.validation import QueryValidation, identity_hit_rate
@@ -387,7 +387,7 @@ def test_training_with_augmented_views(catalog, tmp_path):
     assert views == [1, 2]
     folders = sorted((tmp_path / "cache").glob("views-*/v*"))
     assert [f.name for f in folders] == ["v1", "v2"]
-    from fashionlens.training.trainer import split_for
+    from fashionlens.training.identities import split_for
     split = split_for(cfg)
     for f in folders:  # every training photo has its view
         view = FeatureCache(f, "lite0", SIZE, True, augment=json.loads((f / "meta.json").read_text())["augment"],

@@ -23,12 +23,13 @@ from conftest import (
     TESTS_DIR, all_vectors, brute_force, indexed_rowids, make_catalog, make_image, make_tiny_embedder, recall,
     search_ids, synthetic_index, unit,
 )
-from fashionlens.config import IndexConfig
+from fashionlens.index.config import IndexConfig
 from fashionlens.data.records import Item
 from fashionlens.errors import UserError
 from fashionlens.index import CatalogIndex
 from fashionlens.index.pipeline import build_index
-from fashionlens.index.vectors import IVF_MIN, ChunkFiles, IndexSpec, choose_spec, new_index, rerank_exact, search_index
+from fashionlens.index.types import IndexSpec, IVF_MIN, choose_spec, new_index
+from fashionlens.index.vectors import ChunkFiles, rerank_exact, search_index
 
 
 # --- search against brute force ----------------------------------------------------------------
@@ -348,7 +349,7 @@ def test_stored_vectors_of_live_items_only(tmp_path):
     """``CatalogIndex.vectors``: each live item's stored vector, whatever order or repeats it is
     asked in; removed and unknown rows are left out, and `recommend` says so instead of using
     another item's vector."""
-    from fashionlens.cli_recommend import liked_vectors
+    from fashionlens.index.recommend import liked_vectors
 
     rng = np.random.default_rng(4)
     data = unit(rng, 1200, 8)
@@ -549,7 +550,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import make_tiny_embedder
-from fashionlens.config import IndexConfig
+from fashionlens.index.config import IndexConfig
 from fashionlens.data.records import Item
 from fashionlens.index.pipeline import build_index
 cfg = IndexConfig(chunk_size=4, batch_size=4, workers=0)

@@ -23,10 +23,10 @@ from fashionlens.errors import UserError
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss
 from fashionlens.training import train
 from fashionlens.training.adapt import adapt, load_adapt_config
-from fashionlens.training.data import MinedIdentities, with_mined
+from fashionlens.training.identities import MinedIdentities, with_mined
 from fashionlens.training.mining import (TargetPhotos, label_precision, mine, read_mined_csv, to_identities,
                                          write_mined_csv)
-from fashionlens.training.trainer import identity_terms
+from fashionlens.losses.classification import identity_terms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,11 +133,11 @@ def test_extras_that_are_batch_members_are_left_out():
     assert all(len(batch) == 5 for batch in without)
 
 
-def test_share_weights_count_only_drawable_identities():
-    from fashionlens.training.trainer import _share_weights
+def testshare_weights_count_only_drawable_identities():
+    from fashionlens.training.retrieval_task import share_weights
 
     labels = [0, 0, 1, 1, 2, 3, 3, 4, 4, 4, 5, -1, -1]  # source 0..2 (2 has one photo), mined 3..5 (5 has one)
-    w = _share_weights(labels, 3, 0.6)
+    w = share_weights(labels, 3, 0.6)
     assert set(w) == {0, 1, 3, 4}
     assert w[3] + w[4] == pytest.approx(0.6) and w[0] + w[1] == pytest.approx(0.4)
 
@@ -321,7 +321,7 @@ def test_adapt_rounds_files_and_resume(domains, initial, tmp_path):
     best = json.loads((out / "best.json").read_text())
     assert best["val_top1"] == max(r["val_top1"] for r in rows)
     assert best["round"] == min(r["round"] for r in rows if r["val_top1"] == best["val_top1"])
-    assert yaml.safe_load((out / "config.yaml").read_text())["m"] == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["group_size"] == 2  # m, by its name now
     assert any(e["event"] == "step" for e in events)  # the training progress goes through
 
     # the mining's precision is what mined.csv's labels say
@@ -365,14 +365,15 @@ def test_adapt_resume_needs_the_same_settings(domains, initial, tmp_path):
     first = adapt(cfg)
     more = adapt(load_adapt_config(tmp_path / "a.yaml", ["rounds=2"]))  # going further is fine
     assert more[:2] == first and len(more) == 3
-    with pytest.raises(UserError, match=r"other settings \(m\)"):
+    with pytest.raises(UserError, match=r"other settings \(group_size\)"):
         adapt(load_adapt_config(tmp_path / "a.yaml", ["m=1"]))
     with pytest.raises(UserError, match="train"):
         adapt(load_adapt_config(tmp_path / "a.yaml", ["train.lr=0.5"]))
 
 
 def test_cached_run_refuses_an_init_with_other_frozen_weights(domains, tmp_path):
-    from fashionlens.models.builder import ModelConfig, build_model, save_checkpoint
+    from fashionlens.models.builder import ModelConfig, build_model
+    from fashionlens.models.checkpoints import save_checkpoint
 
     model_section = {"backbone": "lite0", "pretrained": True, "input_size": 48, "freeze_backbone": True,
                      "trainable_from": "blocks.6", "neck": {"type": "gap"}}
@@ -558,19 +559,19 @@ def test_adapt_with_photo_assignment(domains, initial, tmp_path):
     # settings photo votes do not read (queries, i, j) neither block a continued run nor need m < i
     again = load_adapt_config(_adapt_yaml(domains, initial, tmp_path / "a.yaml", assign="photo", rounds=1,
                                           vote_k=2, vote_min_share=0.5, queries=3, m=6, i=3, j=3))
-    with pytest.raises(UserError, match="other settings \\(m\\)"):
-        adapt(again)  # only m changed what the rounds were
-    with pytest.raises(UserError, match="too few for m=99 neighbours each \\(lower m\\)"):
-        adapt(again.model_copy(update={"m": 99, "out": str(tmp_path / "b")}))
+    with pytest.raises(UserError, match="other settings \\(group_size\\)"):
+        adapt(again)  # only m (group_size) changed what the rounds were
+    with pytest.raises(UserError, match="too few for group_size=99 neighbours each \\(lower group_size\\)"):
+        adapt(again.model_copy(update={"group_size": 99, "out": str(tmp_path / "b")}))
     assert not (tmp_path / "b" / "round-0").exists()  # refused before anything was embedded
-    same = again.model_copy(update={"m": cfg.m})
+    same = again.model_copy(update={"group_size": cfg.group_size})
     assert [r["round"] for r in adapt(same)] == [0, 1]
 
 
 def _torchrun_adapt(config: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fashionlens.training.adapt", str(config)],
+                           "-m", "fashionlens", "adapt", str(config)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -84,7 +84,7 @@ def test_embedder_gives_unit_vectors_and_jit_matches_eager():
 def test_freeze_traced_checks_every_output():
     """A tuple of outputs is traced and checked output by output: a model whose second output
     bakes in the traced batch size is refused, one with a faithful second output is kept."""
-    from fashionlens.models.embedder import freeze_traced
+    from fashionlens.models.runtimes import freeze_traced
 
     class Pair(torch.nn.Module):
         def __init__(self, faithful: bool):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fashionlens.models.necks import (
-    NECK_TYPES,
+    NECKS,
     GAPNeck,
     LocalAlignmentNeck,
     MultiNeck,
@@ -207,7 +207,7 @@ def test_build_neck():
     assert isinstance(multi, MultiNeck) and multi(_map())["embedding"].shape == (2, C + 32)
     with pytest.raises(ValueError) as err:
         build_neck({"type": "bogus"}, C)
-    assert all(name in str(err.value) for name in NECK_TYPES)
+    assert all(name in str(err.value) for name in NECKS.names())
     with pytest.raises(ValueError, match="in_channels"):
         build_neck({"type": "gap"})
 

@@ -382,7 +382,7 @@ def test_model_workers_share_max_batch_and_embed_as_one_model(world):
     share, and every photo gets the vector the single-worker server gives it."""
     import torch
 
-    from fashionlens.config import ServeConfig
+    from fashionlens.serving.config import ServeConfig
     from fashionlens.serving.live import LiveCatalog
     from fashionlens.serving.uploads import decode_photo
 
@@ -421,8 +421,9 @@ def test_explain_workers_side_by_side_agree_with_one(world, tmp_path):
 
     import faiss
 
-    from fashionlens.config import SearchConfig, ServeConfig
-    from fashionlens.index.attributes import META_KEY
+    from fashionlens.index.config import SearchConfig
+    from fashionlens.serving.config import ServeConfig
+    from fashionlens.index.attribute_store import META_KEY
     from fashionlens.serving.live import LiveCatalog
     from fashionlens.serving.uploads import decode_photo
 
@@ -489,7 +490,7 @@ def _grown_copy(world, tmp_path: Path, n_fake: int, flat_max: int) -> Path:
 
 
 def _top(live, data: bytes, k: int = 1) -> list[str]:
-    from fashionlens.config import SearchConfig
+    from fashionlens.index.config import SearchConfig
     from fashionlens.serving.uploads import decode_photo
 
     cfg = SearchConfig(k=k, explain=False)
@@ -506,7 +507,7 @@ def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(worl
 
     import faiss
 
-    from fashionlens.config import ServeConfig
+    from fashionlens.serving.config import ServeConfig
     from fashionlens.serving.live import LiveCatalog
     from fashionlens.serving.uploads import decode_photo
 
@@ -571,7 +572,7 @@ def test_a_catalog_grown_through_the_api_is_rebuilt_while_serving(world, tmp_pat
     adds make it 624 = IVF_MIN, over flat_max; after one it is still under IVF_MIN): the add that
     crosses it starts the rebuild (the FAISS file is not due for 300 s), the server rebuilds it as
     IVF-Flat without stopping, and the searches stay exact."""
-    from fashionlens.index.vectors import IVF_MIN
+    from fashionlens.index.types import IVF_MIN
 
     index = _grown_copy(world, tmp_path, IVF_MIN - 2 - 13, flat_max=100)
     with Server(index, api_key=API_KEY) as srv:
@@ -606,7 +607,7 @@ def test_faiss_threads_reach_the_model_workers(world):
 
     import faiss
 
-    from fashionlens.config import ServeConfig
+    from fashionlens.serving.config import ServeConfig
     from fashionlens.serving.live import LiveCatalog
 
     threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
@@ -636,7 +637,7 @@ def test_a_failed_rebuild_keeps_the_index_in_use_and_waits_before_trying_again(w
 
     import faiss
 
-    from fashionlens.config import ServeConfig
+    from fashionlens.serving.config import ServeConfig
     from fashionlens.serving import live as live_module
     from fashionlens.serving.live import LiveCatalog
     from fashionlens.serving.uploads import decode_photo

@@ -15,9 +15,9 @@ import yaml
 from PIL import Image
 
 from fashionlens.errors import UserError
-from fashionlens.models.builder import load_checkpoint
+from fashionlens.models.checkpoints import load_checkpoint
 from fashionlens.training import TrainConfig, apply_overrides, load_train_config, train
-from fashionlens.training.data import make_split
+from fashionlens.training.identities import make_split
 
 N_IDS, PER_ID = 8, 4
 
@@ -84,7 +84,7 @@ def test_train_writes_run_folder_and_resumes(catalog, tmp_path):
     assert 0 <= float(rows[-1]["val_top1"]) <= float(rows[-1]["val_top4"]) <= 1
     assert float(rows[0]["valid_triplets"]) == 3 * 2 * 1 * 4  # P*K anchors, 1 positive, 4 negatives
     assert (out / "curves.png").stat().st_size > 1000
-    assert yaml.safe_load((out / "config.yaml").read_text())["p"] == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["identities_per_batch"] == 3  # p, by its name now
     for name in ("last", "best"):
         model, model_cfg, extra = load_checkpoint(out / name)
         assert model_cfg.neck["dim"] == 16 and extra["epoch"] in (1, 2)
@@ -204,7 +204,7 @@ def test_two_process_ddp_on_cpu(catalog, tmp_path):
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fashionlens.training.trainer", str(path)],
+                           "-m", "fashionlens", "train", str(path)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out)
@@ -215,7 +215,7 @@ def test_two_process_ddp_on_cpu(catalog, tmp_path):
 
 def test_unreadable_image_is_replaced_by_same_identity(catalog, tmp_path):
     from fashionlens.data.transforms import Preprocess
-    from fashionlens.training.data import IdentityDataset
+    from fashionlens.training.identities import IdentityDataset
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
@@ -230,7 +230,7 @@ def test_unreadable_image_is_replaced_by_same_identity(catalog, tmp_path):
 
 def test_a_trained_checkpoint_indexes_and_searches_through_model(catalog, tmp_path, monkeypatch):
     """`fashionlens index/search/evaluate --model CKPT`: the checkpoint is an embedder."""
-    from fashionlens.config import IndexConfig
+    from fashionlens.index.config import IndexConfig
     from fashionlens.index.pipeline import build_index
     from fashionlens.index.query import Searcher
 

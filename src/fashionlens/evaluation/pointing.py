@@ -136,7 +136,7 @@ def evaluate_pointing(explainer, photos, labels: list[str], tolerances: tuple[in
     """
     from fashionlens.data.images import image_size, open_image
     from fashionlens.data.street import read_mask, tag_mask, yes_columns
-    from fashionlens.explain.attributes import Letterbox
+    from fashionlens.data.transforms import Letterbox
     from fashionlens.explain.cam import largest_region_box
 
     tallies = {t: PointingTally() for t in tolerances}

@@ -15,13 +15,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+
 from fashionlens.data.records import Item
 from fashionlens.errors import UserError
 from fashionlens.evaluation.metrics import MetricAccumulator
 from fashionlens.evaluation.report import HtmlReport, plot_hit_rate, write_json
 from fashionlens.index.catalog_index import CatalogIndex
-from fashionlens.index.embedding import embed_rows
-from fashionlens.models.embedder import Embedder
+from fashionlens.index.config import IndexConfig
+from fashionlens.index.pipeline import Progress, build_index
+from fashionlens.index.query import embedder_for
+from fashionlens.models.embedder import EmbedConfig, Embedder, embed_rows
+
+
+class EvaluateConfig(EmbedConfig):
+    ks: list[int] = Field([1, 4, 10, 20], description="cut-offs for hit rate, Recall@K and mAP@K")
+    max_html_queries: int = Field(200, ge=0, description="queries shown on the HTML page")
 
 
 @dataclass
@@ -115,3 +124,37 @@ def consumer_relevance(mapping: dict[str, frozenset[str]], field: str) -> Callab
 def same_item_relevance(item: Item) -> Relevance:
     return Relevance(item.metadata.get("category", "all"), "item_id",
                      frozenset([item.metadata["item_id"]]))
+
+
+def evaluate_index(index_dir: Path, queries: Sequence[Item], relevance: Callable[[Item], Relevance], out: Path,
+                   cfg: EvaluateConfig, title: str, progress: Progress | None = None) -> dict:
+    """Search ``queries`` through the index in ``index_dir`` with its own model (:func:`run_queries`)."""
+    if not queries:
+        raise UserError("no query images found")
+    progress = progress or Progress()
+    index = CatalogIndex(index_dir)
+    try:
+        embedder = embedder_for(index, cfg.device)
+        progress.start(len(queries), "queries")
+        summary = run_queries(index, embedder, queries, relevance, out, cfg.ks, title, cfg.batch_size,
+                              cfg.workers, cfg.max_html_queries, on_progress=progress.advance)
+        progress.stop()
+    finally:
+        index.close()
+    return summary
+
+
+def evaluate_pairs(gallery: Sequence[Item], queries: Sequence[Item], out: Path, cfg: EvaluateConfig, title: str,
+                   progress: Progress | None = None) -> dict:
+    """The item-id protocols (In-shop, Consumer-to-shop): the gallery indexed into ``out/gallery-index``
+    (with its ids, item ids and categories in ``out/gallery.csv``), then every query searched."""
+    out.mkdir(parents=True, exist_ok=True)
+    gallery_csv = out / "gallery.csv"
+    with open(gallery_csv, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "path", "item_id", "category"])
+        for item in gallery:
+            writer.writerow([item.id, str(item.path), item.metadata["item_id"], item.metadata.get("category", "")])
+    index_cfg = IndexConfig(**cfg.model_dump(include=set(IndexConfig.model_fields) & set(cfg.model_dump())))
+    build_index(gallery_csv, out / "gallery-index", index_cfg, progress)
+    return evaluate_index(out / "gallery-index", queries, same_item_relevance, out, cfg, title, progress)

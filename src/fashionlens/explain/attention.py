@@ -1,10 +1,11 @@
-"""Attention maps of the local alignment branches (thesis A, chapter 3).
+"""Attention maps of the local alignment branches (docs/METHODS.md, retrieval 4).
 
 Each branch i of the local alignment neck computes a spatial mask ``M_i = sigmoid(conv1x1_i(T))``
 on the backbone feature map T (7x7 for a 224 input). As in the thesis, a mask is shown by
 upsampling it to the image size with nearest-neighbour interpolation (each map cell becomes a
 block of pixels) and multiplying the letterboxed input image - the image the model sees - by
-it: bright where the branch looks, dark where it does not. One picture per branch.
+it: bright where the branch looks, dark where it does not. One picture per branch. Which outputs
+are masks the neck says (:meth:`Neck.attention_outputs <fashionlens.models.necks.base.Neck.attention_outputs>`).
 
 Raw sigmoid masks, above all early in training, often sit around 0.5 everywhere, which only
 dims the whole image. ``normalize=True`` first rescales each mask to [0, 1] by its own min and
@@ -28,28 +29,19 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fashionlens.data.transforms import Preprocess, letterbox
 from fashionlens.errors import UserError
+from fashionlens.models.necks import Neck
 
 
-def mask_keys(outputs: Mapping) -> list[str]:
-    """The model outputs that are attention masks: ``"masks"``, or ``"<sub-neck>.masks"``
-    for the sub-necks of a multi neck."""
-    return [key for key in outputs if key == "masks" or key.endswith(".masks")]
+def mask_keys(model: torch.nn.Module) -> list[str]:
+    """The model outputs that are attention masks: ``"masks"``, or ``"<sub-neck>.masks"`` for the
+    sub-necks of a multi neck (as the model's neck declares them)."""
+    neck = getattr(model, "neck", None)
+    return neck.attention_outputs() if isinstance(neck, Neck) else []
 
 
 def source_label(key: str) -> str:
     """``"lan.masks"`` -> ``"lan"`` (the sub-neck's name); ``"masks"`` -> ``""``."""
     return key[: -len(".masks")] if key.endswith(".masks") else ""
-
-
-def _neck_kind(neck) -> str:
-    from fashionlens.models import necks as n
-
-    if isinstance(neck, n.MultiNeck):
-        return "multi: " + ", ".join(f"{name}={_neck_kind(sub)}" for name, sub in neck.necks.items())
-    if isinstance(neck, n.LocalAlignmentNeck) and neck.spatial is None:
-        return "lan with spatial=False"
-    kinds = {n.GAPNeck: "gap", n.LocalAlignmentNeck: "lan", n.StripeNeck: "stripes", n.RingNeck: "rings"}
-    return kinds.get(type(neck), type(neck).__name__)
 
 
 def attention_masks(model: torch.nn.Module, image: Image.Image) -> tuple[Image.Image, dict[str, np.ndarray]]:
@@ -58,7 +50,7 @@ def attention_masks(model: torch.nn.Module, image: Image.Image) -> tuple[Image.I
     masks as ``{output key: float32 (K, h, w) array in [0, 1]}`` (h x w: the feature map).
 
     The model runs in eval mode (its mode is restored afterwards). A model whose neck has no
-    spatial masks (gap, stripes, rings, lan with spatial=False) raises :class:`UserError`.
+    spatial masks (gap, stripes, rings, local_alignment with spatial=False) raises :class:`UserError`.
     """
     cfg = model.data_config
     size = int(cfg["input_size"][-1])
@@ -72,11 +64,12 @@ def attention_masks(model: torch.nn.Module, image: Image.Image) -> tuple[Image.I
             outputs = model(x.to(param.device if param is not None else "cpu"))
     finally:
         model.train(was_training)
-    keys = mask_keys(outputs)
+    keys = [key for key in mask_keys(model) if key in outputs]
     if not keys:
-        raise UserError(f"this model has no spatial attention masks (neck type "
-                        f"{_neck_kind(getattr(model, 'neck', model))}); attention maps need a "
-                        "'lan' neck with spatial attention")
+        neck = getattr(model, "neck", None)
+        kind = neck.describe() if isinstance(neck, Neck) else type(neck or model).__name__
+        raise UserError(f"this model has no spatial attention masks (neck type {kind}); attention maps need a "
+                        "'local_alignment' neck with spatial attention")
     return boxed, {key: outputs[key][0].detach().float().cpu().numpy() for key in keys}
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from fashionlens.data.images import ImageError, open_image
-from fashionlens.explain.attributes import AttributeExplainer, Letterbox
+from fashionlens.data.transforms import Letterbox
+from fashionlens.explain.explainer import AttributeExplainer
 from fashionlens.explain.cam import largest_region_box
 from fashionlens.losses.classification import pair_losses
 

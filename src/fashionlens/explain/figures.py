@@ -9,7 +9,9 @@ import numpy as np
 from PIL import Image
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
-from fashionlens.explain.attributes import AttributeResult, Letterbox, display_name
+from fashionlens.data.transforms import Letterbox
+from fashionlens.explain.explainer import AttributeResult
+from fashionlens.explain.wording import display_name
 
 
 def photo_cam(result: AttributeResult, photo: Image.Image, size: int) -> np.ndarray:

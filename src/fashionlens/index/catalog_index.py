@@ -16,12 +16,19 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from fashionlens.config import IndexConfig
+from fashionlens.index.config import IndexConfig
 from fashionlens.errors import UserError
 from fashionlens.index.store import CatalogStore
-from fashionlens.index.vectors import (
-    ChunkFiles, IndexSpec, apply_search_params, choose_spec, new_index, rerank_exact, sample_for_training,
-    outgrown, training_minimum, search_index, supports_remove, with_search_settings,
+from fashionlens.index.vectors import ChunkFiles, rerank_exact, sample_for_training, search_index
+from fashionlens.index.types import (
+    IndexSpec,
+    apply_search_params,
+    choose_spec,
+    new_index,
+    outgrown,
+    supports_remove,
+    training_minimum,
+    with_search_settings,
 )
 from fashionlens.locks import exclusive_lock
 
@@ -117,7 +124,7 @@ class CatalogIndex:
     @property
     def spec(self) -> IndexSpec | None:
         raw = self.store.get_meta("index_spec")
-        return IndexSpec(**raw) if raw else None
+        return IndexSpec.from_dict(raw) if raw else None
 
     def _file(self, generation: int) -> Path:
         return self.folder / f"index-{generation:06d}.faiss"

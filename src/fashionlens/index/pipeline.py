@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionlens.config import IndexConfig
+from fashionlens.index.config import IndexConfig
 from fashionlens.data.catalog import CatalogSource, Missing, open_catalog
 from fashionlens.errors import UserError
 from fashionlens.index.catalog_index import INDEX_SETTINGS, CatalogIndex
-from fashionlens.index.embedding import embed_rows
-from fashionlens.models.builder import chosen_model, is_checkpoint
+from fashionlens.models.embedder import embed_rows
+from fashionlens.models.checkpoints import chosen_model, is_checkpoint
 from fashionlens.models.embedder import Embedder, build_embedder
 
 SYNC_BATCH = 5000

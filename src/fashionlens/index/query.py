@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionlens.config import SearchConfig
+from fashionlens.index.config import SearchConfig
 from fashionlens.data.images import ImageError, open_image
 from fashionlens.errors import UserError
-from fashionlens.explain.attributes import display_name, phrase
-from fashionlens.index.attributes import StoredAttributes, cosine
+from fashionlens.explain.wording import display_name, phrase
+from fashionlens.index.attribute_store import StoredAttributes, cosine
 from fashionlens.index.catalog_index import CatalogIndex, SearchHit
 from fashionlens.models.embedder import Embedder, build_embedder
 

@@ -1,130 +1,23 @@
-"""Vector storage: embeddings in chunk files on disk, and a FAISS index built from them.
+"""Vector storage: embeddings in chunk files on disk, and searching the FAISS index built from them.
 
 Vectors are written once, in chunks (``vectors/chunk-NNNNNN.npy`` + ``.ids.npy``), as they are
-computed; the FAISS index is derived from the chunks and can always be rebuilt from them, one
-chunk at a time, so no step needs the whole gallery as one matrix in memory.
-
-Index types (``IndexSpec.kind``), chosen by size when ``auto`` (docs/BENCHMARKS.md, "Which
-index at which size", has the recall and cost of each on Lite0 vectors):
-- ``flat``: exact inner-product search (``IDMap2,Flat``), up to ``flat_max`` vectors (20,000:
-  5 ms a query on one core there);
-- ``ivfflat``: ``IVF{nlist},Flat`` (nlist ~ 4 sqrt(n)), nprobe 64, up to ``ivf_flat_max`` vectors
-  (100,000): the full vectors in memory, the exact score of every vector it visits;
-- ``ivfpq``: ``IVF{nlist},PQ{m}`` (nlist ~ 2 sqrt(n), about ``m`` bytes a vector in memory) above
-  that, its shortlist of ``rerank`` candidates re-scored exactly with their vectors, read from the
-  chunk files, so the scores it returns are true inner products;
-- ``hnsw``: ``IDMap2,HNSW{M},Flat`` on request (fast and exact-ish, but all vectors in memory
-  and no removal: removed items are filtered at search time).
-The IVF types are trained on a sample of ``train_sample`` vectors.
+computed; the FAISS index (its type: :mod:`fashionlens.index.types`) is derived from the chunks
+and can always be rebuilt from them, one chunk at a time, so no step needs the whole gallery as
+one matrix in memory. The IVF types are trained on a sample of ``train_sample`` vectors
+(:func:`sample_for_training`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
-
-from fashionlens.config import INDEX_TYPES
-
-
-@dataclass
-class IndexSpec:
-    kind: str  # flat | hnsw | ivfpq
-    dim: int
-    factory: str
-    nprobe: int | None = None
-    ef_search: int | None = None
-    rerank: int | None = None  # candidates re-scored exactly from the stored vectors (ivfpq)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-NPROBE = 64  # IVF lists probed a query (docs/BENCHMARKS.md, "Which index at which size")
-# the fewest vectors ``auto`` gives an IVF index, whatever ``flat_max``: its smallest (16 lists) with
-# the 39 training points a list FAISS asks for; an exact search of fewer costs next to nothing
-IVF_MIN = 16 * 39
-
-
-def training_minimum(spec: IndexSpec) -> int:
-    """The fewest vectors that can train ``spec``: one a list, and 256 for PQ's 8-bit codebooks."""
-    return max(_lists(spec), 256 if spec.kind == "ivfpq" else 0)
-
-
-def _nlist(n: int, per_sqrt: float, train_sample: int) -> int:
-    """IVF lists: a power of two near ``per_sqrt`` x sqrt(n), at least 16, and at most what the
-    training sample (``train_sample``, or all ``n`` when fewer) can train: FAISS wants ~39 points
-    a list, and the sample is capped for memory."""
-    nlist = int(2 ** round(math.log2(max(16.0, per_sqrt * math.sqrt(max(n, 1))))))
-    return min(nlist, int(2 ** math.floor(math.log2(max(16, min(n, train_sample) // 39)))))
-
-
-def choose_spec(n: int, dim: int, kind: str = "auto", flat_max: int = 20_000, ivf_flat_max: int = 100_000,
-                hnsw_m: int = 32, pq_bytes: int = 128, train_sample: int = 50_000, rerank: int = 400) -> IndexSpec:
-    """Pick the index for ``n`` vectors of ``dim`` dimensions (``kind`` ``auto`` or forced)."""
-    if kind == "auto":
-        kind = "flat" if n <= flat_max or n < IVF_MIN else "ivfflat" if n <= ivf_flat_max else "ivfpq"
-    if kind == "flat":
-        return IndexSpec("flat", dim, "IDMap2,Flat")
-    if kind == "hnsw":
-        return IndexSpec("hnsw", dim, f"IDMap2,HNSW{hnsw_m},Flat", ef_search=128)
-    if kind == "ivfflat":
-        nlist = _nlist(n, 4, train_sample)
-        return IndexSpec("ivfflat", dim, f"IVF{nlist},Flat", nprobe=min(nlist, NPROBE))
-    if kind == "ivfpq":
-        nlist = _nlist(n, 2, train_sample)
-        m = max(d for d in range(1, min(pq_bytes, dim) + 1) if dim % d == 0)  # sub-quantisers divide dim
-        # "np": no polysemous training, which FAISS otherwise runs for PQ codes; search never
-        # uses it (polysemous_ht stays 0) and it dominated the training time.
-        return IndexSpec("ivfpq", dim, f"IVF{nlist},PQ{m}np", nprobe=min(nlist, NPROBE), rerank=rerank or None)
-    raise ValueError(f"unknown index type {kind!r} ({', '.join(INDEX_TYPES)})")
-
-
-def _lists(spec: IndexSpec) -> int:
-    """The IVF lists of ``spec`` (0: not an IVF index)."""
-    found = re.match(r"IVF(\d+),", spec.factory)
-    return int(found.group(1)) if found else 0
-
-
-def with_search_settings(spec: IndexSpec, rerank: int) -> IndexSpec:
-    """A recorded ``spec`` with the current search-time settings (lists probed; for IVF-PQ, the
-    shortlist re-scored), which need no rebuild: an index built by an earlier version (32 lists,
-    no re-scoring) then searches as a new one of its type does."""
-    if not _lists(spec):
-        return spec
-    return replace(spec, nprobe=min(_lists(spec), NPROBE),
-                   rerank=(rerank or None) if spec.kind == "ivfpq" else None)
-
-
-def outgrown(current: IndexSpec, wanted: IndexSpec) -> bool:
-    """Whether an index built as ``current`` should be rebuilt as ``wanted``: another type or other
-    codes, or a quarter of the lists the catalog now calls for. Not for one list count step
-    (a power of two): a catalog that shrinks, or hovers at a step, would otherwise be retrained
-    back and forth at every update."""
-    codes = re.sub(r"^IVF\d+,", "", current.factory) != re.sub(r"^IVF\d+,", "", wanted.factory)
-    return current.kind != wanted.kind or codes or _lists(wanted) >= 4 * _lists(current) > 0
-
-
-def new_index(spec: IndexSpec) -> faiss.Index:
-    index = faiss.index_factory(spec.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    apply_search_params(index, spec)
-    return index
-
-
-def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
-    params = faiss.ParameterSpace()
-    if spec.nprobe:
-        params.set_index_parameter(index, "nprobe", spec.nprobe)
-    if spec.ef_search:
-        params.set_index_parameter(index, "efSearch", spec.ef_search)
 
 
 # FAISS's own top-k path for a flat index below this many queries (its distance_compute_blas_threshold)
@@ -186,10 +79,6 @@ def rerank_exact(queries: np.ndarray, ids: np.ndarray, vectors_of, k: int) -> tu
     scores[:, :width] = np.where(keep, best, scores[:, :width])
     out[:, :width] = np.where(keep, found[order], -1)
     return scores, out
-
-
-def supports_remove(spec: IndexSpec) -> bool:
-    return spec.kind != "hnsw"
 
 
 class ChunkFiles:

@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fashionlens.losses.terms import LOSS_TERMS, LossTerm, Targets
+from fashionlens.models.necks.base import IDENTITY_LOGITS
 
 
 class IdentityLoss(nn.Module):
@@ -44,6 +47,14 @@ class IdentityLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}"
+
+
+def probabilities(logits: Tensor, slices: Mapping[str, slice], mode: str) -> Tensor:
+    """Attribute scores in [0, 1] from concatenated logits: sigmoid per value, or softmax within
+    each attribute (``mode`` as :class:`AttributeLoss` trains them)."""
+    if mode == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.cat([torch.softmax(logits[:, s], dim=1) for s in slices.values()], dim=1)
 
 
 def pair_losses(x: Tensor, t: Tensor, mode: str) -> Tensor:
@@ -123,3 +134,42 @@ class AttributeLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+def identity_terms(outputs: Mapping, labels: Tensor, id_loss: IdentityLoss, num_classes: int | None = None) -> Tensor:
+    """Identity loss of the embedding's classifier plus the mean over the necks' part classifiers
+    (outputs ending in ``stripe_logits``: each stripe of a stripes neck has one), when there are any.
+
+    With ``num_classes``, only samples labelled 0..num_classes-1 count (mined target identities
+    and their negatives have no classifier); 0, attached to the graph, when the batch has none."""
+    if num_classes is not None:
+        keep = (labels >= 0) & (labels < num_classes)
+        if not bool(keep.any()):  # 0, with every classifier in the graph (DDP expects their gradients)
+            parts = [t.sum() for key, value in outputs.items() if key.endswith(IDENTITY_LOGITS) for t in value]
+            return (outputs["id_logits"].sum() + sum(parts)) * 0.0
+        if not bool(keep.all()):
+            outputs = {key: (value[keep] if key == "id_logits" else
+                             [t[keep] for t in value] if key.endswith(IDENTITY_LOGITS) else value)
+                       for key, value in outputs.items()}
+            labels = labels[keep]
+    loss = id_loss(outputs["id_logits"].float(), labels)
+    part_logits = [t for key, value in outputs.items() if key.endswith(IDENTITY_LOGITS) for t in value]
+    if part_logits:
+        loss = loss + torch.stack([id_loss(t.float(), labels) for t in part_logits]).mean()
+    return loss
+
+
+@LOSS_TERMS.register("identity")
+class IdentityTerm(LossTerm):
+    """Softmax cross-entropy of an identity head on the embedding (a BNNeck), plus the necks' part
+    classifiers; only the training identities count (mined ones have no class)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.loss = IdentityLoss(label_smoothing)
+
+    def model_settings(self, num_identities: int) -> dict:
+        return {"num_identities": num_identities}
+
+    def forward(self, outputs: Mapping[str, Tensor], targets: Targets) -> Tensor:
+        return identity_terms(outputs, targets.labels, self.loss, targets.num_classes)

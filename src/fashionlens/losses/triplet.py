@@ -14,9 +14,14 @@ real identity of the batch (e.g. -1): they then serve as negatives only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fashionlens.losses.terms import LOSS_TERMS, LossTerm, Targets
 
 
 class EuclideanDistance:
@@ -148,3 +153,22 @@ class BatchAllTripletLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, distance={self.distance!r}, reducer={self.reducer!r}"
+
+
+@LOSS_TERMS.register("triplet")
+class TripletTerm(LossTerm):
+    """The batch-all triplet loss of the embeddings (Euclidean distance); ``reducer``: the mean over
+    all valid triplets (the method's) or over the non-zero ones. Mined negatives (label -1,
+    ``anchor_mask`` False) are negatives only."""
+
+    stat_names = ("valid_triplets", "positive_fraction")
+
+    def __init__(self, margin: float = 0.2, reducer: Literal["all", "nonzero"] = "all"):
+        super().__init__()
+        self.loss = BatchAllTripletLoss(margin, reducer=MeanAllValid() if reducer == "all" else MeanNonZero())
+
+    def forward(self, outputs: Mapping[str, Tensor], targets: Targets) -> Tensor:
+        return self.loss(outputs["embedding"].float(), targets.labels, anchor_mask=targets.anchor_mask)
+
+    def stats(self) -> dict[str, float]:
+        return {name: float(self.loss.last_stats.get(name, 0.0)) for name in self.stat_names}

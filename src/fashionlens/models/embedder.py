@@ -1,19 +1,36 @@
-"""Image -> L2-normalised embedding, in batches."""
+"""Image -> L2-normalised embedding, in batches: :class:`Embedder`, :func:`build_embedder`, and
+:func:`embed_rows` (many photos streamed through it), with :class:`EmbedConfig`, the settings of
+every command that embeds."""
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 from torch import nn
 
+from fashionlens.config import Config
+from fashionlens.data.loader import decode_batches
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.models.backbones import OFFLINE_MODELS, create_backbone, is_model_name, offline_name
+from fashionlens.models.runtimes import Optimize, prepare
+
+
+class EmbedConfig(Config):
+    model: str = Field("lite0", description="'lite0' (offline ImageNet EfficientNet-Lite0), a timm model name, "
+                       "or a checkpoint or train / adapt run folder (its chosen model)")
+    input_size: int | None = Field(None, ge=32, le=1024, description="letterbox size; None = the model's own (224)")
+    batch_size: int = Field(8, ge=1, le=1024, description="images embedded together")
+    workers: int = Field(0, ge=0, le=64, description="image-decoding processes beside the model (0 = decode in the main process)")
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
+    optimize: Optimize = Field(
+        "auto", description="inference speed-up: auto = TorchScript freeze on CPU (checked against eager)")
 
 
 class Embedder:
@@ -42,23 +59,16 @@ class Embedder:
         return self.embed_tensors(torch.stack([self.preprocess(im) for im in images]))
 
     def optimize(self, mode: str = "auto", batch_size: int = 8) -> str:
-        """Speed up inference; returns the mode used.
-
-        ``jit`` traces and freezes the model with TorchScript, which folds batch norms into the
-        convolutions and picks oneDNN kernels: about 1.6x the eager speed for Lite0 on a 2-core
-        CPU (see docs/BENCHMARKS.md). The traced model is checked against the eager one on a
-        random batch and dropped if they differ. ``auto`` means ``jit`` on CPU, eager elsewhere.
-        """
-        if not wants_jit(mode, self.device):
-            return "none"
+        """Run the model with the runtime ``mode`` names (:mod:`fashionlens.models.runtimes`);
+        returns the runtime used. ``jit`` traces and freezes the model with TorchScript: about
+        1.6x the eager speed for Lite0 on a 2-core CPU (docs/BENCHMARKS.md), checked against the
+        eager model on a random batch and dropped if they differ. ``auto``: ``jit`` on CPU, eager
+        elsewhere."""
         size = self.preprocess.size
         probe = torch.randn(batch_size, 3, size, size, device=self.device).contiguous(
             memory_format=torch.channels_last)
-        traced = freeze_traced(self.model, probe)
-        if traced is None:
-            return "none"
-        self.model = traced
-        return "jit"
+        self.model, used = prepare(self.model, mode, probe)
+        return used
 
     def describe(self) -> dict:
         """What an index records about the model that made its vectors."""
@@ -66,40 +76,17 @@ class Embedder:
                 **self.preprocess.describe()}
 
 
-def wants_jit(mode: str, device: str | torch.device) -> bool:
-    """Whether an ``optimize`` setting asks for a TorchScript trace: ``jit``, or ``auto`` on a CPU."""
-    return mode == "jit" or (mode == "auto" and torch.device(device).type == "cpu")
-
-
-def freeze_traced(model: nn.Module, probe: torch.Tensor, atol: float = 1e-3) -> nn.Module | None:
-    """``model`` traced on ``probe`` and frozen with TorchScript, or None when it cannot be
-    traced or its outputs (a tensor or a tuple of tensors) differ from the eager model's
-    (checked on another batch size)."""
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = torch.jit.freeze(torch.jit.trace(model.eval(), probe))
-            odd = probe[:3]  # another batch size than the traced one
-            got, want = traced(odd), model(odd)
-            got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
-            if len(got) != len(want) or not all(
-                    torch.allclose(g, w, atol=atol, rtol=1e-3) for g, w in zip(got, want)):
-                return None
-    except Exception:  # a model TorchScript cannot trace stays eager
-        return None
-    return traced
-
-
 def build_embedder(name: str = "lite0", input_size: int | None = None, device: str = "cpu",
                    pretrained: bool = True, optimize: str = "auto") -> Embedder:
     """The embedder for ``name``: ``lite0`` (offline ImageNet EfficientNet-Lite0), a timm name,
     a checkpoint folder written by ``fashionlens train``, or a train / adapt run folder (its
-    chosen checkpoint: :func:`~fashionlens.models.builder.resolve_checkpoint`).
+    chosen checkpoint: :func:`~fashionlens.models.checkpoints.resolve_checkpoint`).
 
-    ``input_size`` defaults to the model's own (224 for Lite0); 227 as in thesis A works too,
+    ``input_size`` defaults to the model's own (224 for Lite0); 227 as in the retrieval method works too,
     any backbone here being fully convolutional with global pooling.
     """
-    from fashionlens.models.builder import EmbeddingOnly, chosen_model, is_checkpoint, load_checkpoint
+    from fashionlens.models.builder import EmbeddingOnly
+    from fashionlens.models.checkpoints import chosen_model, is_checkpoint, load_checkpoint
 
     name = chosen_model(name)  # a train / adapt run folder: the checkpoint it chose
     if is_checkpoint(name):  # trained by `fashionlens train` or `adapt`
@@ -124,3 +111,23 @@ def _finish(model: nn.Module, size: int, cfg: dict, canonical: str, device: str,
     embedder = Embedder(model, Preprocess(size, tuple(cfg["mean"]), tuple(cfg["std"])), canonical, device)
     embedder.optimize(optimize)
     return embedder
+
+
+@dataclass
+class EmbeddedBatch:
+    keys: list
+    vectors: np.ndarray
+    errors: list[tuple[object, str]]
+
+
+def embed_rows(rows: Sequence[tuple[object, str]], embedder: Embedder, batch_size: int = 16,
+               workers: int = 1) -> Iterator[EmbeddedBatch]:
+    """Embed ``rows`` of (key, image path) in order, ``batch_size`` at a time, decoding in ``workers``
+    processes; unreadable photos come out as errors beside the vectors."""
+    pin = embedder.device.type == "cuda"
+    for keys, batch, errors in decode_batches(rows, embedder.preprocess, batch_size, workers, pin):
+        if batch is None:
+            vectors = np.zeros((0, embedder.dim), np.float32)
+        else:
+            vectors = embedder.embed_tensors(batch.contiguous(memory_format=torch.channels_last))
+        yield EmbeddedBatch(keys, vectors, errors)

@@ -157,14 +157,14 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
         return {"url": base, "image": f"{base}/image", "thumbnail": f"{base}/image?size=thumb"}
 
     def attr_json(a) -> dict:
-        from fashionlens.explain.attributes import display_name, phrase
+        from fashionlens.explain.wording import display_name, phrase
 
         schema = live.attributes.schema[a.attribute]
         return {**a.to_json(), "name": display_name(a.attribute), "phrase": phrase(a.attribute, a.value, schema)}
 
     def query_attr_json(q, photo) -> dict:
         """A query photo's attribute, its box in the photo's own pixels."""
-        from fashionlens.index.attributes import scale_box
+        from fashionlens.index.attribute_indexing import scale_box
 
         box = scale_box(q.box, photo.at(live.explainer.size).size, photo.size) if q.box else None
         return {**attr_json(q), "box": list(box) if box else None}
@@ -230,7 +230,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
     @app.get("/api/info", tags=["search"])
     async def info():
         """What the page needs: attribute values to filter on, limits, whether items can change."""
-        from fashionlens.explain.attributes import display_name
+        from fashionlens.explain.wording import display_name
 
         attrs = live.attributes
         return {"items": await run_in_threadpool(live.count), "model": live.embedder.describe(),
@@ -282,7 +282,7 @@ def create_app(live: LiveCatalog, api_key: str | None = None) -> FastAPI:
     async def item_explanation(item_id: str, attribute: str):
         """PNG: the item's photo with the Grad-CAM heat map of its predicted value of ``attribute``
         and the box of the CAM's largest region."""
-        from fashionlens.explain.attributes import find_attribute
+        from fashionlens.explain.wording import find_attribute
 
         if live.attributes is None:
             raise ApiError(404, "this index holds no attributes (run 'fashionlens index-attributes')")
@@ -346,7 +346,7 @@ def overlay_png(live: LiveCatalog, path: str, name: str) -> bytes:
 
     from fashionlens.data.images import open_image
     from fashionlens.explain.figures import photo_cam
-    from fashionlens.index.attributes import scale_box
+    from fashionlens.index.attribute_indexing import scale_box
     from fashionlens.index.query import DRAFT_SIZE
 
     seen = open_image(path, draft_size=live.explainer.size)  # as the model saw it when indexing

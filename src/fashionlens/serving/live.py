@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fashionlens.config import SearchConfig, ServeConfig
-from fashionlens.index.attributes import item_rows
+from fashionlens.index.config import SearchConfig
+from fashionlens.serving.config import ServeConfig
+from fashionlens.index.attribute_indexing import item_rows
 from fashionlens.index.query import ExplainedHit, Searcher
-from fashionlens.index.vectors import supports_remove
+from fashionlens.index.types import supports_remove
 from fashionlens.serving.batcher import Batcher, lower_thread_priority
 from fashionlens.serving.uploads import UPLOADS, Photo, remove_upload, save_upload
 
@@ -365,7 +366,7 @@ def _at_low_priority(nice: int, fn, *args) -> None:
 
 
 def _attributes_of(index):
-    from fashionlens.index.attributes import META_KEY, StoredAttributes
+    from fashionlens.index.attribute_store import META_KEY, StoredAttributes
 
     return StoredAttributes(index) if index.store.get_meta(META_KEY) else None
 

@@ -27,7 +27,7 @@ class Server:
         env.pop("FASHIONLENS_API_KEY", None)
         if api_key:
             env["FASHIONLENS_API_KEY"] = api_key
-        cmd = [sys.executable, "-m", "fashionlens.cli", "serve", str(index), "--port", "0"]
+        cmd = [sys.executable, "-m", "fashionlens", "serve", str(index), "--port", "0"]
         if config is not None:
             cmd += ["--config", str(config)]
         self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,

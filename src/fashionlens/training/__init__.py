@@ -1,10 +1,13 @@
-"""Training (thesis A): batch-all triplet loss on P x K batches, optional identity loss.
+"""Training: one engine (:mod:`.engine`) that runs a task - retrieval (:mod:`.retrieval_task`:
+P x K batches, the configured loss terms), the attribute classifier (:mod:`.attribute_task`),
+and the rounds of cross-domain mining (:mod:`.adapt`).
 
 * :class:`TrainConfig`, :func:`load_train_config`, :func:`apply_overrides` - settings.
-* :func:`train` - one run (single process or DDP), resumable from ``out/last``.
+* :func:`train` - one retrieval run (single process or DDP), resumable from ``out/last``.
 """
 
-from fashionlens.training.config import TrainConfig, apply_overrides, load_train_config
-from fashionlens.training.trainer import train
+from fashionlens.config import apply_overrides
+from fashionlens.training.config import TrainConfig, load_train_config
+from fashionlens.training.retrieval_task import train
 
 __all__ = ["TrainConfig", "apply_overrides", "load_train_config", "train"]

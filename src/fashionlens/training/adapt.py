@@ -1,4 +1,4 @@
-"""``fashionlens adapt``: cross-domain mining rounds (thesis A, 3.2.4).
+"""``fashionlens adapt``: cross-domain mining rounds (docs/METHODS.md, retrieval 8).
 
 From a trained model (round 0), each round r = 1..R:
 
@@ -18,39 +18,44 @@ a round with its ``mined.csv`` is not mined again, and its training resumes from
 The best round's model is ``round-<best>/train/best`` (or ``init`` when no round beat it),
 named in ``rounds.csv`` and ``best.json``.
 
-Scaling m, i, j (thesis: m = 10, i = 30, j = 40, on a target of many items with few photos
-each): ranks 1..m should hold photos of the query's own identity, and ranks i..j should lie
-just *beyond* them (hard negatives). With a target of T photos in which an identity has about
-n photos, take m < n and i a little above n; when identities are coarse (a category with
-hundreds of photos), ranks 30..40 are mostly the query's own category and act as false
-negatives: raise i and j (or measure ``negative_same_label`` with ``target_labels``).
+Scaling ``group_size`` (m), ``negatives_from`` (i) and ``negatives_to`` (j) (the method's m = 10,
+i = 30, j = 40, on a target of many items with few photos each): ranks 1..m should hold photos of
+the query's own identity, and ranks i..j should lie just *beyond* them (hard negatives). With a
+target of T photos in which an identity has about n photos, take m < n and i a little above n;
+when identities are coarse (a category with hundreds of photos), ranks 30..40 are mostly the
+query's own category and act as false negatives: raise i and j (or measure
+``negative_same_label`` with ``target_labels``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
+
+from typing import Literal
 
 import torch.distributed as dist
 import yaml
-from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fashionlens.config import Config, IndexType, read_yaml_mapping
+from fashionlens.config import Config, apply_overrides, read_yaml_mapping
 from fashionlens.errors import UserError
-from fashionlens.files import atomic_write_dict_rows, atomic_write_json, atomic_write_text
-from fashionlens.models.builder import CheckpointPath, is_checkpoint
-from fashionlens.training.config import TrainConfig, apply_overrides, with_model_defaults
-from fashionlens.training.data import split_for
 from fashionlens.evaluation.protocols import read_label_mapping
+from fashionlens.files import atomic_write_dict_rows, atomic_write_json, atomic_write_text
+from fashionlens.index.types import IndexTypeName
+from fashionlens.models.checkpoints import CheckpointPath, is_checkpoint
+from fashionlens.training.config import RENAMED, TrainConfig, migrate, migrate_sets, prepared
+from fashionlens.training.engine import setup_distributed
+from fashionlens.training.identities import split_for
 from fashionlens.training.mining import (SourceVote, TargetPhotos, assignment_precision, label_precision, mine,
                                          read_mined_csv, vote_photos, write_mined_csv)
-from fashionlens.training.trainer import _setup_distributed, checkpoint_embedder, train
+from fashionlens.training.retrieval_task import checkpoint_embedder, train
 from fashionlens.training.validation import QueryValidation, validation_row
 
+ADAPT_RENAMED = {"m": "group_size", "i": "negatives_from", "j": "negatives_to"}
+"""Old setting name -> its name now (the method's symbols)."""
 ROUND_COLUMNS = ["round", "query_top1", "query_top4", "val_top1", "val_top4", "epoch", "mined_identities",
                  "positive_precision", "negative_same_label", "assigned_groups", "assignment_precision", "model"]
 MEASURES = ("positive_precision", "negative_same_label", "assigned_groups", "assignment_precision")
@@ -67,10 +72,12 @@ class AdaptConfig(Config):
                                 "label; report each round's pseudo-label precision (never used to train)")
     queries: int = Field(1000, ge=1, description="target photos drawn as queries per round (the rest is the "
                          "gallery); assign=photo: unused, every target photo is a query")
-    m: int = Field(10, ge=0, description="ranks 1..m of a query are its pseudo-positives; assign=photo: the "
-                   "target neighbours whose source votes each photo's vote pools")
-    i: int = Field(30, ge=2, description="ranks i..j of a query are its identity's negatives")
-    j: int = Field(40, ge=2, description="last rank of the negatives")
+    group_size: int = Field(10, ge=0, description="m in the mining method: ranks 1..m of a query are its "
+                            "pseudo-positives; assign=photo: the target neighbours whose source votes each photo's "
+                            "vote pools (old name m)")
+    negatives_from: int = Field(30, ge=2, description="i in the mining method: ranks i..j of a query are its "
+                                "identity's negatives (old name i)")
+    negatives_to: int = Field(40, ge=2, description="j in the mining method: last rank of the negatives (old name j)")
     rounds: int = Field(4, ge=1, description="mining rounds after round 0")
     patience: int = Field(1, ge=1, description="stop after this many rounds without a better validation metric")
     assign: Literal["new", "source", "photo"] = Field("new", description="new: each mined group is a new identity "
@@ -87,16 +94,22 @@ class AdaptConfig(Config):
     vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source/photo: smallest share of the vote")
     mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
                                       "drawn from the mined ones (None: all identities alike, as the thesis)")
-    index_type: IndexType = Field("auto", description="target index (auto: exact up to flat_max photos, "
+    index_type: IndexTypeName = Field("auto", description="target index (auto: exact up to flat_max photos, "
                                   "IVF-PQ above, its codes' own scores)")
     flat_max: int = Field(100_000, ge=1, description="largest target gallery searched exactly when auto")
     out: str = Field("runs/adapt", description="run folder: rounds.csv, best.json, round-N/")
     seed: int = Field(0, description="seed of the query draws (round r draws with seed + r)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data):
+        return migrate(data, ADAPT_RENAMED, {}) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _check(self) -> AdaptConfig:
-        if self.assign != "photo" and not 0 < self.m < self.i <= self.j:
-            raise ValueError(f"need 0 < m < i <= j, got m={self.m}, i={self.i}, j={self.j}")
+        m, i, j = self.group_size, self.negatives_from, self.negatives_to
+        if self.assign != "photo" and not 0 < m < i <= j:
+            raise ValueError(f"need 0 < group_size < negatives_from <= negatives_to (m < i <= j), got {m}, {i}, {j}")
         if self.assign != "new" and self.mined_share is not None:
             raise ValueError(f"mined_share is for assign=new (with assign={self.assign} the photos join source "
                              "identities)")
@@ -114,12 +127,15 @@ class AdaptConfig(Config):
 def load_adapt_config(path: str | Path | None = None, sets: list[str] | None = None, **overrides) -> AdaptConfig:
     """Defaults -> YAML -> ``--set`` overrides (``train.lr=1e-4``) -> keyword overrides not None.
     ``train`` may be a mapping or the path of a training YAML."""
-    data = read_yaml_mapping(path) if path is not None else {}
+    data = migrate(read_yaml_mapping(path) if path is not None else {}, ADAPT_RENAMED, {})
     if isinstance(data.get("train"), str):
         data["train"] = read_yaml_mapping(Path(data["train"]))
-    if isinstance(data.get("train"), dict):
-        data["train"] = with_model_defaults(data["train"])
-    data = apply_overrides(data, sets or [])
+    sets = migrate_sets(sets or [], ADAPT_RENAMED)
+    own = [s for s in sets if not s.startswith("train.")]
+    train_sets = [s.removeprefix("train.") for s in sets if s.startswith("train.")]
+    if isinstance(data.get("train"), dict) or train_sets:
+        data["train"] = prepared(data.get("train") or {}, train_sets, {}, renamed=RENAMED)
+    data = apply_overrides(data, own)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return AdaptConfig.load(None, **data)
 
@@ -184,7 +200,7 @@ def _check_resume(cfg: AdaptConfig) -> None:
     saved_path = Path(cfg.out) / "config.yaml"
     if not saved_path.is_file():
         return
-    unused = {"queries", "i", "j"} if cfg.assign == "photo" else set()  # settings photo votes do not read
+    unused = {"queries", "negatives_from", "negatives_to"} if cfg.assign == "photo" else set()  # photo votes do not read them
     try:
         saved = AdaptConfig(**yaml.safe_load(saved_path.read_text())).model_dump(mode="json", exclude=_RESUMABLE
                                                                                  | unused)
@@ -219,7 +235,7 @@ def _on_rank0(world: int, fn):
 
 def adapt(cfg: AdaptConfig, progress=None) -> list[dict]:
     """Run (or continue) the mining rounds of ``cfg``; returns one row per round, 0 first."""
-    rank, world, owned, device = _setup_distributed(cfg.train)
+    rank, world, owned, device = setup_distributed(cfg.train.device)
     emit = (progress or (lambda event: None)) if rank == 0 else (lambda event: None)
     try:
         return _adapt(cfg, emit, world, device)
@@ -235,12 +251,12 @@ def _adapt(cfg: AdaptConfig, emit, world: int, device: str) -> list[dict]:
     if cfg.target_labels and not any(target.labels):
         raise UserError(f"target_labels: the photos of {cfg.target} lie in no sub-folders (no labels)")
     # the sizes every round needs, checked before anything is embedded
-    if cfg.assign == "photo" and len(target.paths) < cfg.m + 1:
-        raise UserError(f"target {cfg.target}: {len(target.paths)} photos, too few for m={cfg.m} neighbours "
-                        "each (lower m)")
-    if cfg.assign != "photo" and len(target.paths) < cfg.queries + cfg.j:
-        raise UserError(f"target {cfg.target}: {len(target.paths)} photos, too few for {cfg.queries} queries "
-                        f"and a gallery of at least j={cfg.j} (lower queries or i/j)")
+    if cfg.assign == "photo" and len(target.paths) < cfg.group_size + 1:
+        raise UserError(f"target {cfg.target}: {len(target.paths)} photos, too few for group_size={cfg.group_size} "
+                        "neighbours each (lower group_size)")
+    if cfg.assign != "photo" and len(target.paths) < cfg.queries + cfg.negatives_to:
+        raise UserError(f"target {cfg.target}: {len(target.paths)} photos, too few for {cfg.queries} queries and a "
+                        f"gallery of at least negatives_to={cfg.negatives_to} (lower queries or negatives_to)")
     if cfg.assign != "new" and len(split_for(cfg.train).train) < cfg.vote_k:
         raise UserError(f"{cfg.train.catalog}: fewer training photos than the vote's vote_k={cfg.vote_k} "
                         "(lower vote_k)")
@@ -325,10 +341,10 @@ def _mine_round(cfg: AdaptConfig, r: int, folder: Path, previous: Path, target: 
     embed = _embedder(cfg, previous, device, target.paths + (vote.paths if vote else []), emit)
     step = lambda d, n: emit({"event": "mine_step", "done": d, "total": n})  # noqa: E731
     if cfg.assign == "photo":
-        found = vote_photos(target.paths, embed, folder / ".target-vectors", vote, cfg.m, index_type=cfg.index_type,
+        found = vote_photos(target.paths, embed, folder / ".target-vectors", vote, cfg.group_size, index_type=cfg.index_type,
                             flat_max=cfg.flat_max, seed=cfg.seed + r, progress=step)
     else:
-        found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.m, cfg.i, cfg.j,
+        found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.group_size, cfg.negatives_from, cfg.negatives_to,
                      seed=cfg.seed + r, index_type=cfg.index_type, flat_max=cfg.flat_max, progress=step, vote=vote)
     info = {"round": r, "queries": len(found.queries), "index": found.index, "model": str(previous)}
     if cfg.target_labels:
@@ -339,17 +355,3 @@ def _mine_round(cfg: AdaptConfig, r: int, folder: Path, previous: Path, target: 
     write_mined_csv(mined_csv, found, target, with_labels=cfg.target_labels)
     atomic_write_json(info_path, info)  # last: its presence marks the mining as finished
     return info
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m fashionlens.training.adapt CONFIG.yaml [a.b=value ...]`` (also under torchrun)."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    rows = adapt(load_adapt_config(args[0], args[1:]))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(rows[-1]))
-
-
-if __name__ == "__main__":
-    main()

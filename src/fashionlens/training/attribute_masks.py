@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fashionlens.data.street import read_labels, read_mask
-from fashionlens.explain.attributes import Letterbox
+from fashionlens.data.transforms import Letterbox
 from fashionlens.training.feature_cache import CachedMapDataset
 
 

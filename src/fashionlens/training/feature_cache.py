@@ -40,10 +40,10 @@ from fashionlens.data.augment import AugmentConfig, TrainPreprocess, crop_box
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_json
-from fashionlens.index.embedding import decode_batches
+from fashionlens.data.loader import decode_batches
 from fashionlens.locks import exclusive_lock
 from fashionlens.models.backbones import create_backbone, split_backbone
-from fashionlens.models.embedder import freeze_traced
+from fashionlens.models.runtimes import freeze_traced
 
 META = "meta.json"
 

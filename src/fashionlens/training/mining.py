@@ -37,8 +37,9 @@ import torch
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_csv
-from fashionlens.index.vectors import ChunkFiles, choose_spec, new_index, sample_for_training
-from fashionlens.training.data import MinedIdentities
+from fashionlens.index.vectors import ChunkFiles, sample_for_training
+from fashionlens.index.types import choose_spec, new_index
+from fashionlens.training.identities import MinedIdentities
 
 Embed = Callable[[Sequence[Path]], torch.Tensor]
 

@@ -1,5 +1,6 @@
-"""A training run's files besides its checkpoints: the optimizer state as safetensors, the
-per-epoch metrics CSV, and the PNG of its curves (see :mod:`fashionlens.training.trainer`)."""
+"""A training run's files besides its checkpoints: the optimizer state and the weights' moving
+average as safetensors, the per-epoch metrics CSV, and the PNG of its curves (see
+:mod:`fashionlens.training.engine`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from safetensors.torch import load_file, save_file
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_dict_rows
 
-COLUMNS = ["epoch", "step", "loss", "triplet", "identity", "valid_triplets", "positive_fraction",
-           "val_top1", "val_top4", "query_top1", "query_top4", "seconds", "images_per_second"]
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
@@ -85,7 +84,7 @@ def read_rows(path: Path, upto_epoch: int) -> list[dict]:
         return [row for row in csv.DictReader(fh) if int(row["epoch"]) <= upto_epoch]
 
 
-def write_rows(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
+def write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
     atomic_write_dict_rows(path, columns, rows)
 
 

@@ -1,7 +1,4 @@
-"""``fashionlens serve INDEX_DIR``: the web service and page (FastAPI + uvicorn).
-
-Registered by ``fashionlens.cli`` (``app.command("serve")(serve_command)``).
-"""
+"""``fashionlens serve INDEX_DIR``: the web service and page (FastAPI + uvicorn)."""
 
 from __future__ import annotations
 
@@ -16,8 +13,9 @@ from typing import Annotated, Optional
 import typer
 import uvicorn
 
-from fashionlens.config import ServeConfig
+from fashionlens.cli.console import console
 from fashionlens.errors import UserError
+from fashionlens.serving.config import ServeConfig
 
 
 def serve_command(
@@ -35,7 +33,6 @@ def serve_command(
     clients send it in the X-API-Key header. Without it the catalog is served read-only and
     other fashionlens commands may update the index meanwhile (restart to see their changes).
     """
-    from fashionlens.cli import console
     from fashionlens.serving.app import create_app
     from fashionlens.serving.live import LiveCatalog
 

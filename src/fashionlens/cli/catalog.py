@@ -1,67 +1,18 @@
-"""The ``fashionlens`` command."""
+"""The catalog commands: ``index``, ``remove``, ``search`` and ``info``."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-
-if sys.argv[1:2] == ["serve"]:
-    # Before torch loads its OpenMP runtime: idle model threads sleep instead of spinning, so the
-    # request threads get the cores between batches (a third less CPU per search, measured in
-    # docs/BENCHMARKS.md). Set OMP_WAIT_POLICY yourself to choose otherwise.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # numpy's OpenBLAS would start a pool of its own for a matrix product in a request or model
-    # thread, and its idle threads spin: 17 ms of CPU a search when IVF-PQ's re-scoring used numpy
-    # (docs/BENCHMARKS.md, issue 6, "A 100,000-item catalog"). The server parallelises over requests.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from fashionlens.config import IndexConfig, SearchConfig
+from fashionlens.cli.console import ConfigOpt, RichProgress, console, hits_table, out
 from fashionlens.errors import UserError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Find clothes by photo in a catalog, and measure how well it works.")
-console = Console(stderr=True)
-out = Console()
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with settings (see below)")]
+from fashionlens.index.config import IndexConfig, SearchConfig
 
 
-class RichProgress:
-    """Progress bar and log lines on stderr."""
-
-    def __init__(self):
-        self.bar: Progress | None = None
-
-    def start(self, total: int, label: str) -> None:
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console)
-        self.bar.start()
-        self.task = self.bar.add_task(label, total=total, rate="")
-        self._t0 = __import__("time").perf_counter()
-        self._done = 0
-
-    def advance(self, n: int) -> None:
-        self._done += n
-        dt = __import__("time").perf_counter() - self._t0
-        self.bar.update(self.task, advance=n, rate=f"{self._done / dt:.1f} img/s" if dt > 0 else "")
-
-    def log(self, message: str) -> None:
-        console.print(f"[dim]{message}[/dim]")
-
-    def stop(self) -> None:
-        if self.bar:
-            self.bar.stop()
-
-
-@app.command()
 def index(
     catalog: Annotated[Path, typer.Argument(help="catalog CSV, folder of images, or folder with both")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="index folder (created, or updated)")],
@@ -99,7 +50,6 @@ def index(
 index.__doc__ += "\n\nSettings:\n\n" + IndexConfig.help_text()
 
 
-@app.command()
 def remove(
     index_dir: Annotated[Path, typer.Argument(help="index folder")],
     ids: Annotated[list[str], typer.Argument(help="item ids to remove")],
@@ -117,7 +67,6 @@ def remove(
         raise UserError(f"not in the catalog: {', '.join(unknown)}")
 
 
-@app.command()
 def search(
     index_dir: Annotated[Path, typer.Argument(help="index folder made by 'fashionlens index'")],
     photos: Annotated[list[Path], typer.Argument(help="one or more photos")],
@@ -176,24 +125,13 @@ def _photo_attributes(photo: Path, image, results) -> list[dict]:
     """A query photo's predicted attributes, boxes in the photo's own pixels."""
     from PIL import Image
 
-    from fashionlens.index.attributes import scale_box
+    from fashionlens.index.attribute_indexing import scale_box
 
     with Image.open(photo) as header:
         full = header.size
     return [{**r.to_json(), "box": list(scale_box(r.box, image.size, full)) if r.box else None} for r in results]
 
 
-def hits_table(title: str, hits) -> Table:
-    columns = list(dict.fromkeys(c for h in hits for c in h.metadata))
-    table = Table(title=title, title_justify="left")
-    for name in ["#", "id", "score", *columns]:
-        table.add_column(name, overflow="fold")
-    for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), h.id, f"{h.score:.3f}", *(str(h.metadata.get(c, "")) for c in columns))
-    return table
-
-
-@app.command()
 def info(index_dir: Annotated[Path, typer.Argument(help="index folder")]):
     """What an index holds and the configuration that made it."""
     from fashionlens.index import CatalogIndex
@@ -213,78 +151,6 @@ def info(index_dir: Annotated[Path, typer.Argument(help="index folder")]):
 
 
 def _attributes_info(idx) -> dict | None:
-    from fashionlens.index.attributes import StoredAttributes
+    from fashionlens.index.attribute_store import StoredAttributes
 
     return StoredAttributes(idx).summary() if idx.store.get_meta("attributes") else None
-
-
-def _register_subcommands() -> None:
-    from fashionlens.cli_adapt import adapt_command
-    from fashionlens.cli_attributes import evaluate_attributes_command, train_attributes_command
-    from fashionlens.cli_attention import attention_command
-    from fashionlens.cli_evaluate import demo, evaluate_app
-    from fashionlens.cli_explain import explain_command
-    from fashionlens.cli_recommend import index_attributes_command, recommend_command
-    from fashionlens.cli_serve import serve_command
-    from fashionlens.cli_train import train_command
-
-    app.add_typer(evaluate_app, name="evaluate")
-    app.command()(demo)
-    app.command("train")(train_command)
-    app.command("attention")(attention_command)
-    app.command("adapt")(adapt_command)
-    app.command("train-attributes")(train_attributes_command)
-    app.command("evaluate-attributes")(evaluate_attributes_command)
-    app.command("explain")(explain_command)
-    app.command("index-attributes")(index_attributes_command)
-    app.command("recommend")(recommend_command)
-    app.command("serve")(serve_command)
-
-
-_register_subcommands()
-
-
-def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(usage-error classes, exit classes): click's own, and the copy of click that typer
-    >= 0.26 vendors as ``typer._click`` (its exceptions are not click's)."""
-    import importlib
-
-    errors, exits = [], [typer.Exit]
-    for name in ("click.exceptions", "typer._click.exceptions"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        errors += [getattr(module, "ClickException", None)]
-        exits += [getattr(module, "Exit", None)]
-    return tuple(c for c in errors if c), tuple(c for c in exits if c)
-
-
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
-    usage_errors, exits = _click_errors()
-    try:
-        rc = app(standalone_mode=False)
-    except UserError as exc:
-        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")  # one line, never wrapped
-        sys.exit(2)
-    except typer.Abort:
-        console.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to resume")
-        sys.exit(130)
-    except usage_errors as exc:
-        exc.show()
-        sys.exit(2)
-    except exits as exc:
-        code = getattr(exc, "exit_code", 1)
-        if code == 130 and isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130)
-            console.print("interrupted; run the same command again to resume")
-        sys.exit(code)
-    if isinstance(rc, int) and rc:  # typer.Exit(n) with standalone_mode=False returns n
-        sys.exit(rc)
-
-
-if __name__ == "__main__":
-    main()

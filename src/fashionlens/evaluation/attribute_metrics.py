@@ -1,4 +1,4 @@
-"""Per-attribute metrics of a multi-head attribute classifier (thesis B).
+"""Per-attribute metrics of a multi-head attribute classifier (docs/METHODS.md, attributes).
 
 Inputs are what the classifier and :func:`fashionlens.data.fashionai.attribute_table` give:
 ``logits`` (N, total values) with the attributes' columns side by side (``slices``),
@@ -25,14 +25,7 @@ import numpy as np
 import torch
 
 from fashionlens.evaluation.metrics import average_precision_at_k
-from fashionlens.losses.classification import pair_losses
-
-
-def probabilities(logits: torch.Tensor, slices: Mapping[str, slice], mode: str) -> torch.Tensor:
-    """Scores in [0, 1]: sigmoid per value, or softmax within each attribute."""
-    if mode == "sigmoid":
-        return torch.sigmoid(logits)
-    return torch.cat([torch.softmax(logits[:, s], dim=1) for s in slices.values()], dim=1)
+from fashionlens.losses.classification import pair_losses, probabilities
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float | None:

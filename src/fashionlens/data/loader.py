@@ -1,25 +1,19 @@
-"""Streaming embedding: (key, image path) pairs in, batches of vectors out.
-
-The decode-and-letterbox work runs in DataLoader worker processes (the "distributor"), the model
-in the main process; unreadable files come out as errors beside the vectors and never stop
-the stream.
-"""
+"""Many photos decoded and preprocessed in DataLoader worker processes: (key, path) pairs in,
+batches of tensors out; unreadable files come out as errors beside the batch and never stop
+the stream (a run over millions of photos meets a few broken ones)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fashionlens.data.images import ImageError, open_image
-from fashionlens.models.embedder import Embedder
 
 
 class _Decode(Dataset):
-    def __init__(self, rows: Sequence[tuple[int, str]], preprocess):
+    def __init__(self, rows: Sequence[tuple[object, str]], preprocess):
         self.rows, self.preprocess = rows, preprocess
 
     def __len__(self) -> int:
@@ -44,13 +38,6 @@ def _collate(samples):
     return keys, batch, errors
 
 
-@dataclass
-class EmbeddedBatch:
-    keys: list
-    vectors: np.ndarray
-    errors: list[tuple[object, str]]
-
-
 def decode_batches(rows: Sequence[tuple[object, str]], preprocess, batch_size: int = 16,
                    workers: int = 1, pin_memory: bool = False
                    ) -> Iterator[tuple[list, torch.Tensor | None, list[tuple[object, str]]]]:
@@ -61,15 +48,3 @@ def decode_batches(rows: Sequence[tuple[object, str]], preprocess, batch_size: i
         collate_fn=_collate, prefetch_factor=4 if workers else None,
         persistent_workers=False, pin_memory=pin_memory,
     )
-
-
-def embed_rows(rows: Sequence[tuple[object, str]], embedder: Embedder, batch_size: int = 16,
-               workers: int = 1) -> Iterator[EmbeddedBatch]:
-    """Embed ``rows`` of (key, path) in order, ``batch_size`` at a time."""
-    pin = embedder.device.type == "cuda"
-    for keys, batch, errors in decode_batches(rows, embedder.preprocess, batch_size, workers, pin):
-        if batch is None:
-            vectors = np.zeros((0, embedder.dim), np.float32)
-        else:
-            vectors = embedder.embed_tensors(batch.contiguous(memory_format=torch.channels_last))
-        yield EmbeddedBatch(keys, vectors, errors)

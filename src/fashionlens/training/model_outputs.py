@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fashionlens.data.transforms import Preprocess
-from fashionlens.index.embedding import decode_batches
+from fashionlens.data.loader import decode_batches
 from fashionlens.training.feature_cache import FeatureCache
 
 

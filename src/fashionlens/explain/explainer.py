@@ -1,7 +1,7 @@
-"""Explaining a garment's attributes (thesis B): value, confidence, where, and its feature.
+"""Explaining a garment's attributes (docs/METHODS.md, attributes): value, confidence, where, and
+its feature.
 
-For each photo and attribute of an attribute classifier
-(:mod:`fashionlens.training.attributes`):
+For each photo and attribute of an attribute classifier (``fashionlens train-attributes``):
 
 1. the predicted value (argmax of the attribute's scores) and its confidence;
 2. Grad-CAM of that value's logit on the last feature map (:mod:`fashionlens.explain.cam`;
@@ -12,7 +12,7 @@ For each photo and attribute of an attribute classifier
    (L2-normalised): the attribute's feature, which search compares between garments.
 
 Boxes and maps are computed on the letterboxed model input and given back in the photo's own
-pixels (:class:`Letterbox` undoes the letterbox).
+pixels (:class:`~fashionlens.data.transforms.Letterbox` undoes the letterbox).
 """
 
 from __future__ import annotations
@@ -24,77 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fashionlens.data.transforms import Preprocess
+from fashionlens.data.transforms import Letterbox, Preprocess
 from fashionlens.explain.cam import grad_cams, largest_region_box, linear_gap_cams, pooled_vector, roi_features
+from fashionlens.explain.wording import phrase
+from fashionlens.losses.classification import probabilities
 from fashionlens.models.backbones import backbone_stages
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """Where a photo of ``width`` x ``height`` lies in the ``size`` x ``size`` letterbox."""
-
-    width: int
-    height: int
-    size: int
-
-    @property
-    def scale(self) -> float:
-        return self.size / max(self.width, self.height)
-
-    @property
-    def inner(self) -> tuple[int, int]:
-        """(width, height) of the resized photo inside the letterbox."""
-        return max(1, round(self.width * self.scale)), max(1, round(self.height * self.scale))
-
-    @property
-    def offset(self) -> tuple[int, int]:
-        """(left, top) padding, as :func:`fashionlens.data.transforms.letterbox` pastes."""
-        nw, nh = self.inner
-        return (self.size - nw) // 2, (self.size - nh) // 2
-
-    def box_to_photo(self, box: Sequence[int]) -> tuple[int, int, int, int]:
-        """A [x, y, w, h] box in input pixels -> the photo's pixels (clipped to the photo)."""
-        left, top = self.offset
-        x1 = min(max((box[0] - left) / self.scale, 0), self.width - 1)
-        y1 = min(max((box[1] - top) / self.scale, 0), self.height - 1)
-        x2 = min(max((box[0] + box[2] - left) / self.scale, x1 + 1), self.width)
-        y2 = min(max((box[1] + box[3] - top) / self.scale, y1 + 1), self.height)
-        return int(x1), int(y1), max(1, round(x2 - int(x1))), max(1, round(y2 - int(y1)))
-
-    def map_to_photo(self, cam: np.ndarray) -> np.ndarray:
-        """A (size, size) map of the input -> (height, width) over the photo (bilinear)."""
-        left, top = self.offset
-        nw, nh = self.inner
-        inner = np.ascontiguousarray(cam[top:top + nh, left:left + nw], dtype=np.float32)
-        return np.asarray(Image.fromarray(inner).resize((self.width, self.height), Image.BILINEAR))
-
-
-def phrase(attribute: str, value: str, values: Sequence[str]) -> str:
-    """Words for "this garment has ``value`` of ``attribute``": ``collar`` / ``no collar`` for
-    no/yes attributes, the value itself when it has several words (``long sleeves``), else value
-    and attribute (``v-shape neckline``)."""
-    name = display_name(attribute)
-    if list(values) == ["no", "yes"]:
-        return name if value == "yes" else f"no {name}"
-    if " " in value.strip() or name.lower() in value.lower():
-        return value
-    return f"{value} {name}"
-
-
-def display_name(attribute: str) -> str:
-    """``sleeve_length_labels`` -> ``sleeve length``."""
-    return attribute.removesuffix("_labels").replace("_", " ")
-
-
-def find_attribute(text: str, names: Sequence[str]) -> str | None:
-    """The attribute of ``names`` that ``text`` names, by its full or display name (case,
-    underscores and spaces ignored: ``Sleeve length`` finds ``sleeve_length_labels``); None if none."""
-    key = lambda s: " ".join(s.replace("_", " ").split()).lower()  # noqa: E731
-    wanted = key(text)
-    for name in names:
-        if wanted in (key(name), key(display_name(name))):
-            return name
-    return None
+from fashionlens.models.runtimes import prepare
 
 
 @dataclass
@@ -136,8 +71,6 @@ class AttributeExplainer:
         self._fast = None  # the traced forward pass (optimize)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        from fashionlens.evaluation.attributes import probabilities
-
         return probabilities(logits, self.slices, self.mode)
 
     def cams(self, x: torch.Tensor, feature_map: torch.Tensor, columns: list[list[int]]) -> np.ndarray:
@@ -156,18 +89,15 @@ class AttributeExplainer:
         return self.method == "auto"
 
     def optimize(self, mode: str = "auto", batch_size: int = 4) -> str:
-        """Trace and freeze the forward pass with TorchScript (``jit``; ``auto``: on CPU), as
+        """Run the forward pass with the runtime ``mode`` names (:mod:`fashionlens.models.runtimes`:
+        ``jit`` traces and freezes it with TorchScript; ``auto``: on CPU), as
         :meth:`Embedder.optimize <fashionlens.models.embedder.Embedder.optimize>` does; checked
         against the eager model, kept eager if it differs. Grad-CAM still hooks the eager model.
-        Returns the mode used."""
-        from fashionlens.models.embedder import freeze_traced, wants_jit
-
-        self._fast = None
-        if not wants_jit(mode, self.device):
-            return "none"
+        Returns the runtime used."""
         probe = torch.randn(batch_size, 3, self.size, self.size, device=self.device)
-        self._fast = freeze_traced(self._eager, probe)
-        return "jit" if self._fast is not None else "none"
+        fast, used = prepare(self._eager, mode, probe)
+        self._fast = None if used == "none" else fast
+        return used
 
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,3 @@
+from fashionlens.cli.app import main
+
+main()
