@@ -152,6 +152,67 @@ def test_health_metrics_info_and_openapi(server):
     assert "http" not in page.text.replace("http-equiv", "")  # nothing fetched from the internet
 
 
+def test_openapi_documents_the_request_bodies_and_the_api_key(server):
+    """The OpenAPI schema is generated from the request models and the key's security schemes:
+    both bodies list their fields, the search takes the photo alone too, and the routes that
+    change the catalog (only those) declare the key."""
+    spec = server.client.get("/openapi.json").json()
+    body = spec["paths"]["/api/search"]["post"]["requestBody"]
+    form = body["content"]["multipart/form-data"]["schema"]
+    assert body["required"] and set(form["properties"]) == {"image", "k", "explain", "want", "filter"}
+    assert form["required"] == ["image"] and form["properties"]["image"]["format"] == "binary"
+    assert form["properties"]["k"]["type"] == "integer" and form["properties"]["explain"]["type"] == "boolean"
+    assert form["properties"]["want"]["type"] == form["properties"]["filter"]["type"] == "array"
+    assert {"image/jpeg", "image/png", "application/octet-stream"} <= set(body["content"])
+    assert body["content"]["image/jpeg"]["schema"] == {"type": "string", "format": "binary"}
+    query = {p["name"] for p in spec["paths"]["/api/search"]["post"]["parameters"] if p["in"] == "query"}
+    assert query == {"k", "explain", "want", "filter"}  # the fields of a raw photo's request
+    add = spec["paths"]["/api/items"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(add["properties"]) == {"image", "id", "metadata"} and add["required"] == ["image"]
+    assert add["properties"]["image"]["format"] == "binary" and add["additionalProperties"] == {"type": "string"}
+    schemes = spec["components"]["securitySchemes"]
+    assert sorted(schemes.values(), key=lambda s: s["type"]) == [
+        {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": schemes["APIKey"]["description"]},
+        {"type": "http", "scheme": "bearer", "description": schemes["BearerKey"]["description"]}]
+    for path, method in (("/api/items", "post"), ("/api/items/{item_id}", "delete")):
+        operation = spec["paths"][path][method]
+        assert operation["security"] == [{"APIKey": []}, {"BearerKey": []}], (path, method)
+        assert {"401", "403"} <= set(operation["responses"])
+    for path, operation in [(p, op) for p, ops in spec["paths"].items() for m, op in ops.items()
+                            if (p, m) not in {("/api/items", "post"), ("/api/items/{item_id}", "delete")}]:
+        assert "security" not in operation, path
+    error = spec["paths"]["/api/search"]["post"]["responses"]["415"]["content"]["application/json"]["schema"]
+    assert spec["components"]["schemas"][error["$ref"].split("/")[-1]]["required"] == ["error", "status"]
+    docs = server.client.get("/docs")
+    assert docs.status_code == 200 and "/openapi.json" in docs.text
+
+
+def test_the_key_may_come_as_a_bearer_token(server):
+    c = server.client
+    bearer = {"Authorization": f"Bearer {API_KEY}"}
+    assert "no item" in error_of(c.delete("/api/items/not-there", headers=bearer), 404)  # past the key check
+    assert "API key" in error_of(c.delete("/api/items/item-01", headers={"Authorization": "Bearer wrong"}), 401)
+    assert "API key" in error_of(c.delete("/api/items/item-01", headers={"X-API-Key": "wrong", **bearer}), 401)
+    assert c.get("/health").json()["items"] == 13
+
+
+def test_multipart_forms_are_parsed_within_their_limits(server, world):
+    """One file, 64 text fields and 64 KiB a text field: a form past them is a 400, whichever route."""
+    c, jpeg = server.client, photo(world, 3)
+    image = {"image": ("q.jpg", jpeg, "image/jpeg")}
+    for url, headers in (("/api/search", {}), ("/api/items", KEY)):
+        two = [("image", ("a.jpg", jpeg)), ("image", ("b.jpg", jpeg))]
+        cases = [
+            (c.post(url, files=two, headers=headers), "Too many files"),
+            (c.post(url, files=image, data={f"f{i}": "1" for i in range(65)}, headers=headers), "Too many fields"),
+            (c.post(url, files=image, data={"want": "x" * (64 * 1024 + 1)}, headers=headers), "exceeded maximum size"),
+        ]
+        for n, (response, words) in enumerate(cases):
+            assert words in error_of(response, 400), (url, n)
+    assert search(server, jpeg, **{f"f{i}": "1" for i in range(64)}).status_code == 200  # the photo is not a field
+    assert c.get("/health").json()["items"] == 13
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ class ServeConfig(Config):
         "auto", description="batches run side by side, each model call on cores / model_workers threads; auto: "
         "on CPU the most workers up to 4 that divide the cores (forwards on fewer threads each leave no core "
         "idle at OpenMP barriers; on 2 cores the idle share under load fell from 0.2 to 0.05, "
-        "docs/BENCHMARKS.md), 1 on a GPU; the attribute model runs as many (one with method gradcam)")
+        "docs/experiments/serving.md), 1 on a GPU; the attribute model runs as many (one with method gradcam)")
     persist_seconds: float = Field(300.0, ge=1, description="the FAISS file is rewritten this often after "
                                    "changes (and at shutdown); SQLite and the vector chunks are durable at once")
     device: str = Field("cpu", description="torch device of the models")

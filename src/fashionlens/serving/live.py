@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fashionlens.index.config import SearchConfig
-from fashionlens.serving.config import ServeConfig
 from fashionlens.index.attribute_indexing import item_rows
+from fashionlens.index.config import SearchConfig
 from fashionlens.index.query import ExplainedHit, Searcher
 from fashionlens.index.types import supports_remove
 from fashionlens.serving.batcher import Batcher, lower_thread_priority
+from fashionlens.serving.config import ServeConfig
 from fashionlens.serving.uploads import UPLOADS, Photo, remove_upload, save_upload
 
 log = logging.getLogger("fashionlens.serve")

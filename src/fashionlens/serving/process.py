@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+
 class Server:
     def __init__(self, index: Path, api_key: str | None = None, config: Path | None = None,
                  extra_env: dict | None = None, timeout: float = 180.0, threads: int | None = None,
