@@ -13,8 +13,7 @@ from fashionlens.data.augment import AugmentConfig
 from fashionlens.errors import UserError
 from fashionlens.models.necks import build_neck
 from fashionlens.training.adapt import load_adapt_config
-from fashionlens.training.config import load_attribute_config
-from fashionlens.training.config import load_train_config
+from fashionlens.training.config import load_attribute_config, load_train_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -80,3 +79,70 @@ def test_a_bad_augmentation_or_neck_is_refused():
         AugmentConfig(**{"flipp": 0.5})
     with pytest.raises((TypeError, ValueError)):
         build_neck({"type": "lan", "branchs": 4}, in_channels=8)
+
+
+OLD_TRAIN = {"identities_per_batch": "p", "images_per_identity": "k"}
+OLD_ADAPT = {"group_size": "m", "negatives_from": "i", "negatives_to": "j"}
+
+
+def _old_neck(neck: dict) -> dict:
+    neck = {**neck, "type": "lan" if neck.get("type") == "local_alignment" else neck.get("type")}
+    if "necks" in neck:
+        neck["necks"] = {name: _old_neck(sub) for name, sub in neck["necks"].items()}
+    return neck
+
+
+def _with_old_names(data: dict, adapt: bool = False) -> dict:
+    """A config as it was written before the renames (p, k, m, i, j, the flat loss weights, neck type lan)."""
+    data = copy.deepcopy(data)
+    if adapt:
+        for new, old in OLD_ADAPT.items():
+            if new in data:
+                data[old] = data.pop(new)
+        if isinstance(data.get("train"), dict):
+            data["train"] = _with_old_names(data["train"])
+        return data
+    for new, old in OLD_TRAIN.items():
+        if new in data:
+            data[old] = data.pop(new)
+    losses = data.pop("losses", None)
+    if losses is not None:
+        assert set(losses) <= {"triplet", "identity"}, "a config with other terms has no old form"
+        triplet = losses.get("triplet", {"weight": 0.0})
+        data["triplet"] = triplet.get("weight", 1.0)
+        data.update({key: triplet[key] for key in ("margin", "reducer") if key in triplet})
+        if "identity" in losses:
+            data["identity"] = losses["identity"].get("weight", 1.0)
+    if isinstance(data.get("model"), dict) and "neck" in data["model"]:
+        data["model"]["neck"] = _old_neck(data["model"]["neck"])
+    return data
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_the_old_setting_names_load_the_same_config(path, tmp_path):
+    """Every config was migrated to the new names (identities_per_batch, losses, group_size ...,
+    local_alignment); written with the old ones, as users' files and old run folders are, it loads
+    to the very same settings."""
+    data = yaml.safe_load(path.read_text())
+    loader = _loader(path)
+    old = tmp_path / path.name
+    old.write_text(yaml.safe_dump(_with_old_names(data, adapt=loader is load_adapt_config)))
+    assert loader(old).model_dump() == loader(path).model_dump()
+
+
+def test_old_names_in_set_overrides_and_a_name_given_twice(tmp_path):
+    path = next(p for p in CONFIGS if p.name == "recipe-cached-cpu.yaml")
+    cfg = load_train_config(path, ["p=3", "k=4", "identity=0.5", "margin=0.3", "reducer=nonzero"])
+    assert (cfg.identities_per_batch, cfg.images_per_identity) == (3, 4)
+    assert cfg.losses == {"triplet": {"weight": 1.0, "margin": 0.3, "reducer": "nonzero"},
+                          "identity": {"weight": 0.5}}
+    cfg = load_train_config(path, ["losses.identity.weight=0", "identities_per_batch=5"])
+    assert cfg.losses["identity"]["weight"] == 0 and cfg.identities_per_batch == 5
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "p": 3}))
+    with pytest.raises(UserError, match="p and identities_per_batch name the same setting"):
+        load_train_config(both)
+    adapt = next(p for p in CONFIGS if p.name == "adapt-cpu.yaml")
+    cfg = load_adapt_config(adapt, ["m=7", "j=50", "train.k=3", "train.identity=0"])
+    assert (cfg.group_size, cfg.negatives_to, cfg.train.images_per_identity) == (7, 50, 3)
+    assert cfg.train.losses["identity"]["weight"] == 0

@@ -360,6 +360,24 @@ def test_adapt_stops_when_validation_stalls(domains, initial, tmp_path):
     assert not (tmp_path / "adapt" / "round-2").exists()
 
 
+def test_an_adapt_run_from_before_the_renames_continues(domains, initial, tmp_path):
+    """A run folder whose config.yaml holds the old names (m, i, j; p, k and the flat loss weights
+    of its training) continues with the same settings under their new names."""
+    first = adapt(load_adapt_config(_adapt_yaml(domains, initial, tmp_path / "a.yaml", rounds=1)))
+    saved_path = tmp_path / "adapt" / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text())
+    for new, old in (("group_size", "m"), ("negatives_from", "i"), ("negatives_to", "j")):
+        saved[old] = saved.pop(new)
+    train = saved["train"]
+    train["p"], train["k"] = train.pop("identities_per_batch"), train.pop("images_per_identity")
+    losses = train.pop("losses")
+    train.update({"triplet": losses["triplet"]["weight"], "margin": losses["triplet"]["margin"],
+                  "reducer": losses["triplet"]["reducer"], "identity": losses.get("identity", {}).get("weight", 0.0)})
+    saved_path.write_text(yaml.safe_dump(saved))
+    more = adapt(load_adapt_config(tmp_path / "a.yaml", ["rounds=2"]))
+    assert more[:2] == first and len(more) == 3
+
+
 def test_adapt_resume_needs_the_same_settings(domains, initial, tmp_path):
     cfg = load_adapt_config(_adapt_yaml(domains, initial, tmp_path / "a.yaml", rounds=1))
     first = adapt(cfg)

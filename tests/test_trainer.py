@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,37 @@ def test_train_writes_run_folder_and_resumes(catalog, tmp_path):
     train(tiny_config(catalog, straight, epochs=3))
     a, b = read_metrics(out)[2], read_metrics(straight)[2]
     assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4, abs=1e-6)
+
+
+def _as_before_the_renames(run: Path) -> None:
+    """Make a run folder look as the versions before the renames wrote it: the old setting names
+    in config.yaml and the neck type 'lan' in the checkpoints' config.json."""
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["p"], saved["k"] = saved.pop("identities_per_batch"), saved.pop("images_per_identity")
+    losses = saved.pop("losses")
+    saved.update({"triplet": losses["triplet"]["weight"], "identity": losses.get("identity", {}).get("weight", 0.0),
+                  "margin": losses["triplet"].get("margin", 0.2), "reducer": losses["triplet"].get("reducer", "all")})
+    saved["model"]["neck"]["type"] = "lan"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    for folder in (run / "last", run / "best"):
+        doc = json.loads((folder / "config.json").read_text())
+        doc["model"]["neck"]["type"] = "lan"
+        (folder / "config.json").write_text(json.dumps(doc))
+
+
+def test_a_run_folder_from_before_the_renames_resumes(catalog, tmp_path):
+    """Existing run folders keep working: the old names of a config and of a checkpoint's neck
+    are read as the new ones, so the run continues where it stopped, as an uninterrupted one."""
+    out = tmp_path / "old"
+    train(tiny_config(catalog, out, epochs=1))
+    _as_before_the_renames(out)
+    old_settings = yaml.safe_load((out / "config.yaml").read_text())
+    assert load_checkpoint(out / "last")[1].neck["type"] == "local_alignment"  # read under its name now
+    train(TrainConfig(**{**old_settings, "epochs": 2}))
+    straight = tmp_path / "straight"
+    train(tiny_config(catalog, straight, epochs=2))
+    a, b = read_metrics(out), read_metrics(straight)
+    assert [r["epoch"] for r in a] == ["1", "2"] and a[1]["loss"] == b[1]["loss"]
 
 
 def test_ema_validates_and_keeps_the_moving_average_and_resumes(catalog, tmp_path, monkeypatch):

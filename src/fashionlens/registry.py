@@ -21,9 +21,9 @@ import inspect
 import pkgutil
 import typing
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import ConfigDict, ValidationError, create_model
+from pydantic import AfterValidator, ConfigDict, ValidationError, create_model
 
 from fashionlens.errors import UserError
 
@@ -53,6 +53,12 @@ class Registry(Generic[T]):
                 self._aliases[alias] = name
             return obj
         return add
+
+    def unregister(self, name: str) -> None:
+        """Take ``name`` (and its aliases) out: for tests that register entries of their own."""
+        self._entries.pop(name, None)
+        for alias in [a for a, n in self._aliases.items() if n == name]:
+            del self._aliases[alias]
 
     def _load(self) -> None:
         if self._loaded:
@@ -87,6 +93,18 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         return self._entries[self.canonical(name)]
+
+    def setting(self, *also: str) -> Any:
+        """The type of a config field naming an entry (or one of the words ``also``, e.g. ``auto``):
+        a str checked when the config loads, the message listing what it may be."""
+        def check(value: str) -> str:
+            if value not in also:
+                try:
+                    self.canonical(value)
+                except UserError as exc:
+                    raise ValueError(f"{exc}" + (f" or {', '.join(also)}" if also else "")) from None
+            return value
+        return Annotated[str, AfterValidator(check)]
 
     def arguments(self, name: str, config: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, Any]:
         """``config`` validated against the constructor of entry ``name`` (``skip``: parameters

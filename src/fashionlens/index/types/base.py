@@ -3,7 +3,7 @@
 An :class:`IndexSpec` is what an index records about its FAISS structure (type, factory string,
 list count, search settings). Each type is a registered :class:`IndexType` in a module of this
 package (``flat``, ``ivfflat``, ``ivfpq``, ``hnsw``); :func:`choose_spec` picks one by size when
-the setting is ``auto`` (docs/BENCHMARKS.md, "Which index at which size", has the recall and cost
+the setting is ``auto`` (docs/experiments/indexing.md, "Which index at which size", has the recall and cost
 of each on Lite0 vectors):
 
 - ``flat`` up to ``flat_max`` vectors, ``ivfflat`` up to ``ivf_flat_max``, ``ivfpq`` above (its
@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import faiss
-from pydantic import AfterValidator
 
-from fashionlens.errors import UserError
 from fashionlens.registry import Registry
 
-NPROBE = 64  # IVF lists probed a query (docs/BENCHMARKS.md, "Which index at which size")
+NPROBE = 64  # IVF lists probed a query (docs/experiments/indexing.md, "Which index at which size")
 # the fewest vectors ``auto`` gives an IVF index, whatever ``flat_max``: its smallest (16 lists) with
 # the 39 training points a list FAISS asks for; an exact search of fewer costs next to nothing
 IVF_MIN = 16 * 39
@@ -93,16 +91,7 @@ def index_type(spec_or_name: IndexSpec | str) -> IndexType:
     return INDEX_TYPES.get(spec_or_name.kind if isinstance(spec_or_name, IndexSpec) else spec_or_name)()
 
 
-def _check(value: str) -> str:
-    if value != "auto":
-        try:
-            INDEX_TYPES.canonical(value)
-        except UserError as exc:
-            raise ValueError(f"{exc} or auto") from None
-    return value
-
-
-IndexTypeName = Annotated[str, AfterValidator(_check)]
+IndexTypeName = INDEX_TYPES.setting("auto")
 """A config field naming an index type, or ``auto``."""
 
 

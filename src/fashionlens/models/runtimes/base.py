@@ -14,13 +14,11 @@ CPU). A new runtime is one module in this package (or a plugin) with::
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import torch
-from pydantic import AfterValidator
 from torch import nn
 
-from fashionlens.errors import UserError
 from fashionlens.registry import Registry
 
 RUNTIMES: Registry[type[Runtime]] = Registry("runtime", "fashionlens.models.runtimes")
@@ -56,14 +54,5 @@ def prepare(model: nn.Module, mode: str, probe: torch.Tensor) -> tuple[nn.Module
     return (model, "none") if fast is None else (fast, name)
 
 
-def _check(value: str) -> str:
-    if value != "auto":
-        try:
-            RUNTIMES.canonical(value)
-        except UserError as exc:
-            raise ValueError(f"optimize: {exc} or auto") from None
-    return value
-
-
-Optimize = Annotated[str, AfterValidator(_check)]
+Optimize = RUNTIMES.setting("auto")
 """A config field naming a runtime, or ``auto``."""
