@@ -101,7 +101,7 @@ def main() -> None:
 
         threshold = lambda votes, thr: [v[0] if v and v[1] >= thr else None for v in votes]  # noqa: E731
         if any(name in BASE for name in missing):
-            alone, pooled = voted(0), voted(cfg.m)
+            alone, pooled = voted(0), voted(cfg.group_size)
             tv = torch.nn.functional.normalize(embed(target.paths).float(), dim=1)
             sv = torch.nn.functional.normalize(embed(source_paths).float(), dim=1)
             ok_s = ~torch.isnan(sv).any(1)

@@ -26,22 +26,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import SHARED, emit
 from torch.utils.data import DataLoader
 
+from _common import SHARED, emit
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.data.sampler import PKSampler
 from fashionlens.data.transforms import Preprocess
-from fashionlens.losses import IdentityLoss, WeightedSum
+from fashionlens.losses import Targets, WeightedSum, build_terms
 from fashionlens.models.builder import build_model
 from fashionlens.models.checkpoints import save_checkpoint
 from fashionlens.training.config import load_train_config
-from fashionlens.training.identities import split_for
+from fashionlens.training.engine import make_optimizer, seed_epoch
 from fashionlens.training.feature_cache import prepare_cache
+from fashionlens.training.identities import split_for
 from fashionlens.training.model_outputs import make_embed
-from fashionlens.training.engine import _optimizer, seed_epoch
-from fashionlens.losses.classification import identity_terms
-from fashionlens.training.retrieval_task import train_dataset, triplet_loss_for
+from fashionlens.training.retrieval_task import train_dataset
 from fashionlens.training.validation import QueryValidation
 
 
@@ -79,7 +78,11 @@ def main() -> None:
     device = cfg.device
 
     split = split_for(cfg)
-    model_cfg = cfg.model.model_copy(update={"num_identities": len(split.train_identities) if cfg.identity > 0 else None})
+    terms = build_terms(cfg.losses)
+    model_update = {"num_identities": None}
+    for _, term in terms.values():
+        model_update.update(term.model_settings(len(split.train_identities)))
+    model_cfg = cfg.model.model_copy(update=model_update)
     torch.manual_seed(cfg.seed)
     model, _ = build_model(model_cfg)
     size, mean, std = int(model.data_config["input_size"][-1]), model.data_config["mean"], model.data_config["std"]
@@ -98,16 +101,15 @@ def main() -> None:
         parser.error(f"--features {args.features!r}: the model's outputs are {sorted(probe)}")
     width = probe[args.features].shape[1]
     disc = torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)).to(device)
-    optimizer = _optimizer(cfg, model)
+    optimizer = make_optimizer(cfg, model)
     optimizer.add_param_group({"params": list(disc.parameters())})
     embed = make_embed(model, device, cache, Preprocess(size, mean, std))
-    sampler = PKSampler(source_ds.labels, cfg.p, cfg.k, cfg.seed, cfg.batches_per_epoch)
+    sampler = PKSampler(source_ds.labels, cfg.identities_per_batch, cfg.images_per_identity, cfg.seed,
+                        cfg.batches_per_epoch)
     source = DataLoader(source_ds, batch_sampler=sampler)
-    target_loader = DataLoader(target_ds, batch_size=cfg.p * cfg.k, shuffle=True, drop_last=True,
-                               generator=torch.Generator().manual_seed(cfg.seed))
-    triplet = triplet_loss_for(cfg)
-    id_loss = IdentityLoss()
-    weighted = WeightedSum({"triplet": cfg.triplet, "identity": cfg.identity, "domain": args.weight})
+    target_loader = DataLoader(target_ds, batch_size=cfg.identities_per_batch * cfg.images_per_identity,
+                               shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed))
+    weighted = WeightedSum({**{name: weight for name, (weight, _) in terms.items()}, "domain": args.weight})
 
     rows, step, total = [], 0, cfg.epochs * len(sampler)
     targets = iter(target_loader)
@@ -128,17 +130,16 @@ def main() -> None:
             n = len(labels)
             outputs = model(torch.cat([images, target_maps]), from_map=True)
             ours = {key: value[:n] for key, value in outputs.items()}
-            terms = {"triplet": triplet(ours["embedding"], labels)}
-            if cfg.identity > 0:
-                terms["identity"] = identity_terms(ours, labels, id_loss, len(split.train_identities))
+            batch_terms = {name: term(ours, Targets(labels, None, len(split.train_identities)))
+                           for name, (_, term) in terms.items()}
             if args.weight > 0:
                 lam = 2.0 / (1.0 + math.exp(-10.0 * step / total)) - 1.0
                 logits = disc(GradientReversal.apply(outputs[args.features], lam)).squeeze(1)
                 domain = torch.cat([torch.zeros(n), torch.ones(len(target_maps))]).to(device)
-                terms["domain"] = F.binary_cross_entropy_with_logits(logits, domain)
+                batch_terms["domain"] = F.binary_cross_entropy_with_logits(logits, domain)
                 accuracy.append(float(((logits > 0).float() == domain).float().mean()))
-                domain_loss.append(float(terms["domain"].detach()))
-            loss, _ = weighted(terms)
+                domain_loss.append(float(batch_terms["domain"].detach()))
+            loss, _ = weighted(batch_terms)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

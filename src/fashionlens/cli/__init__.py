@@ -11,7 +11,7 @@ import sys
 if sys.argv[1:2] == ["serve"]:
     # Before torch loads its OpenMP runtime: idle model threads sleep instead of spinning, so the
     # request threads get the cores between batches (a third less CPU per search, measured in
-    # docs/BENCHMARKS.md). Set OMP_WAIT_POLICY yourself to choose otherwise.
+    # docs/experiments/serving.md). Set OMP_WAIT_POLICY yourself to choose otherwise.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # numpy's OpenBLAS would start a pool of its own for a matrix product in a request or model
     # thread, and its idle threads spin: 17 ms of CPU a search when IVF-PQ's re-scoring used numpy

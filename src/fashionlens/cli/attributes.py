@@ -40,8 +40,8 @@ def train_attributes_command(
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="total epochs (overrides 'epochs')")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="torch device (overrides 'device')")] = None,
 ) -> None:
-    from fashionlens.training.config import load_attribute_config
     from fashionlens.training.attribute_task import train_attributes
+    from fashionlens.training.config import load_attribute_config
 
     cfg = load_attribute_config(config, list(set_), out=str(out) if out is not None else None, epochs=epochs,
                                 device=device)
@@ -81,8 +81,8 @@ def evaluate_attributes_command(
 
     from fashionlens.evaluation.attribute_metrics import metrics_table
     from fashionlens.models.checkpoints import resolve_checkpoint
-    from fashionlens.training.attribute_task import evaluate_rows, load_attribute_run, read_config_data
     from fashionlens.training.attribute_data import read_attribute_set
+    from fashionlens.training.attribute_task import evaluate_rows, load_attribute_run, read_config_data
 
     model = resolve_checkpoint(model)  # a run folder: its best/, named as such in the output
     net, cfg, _ = load_attribute_run(model, device)

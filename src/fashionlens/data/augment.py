@@ -1,4 +1,4 @@
-"""Training augmentations of thesis A (point 2), each applied with its own probability.
+"""Training augmentations of the retrieval method (docs/METHODS.md, retrieval 2), each applied with its own probability.
 
 Where they act: on one CHW image tensor (float in [0, 1], or uint8) **after the letterbox and
 before normalisation**. Reasons: ColorJitter on float tensors assumes [0, 1] and clamps to it
@@ -31,7 +31,7 @@ from fashionlens.data.transforms import letterbox
 
 
 class AugmentConfig(BaseModel):
-    """Probabilities and ranges of the training augmentations (defaults: thesis A)."""
+    """Probabilities and ranges of the training augmentations (defaults: the retrieval method's)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,10 +47,10 @@ class AugmentConfig(BaseModel):
     erase_max: float = Field(1 / 8, gt=0, le=1, description="erased side, largest fraction of the image side")
     erase_value: float = Field(0.0, description="fill value of the erased rectangle")
     crop: float = Field(0.0, ge=0, le=1, description="probability of a random crop before the letterbox "
-                        "(not in the thesis: zooms in on the garment as buyers' photos do; 0 = off)")
+                        "(not in the method: zooms in on the garment as buyers' photos do; 0 = off)")
     crop_min: float = Field(0.35, gt=0, le=1, description="random crop: smallest area, as a fraction of the photo")
     background: float = Field(0.0, ge=0, le=1, description="probability of replacing a shop photo's plain "
-                              "white background with a random texture, before the letterbox (not in the thesis: "
+                              "white background with a random texture, before the letterbox (not in the method: "
                               "buyers' photos show beds, floors and walls; 0 = off)")
     background_level: int = Field(245, ge=128, le=255, description="background replacement: pixels with every "
                                   "channel at least this bright, connected to the photo's border, are background")
@@ -94,7 +94,7 @@ class RandomSideErasing(torch.nn.Module):
 
 
 def build_train_augment(config: AugmentConfig | dict | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training augmentation of thesis A for one CHW tensor (see the module docstring).
+    """The training augmentation of the retrieval method for one CHW tensor (see the module docstring).
 
     ``config``: an :class:`AugmentConfig`, a dict of its fields, or None for the defaults.
     Augmentations with probability 0 are left out, so all-zero probabilities give the identity.
@@ -184,7 +184,7 @@ def _identity(img: torch.Tensor) -> torch.Tensor:
 
 class TrainPreprocess:
     """Training counterpart of ``Preprocess``: letterbox to ``size`` -> float CHW in [0, 1] ->
-    ``augment`` -> normalise with ``mean``/``std``. ``augment=None`` uses the thesis defaults."""
+    ``augment`` -> normalise with ``mean``/``std``. ``augment=None`` uses the method's defaults."""
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  augment: Callable[[torch.Tensor], torch.Tensor] | AugmentConfig | dict | None = None):

@@ -1,4 +1,4 @@
-"""P x K batch sampler for batch-all triplet training (thesis A: P = 7 identities x K = 10 images).
+"""P x K batch sampler for batch-all triplet training (docs/METHODS.md, retrieval 5: P = 7 identities x K = 10 images).
 
 Use as a DataLoader ``batch_sampler``::
 
@@ -29,7 +29,7 @@ Choices
   takes batches r, r + world_size, ...; the ranks' batches are disjoint (within one pass
   over the identities, their identities too).
 
-Mined negatives ("M+N", thesis A point 8)
+Mined negatives ("M+N", docs/METHODS.md, retrieval 8)
 ``extra_negatives`` maps an identity to dataset indices of its mined negatives (ranks i..j of
 its query). When that identity is drawn, up to ``k`` of them (all if fewer, else ``k``
 distinct ones at random) are appended to the batch. Layout of every yielded batch (a plain

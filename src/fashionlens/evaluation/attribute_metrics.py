@@ -10,7 +10,7 @@ Per attribute:
 * ``loss``: the training loss (sigmoid: binary cross-entropy per value, averaged over the
   values that are not ``m``; softmax: cross-entropy of the ``y`` value);
 * ``accuracy``: the argmax of the attribute's scores is its ``y`` value;
-* ``precision@t`` (thesis B, t = 0.6): of the values scored at least ``t`` (sigmoid or softmax
+* ``precision@t`` (the attribute method's, t = 0.6): of the values scored at least ``t`` (sigmoid or softmax
   probability), the share that are ``y``; ``coverage@t``: the share of images with such a value;
 * ``mAP``: per value, the average precision of ranking the labeled images by that value's
   score (relevant = ``y``), averaged over the values with at least one ``y``;

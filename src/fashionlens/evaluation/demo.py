@@ -13,10 +13,9 @@ import os
 import shutil
 import urllib.request
 import zipfile
-from pathlib import Path
-
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.data.records import Item

@@ -1,4 +1,4 @@
-"""Retrieval metrics: top-k hit rate (the thesis metric), recall@k and mAP@k.
+"""Retrieval metrics: top-k hit rate (the retrieval method's metric, docs/METHODS.md), recall@k and mAP@k.
 
 The input model, per query:
 

@@ -1,7 +1,7 @@
 """Attention maps of the local alignment branches (docs/METHODS.md, retrieval 4).
 
 Each branch i of the local alignment neck computes a spatial mask ``M_i = sigmoid(conv1x1_i(T))``
-on the backbone feature map T (7x7 for a 224 input). As in the thesis, a mask is shown by
+on the backbone feature map T (7x7 for a 224 input). As in the method, a mask is shown by
 upsampling it to the image size with nearest-neighbour interpolation (each map cell becomes a
 block of pixels) and multiplying the letterboxed input image - the image the model sees - by
 it: bright where the branch looks, dark where it does not. One picture per branch. Which outputs
@@ -10,7 +10,7 @@ are masks the neck says (:meth:`Neck.attention_outputs <fashionlens.models.necks
 Raw sigmoid masks, above all early in training, often sit around 0.5 everywhere, which only
 dims the whole image. ``normalize=True`` first rescales each mask to [0, 1] by its own min and
 max (a constant mask becomes all ones): it shows where a branch looks *relative* to the rest of
-the image, not how strongly. The default is the thesis' raw product.
+the image, not how strongly. The default is the method's raw product.
 
 * :func:`attention_masks` - (letterboxed image, ``{output key: (K, h, w) masks}``).
 * :func:`masked_images` - one image per branch: image x nearest-upsampled mask, uint8.

@@ -1,11 +1,11 @@
-"""Faithfulness of the attribute boxes (thesis B, 6): hide the box, see the loss rise.
+"""Faithfulness of the attribute boxes (docs/METHODS.md, attributes 6): hide the box, see the loss rise.
 
 For each labeled (image, attribute) pair: the Grad-CAM of the labeled value (or of the
 predicted one), the box of its largest region, and the attribute's loss on three inputs: the
 photo, the photo with the box blanked, and - the control - the photo with a box of the same
 size blanked at a random place inside the photo. A box that holds what the model looks at
 raises the loss much more than a random box of the same size. Blanking fills with black (pixel
-value 0, as the letterbox padding and the thesis' erasing).
+value 0, as the letterbox padding and the retrieval method's erasing).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 
 from fashionlens.data.images import ImageError, open_image
 from fashionlens.data.transforms import Letterbox
-from fashionlens.explain.explainer import AttributeExplainer
 from fashionlens.explain.cam import largest_region_box
+from fashionlens.explain.explainer import AttributeExplainer
 from fashionlens.losses.classification import pair_losses
 
 

@@ -1,4 +1,5 @@
-"""Thesis B's figures (15-17): per attribute the photo, its Grad-CAM, the overlay and the box."""
+"""The attribute method's figures (docs/METHODS.md; figures 15-17 of its thesis): per attribute the
+photo, its Grad-CAM, the overlay and the box."""
 
 from __future__ import annotations
 

@@ -16,10 +16,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from fashionlens.index.config import IndexConfig
 from fashionlens.errors import UserError
+from fashionlens.index.config import IndexConfig
 from fashionlens.index.store import CatalogStore
-from fashionlens.index.vectors import ChunkFiles, rerank_exact, sample_for_training, search_index
 from fashionlens.index.types import (
     IndexSpec,
     apply_search_params,
@@ -30,6 +29,7 @@ from fashionlens.index.types import (
     training_minimum,
     with_search_settings,
 )
+from fashionlens.index.vectors import ChunkFiles, rerank_exact, sample_for_training, search_index
 from fashionlens.locks import exclusive_lock
 
 DB_NAME = "catalog.sqlite"

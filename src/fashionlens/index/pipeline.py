@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionlens.index.config import IndexConfig
 from fashionlens.data.catalog import CatalogSource, Missing, open_catalog
 from fashionlens.errors import UserError
 from fashionlens.index.catalog_index import INDEX_SETTINGS, CatalogIndex
-from fashionlens.models.embedder import embed_rows
+from fashionlens.index.config import IndexConfig
 from fashionlens.models.checkpoints import chosen_model, is_checkpoint
-from fashionlens.models.embedder import Embedder, build_embedder
+from fashionlens.models.embedder import Embedder, build_embedder, embed_rows
 
 SYNC_BATCH = 5000
 PAGE = 65536  # pending rows handed to one DataLoader

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fashionlens.index.config import SearchConfig
 from fashionlens.data.images import ImageError, open_image
 from fashionlens.errors import UserError
 from fashionlens.explain.wording import display_name, phrase
 from fashionlens.index.attribute_store import StoredAttributes, cosine
 from fashionlens.index.catalog_index import CatalogIndex, SearchHit
+from fashionlens.index.config import SearchConfig
 from fashionlens.models.embedder import Embedder, build_embedder
-
 
 # JPEGs are decoded at reduced scale down to this size at least (>= any input size we use).
 DRAFT_SIZE = 512

@@ -19,7 +19,6 @@ import faiss
 import numpy as np
 import torch
 
-
 # FAISS's own top-k path for a flat index below this many queries (its distance_compute_blas_threshold)
 _FAISS_BLAS_FROM = 20
 
@@ -31,7 +30,7 @@ def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.nd
     server's batches) is searched here as one matrix product and a top-k, on torch's threads.
     Written by hand because FAISS scans a flat index query by query below 20 queries (and in
     blocks with a heap per block above): 3 ms a query over the shared catalog's 9,583 x 1,280
-    vectors on our CPU, against 1.4 ms for the product (docs/BENCHMARKS.md, issue 6). The same
+    vectors on our CPU, against 1.4 ms for the product (docs/experiments/serving.md). The same
     scores, so the same ranking up to the order of exact ties; the caller keeps the index from
     changing meanwhile (as it must around FAISS's own search)."""
     flat = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else None

@@ -1,8 +1,9 @@
 """Classification losses: identity (softmax) loss and multi-head attribute loss.
 
-* :class:`IdentityLoss` - thesis A's ID loss, and the per-stripe identity classifiers of its
+* :class:`IdentityLoss` - the retrieval method's ID loss, and the per-stripe identity classifiers of its
   multi-granularity split (point 6): a list of logits (one per stripe) is averaged.
-* :class:`AttributeLoss` - thesis B's per-attribute heads (and thesis A's "attribute loss"):
+* :class:`AttributeLoss` - the attribute method's per-attribute heads (and the retrieval method's
+  "attribute loss"; both in docs/METHODS.md):
   all heads' logits side by side in one ``(N, total_values)`` tensor, ``slices`` saying
   which columns belong to which attribute.
 """
@@ -79,7 +80,7 @@ class AttributeLoss(nn.Module):
     labeled for that image (None = all). ``slices``: the columns of each attribute (given here
     or to :meth:`forward`).
 
-    * ``mode="sigmoid"`` (thesis B): binary cross-entropy with logits per value, averaged over
+    * ``mode="sigmoid"`` (the attribute method's): binary cross-entropy with logits per value, averaged over
       the attribute's non-NaN values.
     * ``mode="softmax"``: cross-entropy over the attribute's values, the class being the
       argmax of its targets (NaN values ignored).

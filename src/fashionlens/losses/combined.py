@@ -1,4 +1,4 @@
-"""Weighted sum of named loss terms (thesis A's "triplet + ID + attribute")."""
+"""Weighted sum of named loss terms (the retrieval method's "triplet + ID + attribute")."""
 
 from __future__ import annotations
 

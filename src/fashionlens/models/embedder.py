@@ -61,7 +61,7 @@ class Embedder:
     def optimize(self, mode: str = "auto", batch_size: int = 8) -> str:
         """Run the model with the runtime ``mode`` names (:mod:`fashionlens.models.runtimes`);
         returns the runtime used. ``jit`` traces and freezes the model with TorchScript: about
-        1.6x the eager speed for Lite0 on a 2-core CPU (docs/BENCHMARKS.md), checked against the
+        1.6x the eager speed for Lite0 on a 2-core CPU (docs/experiments/indexing.md), checked against the
         eager model on a random batch and dropped if they differ. ``auto``: ``jit`` on CPU, eager
         elsewhere."""
         size = self.preprocess.size

@@ -4,7 +4,7 @@
   BatchNorm1d whose shift is frozen at zero, then a bias-free Linear to the identity logits.
   The metric loss (triplet) sees the embedding, the softmax loss the batch-normalised one,
   so the two losses do not pull the same vector in conflicting directions.
-* :class:`AttributeHead` - one Linear per attribute (thesis A's "attribute loss", thesis B's
+* :class:`AttributeHead` - one Linear per attribute (the retrieval method's "attribute loss", the attribute method's
   per-attribute outputs); logits concatenated, ``slices`` says which columns are which.
 """
 

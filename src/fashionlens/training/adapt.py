@@ -32,12 +32,10 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-
 from typing import Literal
 
 import torch.distributed as dist
 import yaml
-
 from pydantic import Field, model_validator
 
 from fashionlens.config import Config, apply_overrides, read_yaml_mapping
@@ -49,8 +47,16 @@ from fashionlens.models.checkpoints import CheckpointPath, is_checkpoint
 from fashionlens.training.config import RENAMED, TrainConfig, migrate, migrate_sets, prepared
 from fashionlens.training.engine import setup_distributed
 from fashionlens.training.identities import split_for
-from fashionlens.training.mining import (SourceVote, TargetPhotos, assignment_precision, label_precision, mine,
-                                         read_mined_csv, vote_photos, write_mined_csv)
+from fashionlens.training.mining import (
+    SourceVote,
+    TargetPhotos,
+    assignment_precision,
+    label_precision,
+    mine,
+    read_mined_csv,
+    vote_photos,
+    write_mined_csv,
+)
 from fashionlens.training.retrieval_task import checkpoint_embedder, train
 from fashionlens.training.validation import QueryValidation, validation_row
 
@@ -81,7 +87,7 @@ class AdaptConfig(Config):
     rounds: int = Field(4, ge=1, description="mining rounds after round 0")
     patience: int = Field(1, ge=1, description="stop after this many rounds without a better validation metric")
     assign: Literal["new", "source", "photo"] = Field("new", description="new: each mined group is a new identity "
-                                                      "with its negatives (the thesis); source: a group joins the "
+                                                      "with its negatives (the method's); source: a group joins the "
                                                       "source identity that most of its vote_k nearest source photos "
                                                       "hold (at least vote_min_share of them; other groups are left "
                                                       "out), without negatives; photo: every target photo alone "
@@ -93,7 +99,7 @@ class AdaptConfig(Config):
     vote_k: int = Field(20, ge=1, description="assign=source/photo: source photos searched per group or photo")
     vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source/photo: smallest share of the vote")
     mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
-                                      "drawn from the mined ones (None: all identities alike, as the thesis)")
+                                      "drawn from the mined ones (None: all identities alike, as the method)")
     index_type: IndexTypeName = Field("auto", description="target index (auto: exact up to flat_max photos, "
                                   "IVF-PQ above, its codes' own scores)")
     flat_max: int = Field(100_000, ge=1, description="largest target gallery searched exactly when auto")

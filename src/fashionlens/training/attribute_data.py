@@ -1,4 +1,4 @@
-"""Labeled attribute sets for the attribute classifier (thesis B): reading, and a stable split.
+"""Labeled attribute sets for the attribute classifier (docs/METHODS.md, attributes): reading, and a stable split.
 
 Two formats give the same :class:`AttributeSet`:
 

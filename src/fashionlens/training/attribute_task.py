@@ -35,7 +35,7 @@ from fashionlens.models.builder import ModelConfig
 from fashionlens.models.checkpoints import load_attribute_classifier
 from fashionlens.training.attribute_data import AttributeSet, read_attribute_set, split_rows
 from fashionlens.training.attribute_masks import MaskedMapDataset, street_shares
-from fashionlens.training.config import AttributeTrainConfig, POINTING_SETTINGS
+from fashionlens.training.config import POINTING_SETTINGS, AttributeTrainConfig
 from fashionlens.training.engine import run_task
 from fashionlens.training.feature_cache import FeatureCache, prepare_cache
 from fashionlens.training.model_outputs import make_embed

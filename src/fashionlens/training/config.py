@@ -36,7 +36,7 @@ def _nested_set(data: dict, dotted: str, value) -> None:
     for key in parents:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ValueError(f"{dotted}: {key!r} is not a group of settings")
+            raise UserError(f"config setting {dotted!r}: {key!r} is not a group of settings")
     node[last] = value
 
 
@@ -51,7 +51,7 @@ def migrate(data: dict, renamed: dict[str, str], defaults: dict[str, object]) ->
         target = renamed[key]
         group = target.split(".")[0]
         if group == target and target in data:
-            raise ValueError(f"{key} and {target} name the same setting ({key} is its old name): give one")
+            raise UserError(f"config: {key} and {target} name the same setting ({key} is its old name): give one")
         if group != target and group not in data and group in defaults:
             data[group] = copy.deepcopy(defaults[group])
         _nested_set(data, target, data.pop(key))

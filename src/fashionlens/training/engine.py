@@ -44,8 +44,15 @@ from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_text
 from fashionlens.models.builder import ModelConfig, RetrievalModel, build_model
 from fashionlens.models.checkpoints import is_checkpoint, load_checkpoint, save_checkpoint
-from fashionlens.training.run_files import (load_optimizer, plot_curves, read_rows, save_average, save_optimizer,
-                                           start_average, write_rows)
+from fashionlens.training.run_files import (
+    load_optimizer,
+    plot_curves,
+    read_rows,
+    save_average,
+    save_optimizer,
+    start_average,
+    write_rows,
+)
 
 Emit = Callable[[dict], None]
 

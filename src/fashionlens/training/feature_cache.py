@@ -2,7 +2,7 @@
 
 With ``model.freeze_backbone`` the backbone is a fixed function of the image, so its feature
 map T can be computed once per image and the necks trained on T alone: on a 2-core CPU this
-turns ~20 images/s into thousands, which is what makes the ablations of thesis A runnable
+turns ~20 images/s into thousands, which is what makes the ablations of the retrieval method runnable
 here. The price: image-level augmentations (small rotations, colour, erasing) cannot be
 applied; :class:`MapAugment` applies the two that are exact symmetries of a map up to the
 backbone's own asymmetry - horizontal flip and 180 degree rotation - to the map itself.
@@ -37,10 +37,10 @@ import torch
 from torch.utils.data import Dataset
 
 from fashionlens.data.augment import AugmentConfig, TrainPreprocess, crop_box
+from fashionlens.data.loader import decode_batches
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_json
-from fashionlens.data.loader import decode_batches
 from fashionlens.locks import exclusive_lock
 from fashionlens.models.backbones import create_backbone, split_backbone
 from fashionlens.models.runtimes import freeze_traced

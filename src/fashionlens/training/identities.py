@@ -127,7 +127,7 @@ class IdentityDataset(Dataset):
 
 @dataclass
 class MinedIdentities:
-    """Pseudo-identities mined on unlabeled target photos (thesis A, 3.2.4): identity ``q`` is
+    """Pseudo-identities mined on unlabeled target photos (docs/METHODS.md, retrieval 8): identity ``q`` is
     ``positives[q]`` (its query and the query's ranks 1..m), and ``negatives[q]`` (ranks i..j)
     join a batch that draws it as negatives that never act as anchor or positive."""
 

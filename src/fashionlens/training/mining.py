@@ -1,4 +1,4 @@
-"""Cross-domain sample mining (thesis A, 3.2.4): pseudo-identities from unlabeled target photos.
+"""Cross-domain sample mining (docs/METHODS.md, retrieval 8): pseudo-identities from unlabeled target photos.
 
 One mining step with the current model:
 
@@ -37,8 +37,8 @@ import torch
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.errors import UserError
 from fashionlens.files import atomic_write_csv
-from fashionlens.index.vectors import ChunkFiles, sample_for_training
 from fashionlens.index.types import choose_spec, new_index
+from fashionlens.index.vectors import ChunkFiles, sample_for_training
 from fashionlens.training.identities import MinedIdentities
 
 Embed = Callable[[Sequence[Path]], torch.Tensor]
@@ -65,7 +65,7 @@ class TargetPhotos:
 
 @dataclass
 class SourceVote:
-    """Cross-domain assignment (an extension of the thesis' mining): each mined group (query +
+    """Cross-domain assignment (an extension of the method's mining): each mined group (query +
     ranks 1..m) is searched, by the mean of its embeddings, among the labelled ``paths`` of the
     source; when at least ``min_share`` of its ``k`` nearest source photos belong to one source
     identity, the group joins that identity instead of becoming a new one. :func:`vote_photos`
@@ -237,7 +237,7 @@ def mine(paths: Sequence[Path], embed: Embed, work: Path, queries: int, m: int, 
 def vote_photos(paths: Sequence[Path], embed: Embed, work: Path, vote: SourceVote, m: int, index_type: str = "auto",
                 flat_max: int = 100_000, seed: int = 0, chunk_size: int = 4096,
                 progress: Callable[[int, int], None] | None = None) -> Mined:
-    """Pseudo-labels photo by photo (``assign=photo``, an extension of the thesis' mining):
+    """Pseudo-labels photo by photo (``assign=photo``, an extension of the method's mining):
     every readable target photo is a query; its vote pools the ``vote.k`` nearest source photos
     of itself and of its ``m`` nearest target photos (m = 0: its own alone), and the photo alone
     (not its neighbours) joins the source identity with the most votes when that holds at least

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fashionlens.data.transforms import Preprocess
 from fashionlens.data.loader import decode_batches
+from fashionlens.data.transforms import Preprocess
 from fashionlens.training.feature_cache import FeatureCache
 
 

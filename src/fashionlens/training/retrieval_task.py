@@ -34,8 +34,14 @@ from fashionlens.losses import Targets, WeightedSum, build_terms
 from fashionlens.models.builder import build_model
 from fashionlens.training.config import TrainConfig
 from fashionlens.training.engine import run_task
-from fashionlens.training.feature_cache import (CachedMapDataset, FeatureCache, MapAugment, fill_cache, prepare_cache,
-                                               view_cache)
+from fashionlens.training.feature_cache import (
+    CachedMapDataset,
+    FeatureCache,
+    MapAugment,
+    fill_cache,
+    prepare_cache,
+    view_cache,
+)
 from fashionlens.training.identities import IdentityDataset, MinedIdentities, split_for, with_mined
 from fashionlens.training.model_outputs import make_embed
 from fashionlens.training.validation import QueryValidation, validation_row

@@ -11,7 +11,7 @@ from fashionlens.models.necks.base import Neck, Outputs, check_map, register
 @register("gap")
 class GAPNeck(Neck):
     """Global average pooling: ``{"embedding": (N, C)}``, L2-normalised (``normalize=False``:
-    the plain mean, the input of a linear classifier such as thesis B's attribute heads, where
+    the plain mean, the input of a linear classifier such as the attribute classifier's heads, where
     Grad-CAM of a head has a closed form: :func:`fashionlens.explain.cam.linear_gap_cams`)."""
 
     def __init__(self, in_channels: int, normalize: bool = True):

@@ -8,6 +8,7 @@ from torch import nn
 
 from fashionlens.models.necks.base import Neck, Outputs, check_map, register
 
+
 def ring_index(height: int, width: int, rings: int) -> torch.Tensor:
     """Ring number (0 = centre) of every cell of an H x W map, as an (H, W) long tensor.
 

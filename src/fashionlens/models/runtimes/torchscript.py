@@ -1,7 +1,7 @@
 """TorchScript: the model traced and frozen (``optimize: jit``; ``auto`` on a CPU).
 
 Freezing folds batch norms into the convolutions and picks oneDNN kernels: about 1.6x the eager
-speed for Lite0 on a 2-core CPU (docs/BENCHMARKS.md). The traced model is checked against the
+speed for Lite0 on a 2-core CPU (docs/experiments/indexing.md). The traced model is checked against the
 eager one and dropped when they differ.
 """
 
