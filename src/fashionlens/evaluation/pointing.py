@@ -126,7 +126,7 @@ def evaluate_pointing(explainer, photos, labels: list[str], tolerances: tuple[in
                       progress=None) -> dict:
     """The pointing game and CAM-box IoU of a tag classifier on street ``photos`` with masks.
 
-    ``explainer``: an :class:`~fashionlens.explain.attributes.AttributeExplainer` whose
+    ``explainer``: an :class:`~fashionlens.explain.explainer.AttributeExplainer` whose
     attributes are tags (``{tag: ["no", "yes"]}``, :func:`fashionlens.data.street.tag_schema`).
     For every photo and every schema tag present in its mask: the Grad-CAM of the tag's ``yes``
     (whatever the prediction: the pointing game asks where the model sees the tag), mapped to

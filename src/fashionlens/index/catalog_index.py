@@ -29,7 +29,7 @@ from fashionlens.index.types import (
     training_minimum,
     with_search_settings,
 )
-from fashionlens.index.vectors import ChunkFiles, rerank_exact, sample_for_training, search_index
+from fashionlens.index.vectors import ChunkFiles, rerank_exact, sample_for_training, search_index, write_index
 from fashionlens.locks import exclusive_lock
 
 DB_NAME = "catalog.sqlite"
@@ -56,15 +56,6 @@ class Rebuild:
     train_sample: int
     index: faiss.Index | None = None  # set by build()
     staged: np.ndarray | None = None  # the rows of the staged file, set by stage()
-
-
-def _write_index(index: faiss.Index, path: Path) -> None:
-    """``index`` written to ``path`` whole or not at all (a synced temporary file, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -283,7 +274,7 @@ class CatalogIndex:
     def stage(self, plan: Rebuild) -> None:
         """Write ``plan``'s built index to a staged file, outside the lock: the write (hundreds of
         MB for a large IVF-Flat index) then stalls no search; :meth:`finish_rebuild` commits it."""
-        _write_index(plan.index, self.folder / STAGED)
+        write_index(plan.index, self.folder / STAGED)
         plan.staged = plan.live
 
     def finish_rebuild(self, plan: Rebuild, removed) -> tuple[list[int], list[int]]:
@@ -335,7 +326,7 @@ class CatalogIndex:
     def _save(self, index, spec: IndexSpec, gen: int, added: list[int], removed: list[int]) -> None:
         """Write ``index`` as generation ``gen``, then commit it: ``added`` chunks marked in it, the
         ``removed`` rows' tombstones cleared."""
-        _write_index(index, self._file(gen))
+        write_index(index, self._file(gen))
 
         def in_file():
             self.store.db.executemany("UPDATE chunks SET in_index=1 WHERE chunk=?", [(c,) for c in added])

@@ -1,6 +1,6 @@
 """Search an index by photo: decode, embed with the index's own model, search.
 
-With the attributes of ``fashionlens index-attributes`` (:mod:`fashionlens.index.attributes`) a
+With the attributes of ``fashionlens index-attributes`` (:mod:`fashionlens.index.attribute_store`) a
 search can also say why each result matches (``explain``: the query photo is explained with the
 index's attribute model and compared with each result's stored predictions and region
 features) and keep only items with wanted attribute values (``want``: nearest items are taken

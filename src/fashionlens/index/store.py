@@ -7,7 +7,7 @@ index cannot remove them (HNSW), their rowids go to ``tombstones`` and searches 
 SQLite's WAL journal makes every write atomic: a killed process leaves the last commit.
 
 ``item_attributes`` holds an attribute classifier's predictions per item and attribute
-(``fashionlens index-attributes``, :mod:`fashionlens.index.attributes`), ``attribute_state`` which
+(``fashionlens index-attributes``, :mod:`fashionlens.index.attribute_indexing`), ``attribute_state`` which
 items were explained (``reason`` NULL) or could not be (the reason). Both are keyed by the item's
 rowid: deleting or re-queueing an item (:meth:`CatalogStore._delete_rows`) deletes its rows, and
 rowids are never reused (AUTOINCREMENT), so no stale prediction can attach to another photo.

@@ -19,6 +19,16 @@ import faiss
 import numpy as np
 import torch
 
+
+def write_index(index: faiss.Index, path: Path) -> None:
+    """``index`` written to ``path`` whole or not at all (a synced temporary file, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 # FAISS's own top-k path for a flat index below this many queries (its distance_compute_blas_threshold)
 _FAISS_BLAS_FROM = 20
 
