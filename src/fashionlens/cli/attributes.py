@@ -10,7 +10,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from fashionlens.cli.console import ConfigOpt, RichProgress, TrainProgress, console, fmt, out, unique_stem
+from fashionlens.cli.console import (
+    ConfigOpt,
+    RichProgress,
+    TrainProgress,
+    console,
+    fmt,
+    out,
+    run_with_progress,
+    unique_stem,
+)
 from fashionlens.errors import UserError
 from fashionlens.index.config import IndexAttributesConfig
 from fashionlens.index.recommend import RecommendConfig
@@ -45,13 +54,9 @@ def train_attributes_command(
 
     cfg = load_attribute_config(config, list(set_), out=str(out) if out is not None else None, epochs=epochs,
                                 device=device)
-    progress = AttributeProgress()
-    try:
-        row = train_attributes(cfg, progress=progress)
-    finally:
-        progress.stop()
-    progress.console.print(f"run folder: {cfg.out} (metrics.csv, curves.png, last/, best/); "
-                           f"last epoch {row.get('epoch', '-')}")
+    run_with_progress(AttributeProgress, lambda progress: train_attributes(cfg, progress=progress),
+                      lambda row: f"run folder: {cfg.out} (metrics.csv, curves.png, last/, best/); "
+                                  f"last epoch {row.get('epoch', '-')}")
 
 
 train_attributes_command.__doc__ = (

@@ -3,7 +3,9 @@ progress bars for indexing and for training, and the tables of results."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -120,6 +122,20 @@ class TrainProgress:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def run_with_progress(progress_class: type[TrainProgress], run: Callable, done: Callable[[object], str]):
+    """``run(progress)`` with a ``progress_class`` display on rank 0 (no display on the other
+    processes of a torchrun group), then the line ``done(result)`` there; returns the result."""
+    progress = progress_class() if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        result = run(progress)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if progress is not None:
+        progress.console.print(done(result))
+    return result
 
 
 def hits_table(title: str, hits) -> Table:

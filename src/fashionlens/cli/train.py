@@ -6,14 +6,13 @@ every process runs ``train`` or ``adapt``; only rank 0 prints and writes.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from fashionlens.cli.console import TrainProgress, fmt, unique_stem
+from fashionlens.cli.console import TrainProgress, fmt, run_with_progress, unique_stem
 from fashionlens.errors import UserError
 from fashionlens.training.adapt import AdaptConfig
 from fashionlens.training.config import TrainConfig
@@ -29,15 +28,9 @@ def train_command(
     from fashionlens.training import load_train_config, train
 
     cfg = load_train_config(config, list(set_), out=str(out) if out is not None else None, epochs=epochs, device=device)
-    progress = TrainProgress() if int(os.environ.get("RANK", "0")) == 0 else None
-    try:
-        row = train(cfg, progress=progress)
-    finally:
-        if progress is not None:
-            progress.stop()
-    if progress is not None:
-        progress.console.print(f"run folder: {cfg.out} (metrics.csv, curves.png, last/, best/); "
-                               f"last epoch {row.get('epoch', '-')}")
+    run_with_progress(TrainProgress, lambda progress: train(cfg, progress=progress),
+                      lambda row: f"run folder: {cfg.out} (metrics.csv, curves.png, last/, best/); "
+                                  f"last epoch {row.get('epoch', '-')}")
 
 
 train_command.__doc__ = (
@@ -86,14 +79,8 @@ def adapt_command(
     from fashionlens.training.adapt import adapt, load_adapt_config
 
     cfg = load_adapt_config(config, list(set_), out=str(out) if out is not None else None, rounds=rounds)
-    progress = AdaptProgress() if int(os.environ.get("RANK", "0")) == 0 else None
-    try:
-        rows = adapt(cfg, progress=progress)
-    finally:
-        if progress is not None:
-            progress.stop()
-    if progress is not None:
-        progress.console.print(f"run folder: {cfg.out} (rounds.csv, best.json, round-N/); {len(rows) - 1} round(s)")
+    run_with_progress(AdaptProgress, lambda progress: adapt(cfg, progress=progress),
+                      lambda rows: f"run folder: {cfg.out} (rounds.csv, best.json, round-N/); {len(rows) - 1} round(s)")
 
 
 adapt_command.__doc__ = (
