@@ -150,9 +150,14 @@ def test_train_resume_and_cli(dataset, tmp_path, monkeypatch, capsys):
     a, b = read_rows(out / "metrics.csv", 9), read_rows(straight / "metrics.csv", 9)
     assert len(a) == 3 and float(a[2]["loss"]) == pytest.approx(float(b[2]["loss"]), rel=1e-4)
     assert a[2]["val_accuracy"] == b[2]["val_accuracy"]
-    with pytest.raises(UserError, match="different model"):
+    with pytest.raises(UserError, match="different model or attribute schema"):
         train_attributes(tiny(dataset, out, epochs=4, model={"backbone": "lite0", "pretrained": False,
                                                              "input_size": 96, "neck": {"type": "gap", "normalize": False}}))
+    # it trains in one process: under torchrun every process would train on every batch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="one process"):
+        train_attributes(tiny(dataset, out, epochs=4))
+    monkeypatch.delenv("WORLD_SIZE")
 
     rc, stdout, _ = run_cli_inprocess(monkeypatch, capsys, "evaluate-attributes", out / "best", "--split", "test")
     doc = json.loads(stdout.strip().splitlines()[-1])

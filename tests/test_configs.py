@@ -135,9 +135,9 @@ def test_old_names_in_set_overrides_and_a_name_given_twice(tmp_path):
     cfg = load_train_config(path, ["p=3", "k=4", "identity=0.5", "margin=0.3", "reducer=nonzero"])
     assert (cfg.identities_per_batch, cfg.images_per_identity) == (3, 4)
     assert cfg.losses == {"triplet": {"weight": 1.0, "margin": 0.3, "reducer": "nonzero"},
-                          "identity": {"weight": 0.5}}
+                          "identity": {"weight": 0.5, "label_smoothing": 0.0}}
     cfg = load_train_config(path, ["losses.identity.weight=0", "identities_per_batch=5"])
-    assert cfg.losses["identity"]["weight"] == 0 and cfg.identities_per_batch == 5
+    assert "identity" not in cfg.losses and cfg.identities_per_batch == 5  # weight 0: the term is off
     both = tmp_path / "both.yaml"
     both.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "p": 3}))
     with pytest.raises(UserError, match="p and identities_per_batch name the same setting"):
@@ -145,4 +145,26 @@ def test_old_names_in_set_overrides_and_a_name_given_twice(tmp_path):
     adapt = next(p for p in CONFIGS if p.name == "adapt-cpu.yaml")
     cfg = load_adapt_config(adapt, ["m=7", "j=50", "train.k=3", "train.identity=0"])
     assert (cfg.group_size, cfg.negatives_to, cfg.train.images_per_identity) == (7, 50, 3)
-    assert cfg.train.losses["identity"]["weight"] == 0
+    assert list(cfg.train.losses) == ["triplet"]
+    # an old name never adds a term by the back door, nor overrides its new name silently
+    only_identity = tmp_path / "identity.yaml"
+    only_identity.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "losses": {"identity": {"weight": 1}}}))
+    with pytest.raises(UserError, match="margin=0.3.*triplet loss term"):
+        load_train_config(only_identity, ["margin=0.3"])
+    assert list(load_train_config(only_identity, ["triplet=0.5", "margin=0.3"]).losses) == ["identity", "triplet"]
+    both = tmp_path / "both-weights.yaml"
+    both.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "triplet": 0.5}))
+    with pytest.raises(UserError, match="triplet and losses.triplet.weight"):
+        load_train_config(both)
+
+
+def test_losses_are_recorded_the_same_however_written():
+    """Defaults filled in, weight-0 terms left out: an old run folder's 'identity: 0.0' and today's
+    config without an identity term are one objective (adapt compares them to continue a run)."""
+    from fashionlens.training.config import TrainConfig
+
+    plain = TrainConfig(catalog="c", losses={"triplet": {"weight": 1}})
+    old = TrainConfig(catalog="c", triplet=1.0, identity=0.0, margin=0.2, reducer="all")
+    assert plain.losses == old.losses == {"triplet": {"weight": 1.0, "margin": 0.2, "reducer": "all"}}
+    with pytest.raises(UserError, match="margin"):
+        TrainConfig.load(None, catalog="c", losses={"triplet": {"margin": -0.1}})

@@ -23,7 +23,7 @@ from PIL import Image
 from conftest import brute_force, make_tiny_embedder, synthetic_index, unit
 from fashionlens.errors import UserError
 from fashionlens.index.types import INDEX_TYPES, IndexSettings, IndexSpec, IndexType, choose_spec
-from fashionlens.losses import LOSS_TERMS, build_terms, check_losses
+from fashionlens.losses import LOSS_TERMS, LossTerm, build_terms, check_losses
 from fashionlens.models.necks import NECKS, build_neck
 from fashionlens.models.runtimes import RUNTIMES, Runtime
 from fashionlens.registry import Registry
@@ -107,13 +107,49 @@ def test_builtin_entries_register_themselves():
 
 
 def test_loss_settings_are_checked_and_weight_zero_terms_are_left_out():
-    assert check_losses({"triplet": {"margin": 0.3}}) == {"triplet": {"weight": 1.0, "margin": 0.3}}
+    assert check_losses({"triplet": {"margin": 0.3}}) == {"triplet": {"weight": 1.0, "margin": 0.3, "reducer": "all"}}
     terms = build_terms({"triplet": {"weight": 1.0}, "identity": {"weight": 0.0}})
     assert list(terms) == ["triplet"]
     for bad, message in (({"triplet": {"weight": -1}}, "weight"), ({"tripplet": {}}, "unknown loss term"),
-                         ({"triplet": {"reducer": "max"}}, "reducer"), ({"identity": {"weight": 0}}, "nothing")):
+                         ({"triplet": {"reducer": "max"}}, "reducer"), ({"identity": {"weight": 0}}, "nothing"),
+                         ({"triplet": {"margin": -1}}, "greater than or equal to 0"),
+                         ({"triplet": {"weight": "heavy"}}, "weight must be a number")):
         with pytest.raises(ValueError, match=message):
             check_losses(bad)
+
+
+def test_a_term_named_like_a_column_or_with_parameters_is_refused():
+    @LOSS_TERMS.register("seconds")
+    class Clock(LossTerm):
+        pass
+
+    @LOSS_TERMS.register("toy_learned")
+    class Learned(LossTerm):
+        def __init__(self):
+            super().__init__()
+            self.centre = torch.nn.Parameter(torch.zeros(4))
+
+    try:
+        with pytest.raises(ValueError, match="metrics column"):
+            check_losses({"seconds": {}})
+        with pytest.raises(UserError, match="trainable parameters"):
+            build_terms({"toy_learned": {}})
+    finally:
+        LOSS_TERMS.unregister("seconds")
+        LOSS_TERMS.unregister("toy_learned")
+
+
+def test_a_plugin_entry_meets_the_built_in_ones_whatever_loads_first():
+    """Registering a name a built-in module holds fails on the spot, also in a fresh process where
+    the built-in modules were not imported yet, not later as a half-loaded registry."""
+    code = ("from fashionlens.index.types.base import INDEX_TYPES, IndexType\n"
+            "try:\n    INDEX_TYPES.register('flat')(type('MyFlat', (IndexType,), {}))\n"
+            "except ValueError as exc:\n    print('refused:', exc)\n"
+            "print(sorted(INDEX_TYPES.names()))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: index type 'flat' is registered twice" in proc.stdout
+    assert "['flat', 'hnsw', 'ivfflat', 'ivfpq']" in proc.stdout
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from PIL import Image
 from attribute_world import RED, build_attribute_world, draw
 from conftest import all_vectors
 from fashionlens.index import CatalogIndex
-from fashionlens.serving.process import Server
+from fashionlens.cli.serve_process import Server
 
 API_KEY = "test-key-0123456789abcdef"
 KEY = {"X-API-Key": API_KEY}

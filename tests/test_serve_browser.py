@@ -16,7 +16,7 @@ import pytest
 
 from attribute_world import build_attribute_world, draw
 from conftest import SHARED
-from fashionlens.serving.process import Server
+from fashionlens.cli.serve_process import Server
 
 CHROMIUM = Path(os.environ.get("FASHIONLENS_CHROMIUM", "/usr/bin/chromium"))
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from attribute_world import build_attribute_world
-from fashionlens.serving.process import Server
+from fashionlens.cli.serve_process import Server
 
 API_KEY = "test-key-0123456789abcdef"
 

@@ -62,14 +62,31 @@ def load_plugin(name: str) -> None:
     _loaded.add(name)
 
 
+def _load_entry_point(point) -> None:
+    """An installed package's plugin: its module imported, and a function it names (``pkg:register``) called."""
+    if point.value in _loaded:
+        return
+    try:
+        obj = point.load()
+        if ":" in point.value and callable(obj):
+            obj()
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"plugin {point.value!r} (entry point {point.name!r}) failed while loading "
+                        f"({type(exc).__name__}: {exc})") from None
+    _loaded.add(point.value)
+
+
 def load_plugins(names: Iterable[str] = ()) -> None:
-    """The plugins of the environment (entry points, ``$FASHIONLENS_PLUGINS``; once), then ``names``."""
+    """The plugins of the environment (entry points, ``$FASHIONLENS_PLUGINS``; once they all loaded),
+    then ``names``."""
     global _environment_done
     if not _environment_done:
-        _environment_done = True
         for point in entry_points(group=GROUP):
-            load_plugin(point.value.split(":")[0])
+            _load_entry_point(point)
         for name in os.environ.get(ENV, "").replace(",", ":").split(":"):
             load_plugin(name)
+        _environment_done = True
     for name in names:
         load_plugin(name)

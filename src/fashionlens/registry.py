@@ -44,6 +44,7 @@ class Registry(Generic[T]):
         """Decorator: ``@NECKS.register("rings")`` above the class. ``aliases``: other names that
         mean it (old names that configs and checkpoints may still hold)."""
         def add(obj: T) -> T:
+            self._load_builtins()  # a plugin's entry meets the built-in ones, whatever came first
             for taken in (name, *aliases):
                 owner = self._entries.get(self._aliases.get(taken, taken))
                 if owner is not None and owner is not obj and _qualname(owner) != _qualname(obj):
@@ -60,14 +61,21 @@ class Registry(Generic[T]):
         for alias in [a for a, n in self._aliases.items() if n == name]:
             del self._aliases[alias]
 
-    def _load(self) -> None:
-        if self._loaded:
+    def _load_builtins(self) -> None:
+        if self._loaded or not self.package:
             return
-        self._loaded = True
-        if self.package:
+        self._loaded = True  # first: the modules imported here register themselves
+        try:
             package = importlib.import_module(self.package)
             for module in pkgutil.iter_modules(package.__path__):
                 importlib.import_module(f"{self.package}.{module.name}")
+        except BaseException:
+            self._loaded = False  # a later read tries again (and fails the same way, not half-loaded)
+            raise
+
+    def _load(self) -> None:
+        self._load_builtins()
+        self._loaded = True
         from fashionlens.plugins import load_plugins  # the plugins named outside any config
 
         load_plugins()
@@ -121,6 +129,14 @@ class Registry(Generic[T]):
                             f"(its settings: {known})") from None
         return {key: getattr(validated, key) for key in validated.model_fields_set}
 
+    def complete(self, name: str, config: Mapping[str, Any], skip: Iterable[str] = ()) -> dict[str, Any]:
+        """:meth:`arguments` with every setting the config leaves out at its default: the settings as
+        the entry will run, for a record that compares equal however they were written."""
+        model = _arguments_model(self.get(name), tuple(skip))
+        given = self.arguments(name, config, skip)
+        return {key: given[key] if key in given else field.default for key, field in model.model_fields.items()
+                if key in given or not field.is_required()}
+
     def describe(self, skip: Iterable[str] = ()) -> str:
         """One line per entry: ``name(setting=default, ...)`` and its aliases, for ``--help``."""
         parts = []
@@ -145,7 +161,7 @@ def _arguments_model(obj: object, skip: tuple[str, ...]) -> type:
     key = (obj, skip)
     if key not in _MODELS:
         target = obj.__init__ if inspect.isclass(obj) else obj
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)  # Annotated constraints kept
         fields = {}
         for param in list(inspect.signature(target).parameters.values()):
             if param.name in ("self", *skip) or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):

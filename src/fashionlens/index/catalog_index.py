@@ -20,6 +20,7 @@ from fashionlens.errors import UserError
 from fashionlens.index.config import IndexConfig
 from fashionlens.index.store import CatalogStore
 from fashionlens.index.types import (
+    INDEX_TYPES,
     IndexSpec,
     apply_search_params,
     choose_spec,
@@ -229,7 +230,10 @@ class CatalogIndex:
     def _wanted(self, n_live: int, dim: int) -> IndexSpec:
         """The structure the recorded index settings give for ``n_live`` items."""
         settings = self.settings()
-        return choose_spec(n_live, dim, settings.pop("index_type"), **settings)
+        kind = settings.pop("index_type")
+        if kind != "auto":
+            kind = INDEX_TYPES.canonical(kind)  # a plugin's type that is not loaded: a one-line error
+        return choose_spec(n_live, dim, kind, **settings)
 
     def build(self, plan: Rebuild, log=None) -> None:
         """Train and fill ``plan``'s index from the chunk files it noted. It reads no SQLite and

@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from fashionlens.losses.terms import LOSS_TERMS, LossTerm, Targets
@@ -165,7 +166,7 @@ class IdentityTerm(LossTerm):
     """Softmax cross-entropy of an identity head on the embedding (a BNNeck), plus the necks' part
     classifiers; only the training identities count (mined ones have no class)."""
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0):
         super().__init__()
         self.loss = IdentityLoss(label_smoothing)
 

@@ -27,6 +27,9 @@ from fashionlens.errors import UserError
 from fashionlens.registry import Registry
 
 LOSS_TERMS: Registry[type[LossTerm]] = Registry("loss term", "fashionlens.losses")
+RESERVED = frozenset({"loss", "total", "epoch", "step", "lr", "seconds", "images_per_second", "val_top1", "val_top4",
+                      "query_top1", "query_top4"})
+"""Names a loss term cannot have: the other columns of metrics.csv."""
 
 
 @dataclass
@@ -57,8 +60,10 @@ class LossTerm(nn.Module):
 
 
 def check_losses(losses: Mapping) -> dict[str, dict]:
-    """``losses`` with each term by its registered name and its settings checked: a mapping of
-    term name -> ``{weight: w >= 0, other settings of the term}``; a ValueError says what is wrong."""
+    """``losses`` as a run records it: a mapping of term name -> ``{weight: w > 0, every setting of the
+    term}``, each term by its registered name, its settings checked and completed with their defaults,
+    and the terms of weight 0 (turned off) left out, so that one objective is always recorded the
+    same way; a ValueError says what is wrong."""
     if not isinstance(losses, Mapping) or not losses:
         raise ValueError("losses must map at least one loss term to its settings, e.g. {triplet: {weight: 1}}")
     out = {}
@@ -68,24 +73,33 @@ def check_losses(losses: Mapping) -> dict[str, dict]:
             raise ValueError(f"loss term {name!r}: its settings must be a mapping, e.g. {{weight: 1}}")
         try:
             canonical = LOSS_TERMS.canonical(str(name))
-            weight = float(settings.get("weight", 1.0))
+            if canonical in RESERVED:
+                raise UserError(f"loss term {canonical!r}: the name of a metrics column; register it under another")
+            try:
+                weight = float(settings.get("weight", 1.0))
+            except (TypeError, ValueError):
+                raise UserError(f"loss term {name!r}: weight must be a number, got {settings.get('weight')!r}") from None
             if not math.isfinite(weight) or weight < 0:
                 raise UserError(f"loss term {name!r}: weight must be finite and >= 0, got {settings.get('weight')}")
-            args = {k: v for k, v in settings.items() if k != "weight"}
-            LOSS_TERMS.arguments(canonical, args)
-        except (UserError, TypeError, ValueError) as exc:
+            args = LOSS_TERMS.complete(canonical, {k: v for k, v in settings.items() if k != "weight"})
+        except UserError as exc:
             raise ValueError(str(exc)) from None
-        out[canonical] = {"weight": weight, **args}
-    if not any(s["weight"] > 0 for s in out.values()):
+        if weight > 0:
+            out[canonical] = {"weight": weight, **args}
+    if not out:
         raise ValueError("every loss term has weight 0: nothing would train")
     return out
 
 
 def build_terms(losses: Mapping[str, Mapping]) -> dict[str, tuple[float, LossTerm]]:
-    """name -> (weight, term) for the terms of weight > 0 (config order)."""
+    """name -> (weight, term) for the terms of weight > 0 (config order). A term with trainable
+    parameters is refused: the trainer optimises and saves the model's parameters only."""
     terms = {}
     for name, settings in check_losses(losses).items():
-        if settings["weight"] > 0:
-            args = LOSS_TERMS.arguments(name, {k: v for k, v in settings.items() if k != "weight"})
-            terms[name] = (settings["weight"], LOSS_TERMS.get(name)(**args))
+        args = LOSS_TERMS.arguments(name, {k: v for k, v in settings.items() if k != "weight"})
+        term = LOSS_TERMS.get(name)(**args)
+        if any(p.requires_grad for p in term.parameters()):
+            raise UserError(f"loss term {name!r} has trainable parameters, which the trainer neither optimises nor "
+                            "saves: keep them in a neck or head of the model instead")
+        terms[name] = (settings["weight"], term)
     return terms

@@ -15,10 +15,11 @@ real identity of the batch (e.g. -1): they then serve as negatives only.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from fashionlens.losses.terms import LOSS_TERMS, LossTerm, Targets
@@ -163,7 +164,7 @@ class TripletTerm(LossTerm):
 
     stat_names = ("valid_triplets", "positive_fraction")
 
-    def __init__(self, margin: float = 0.2, reducer: Literal["all", "nonzero"] = "all"):
+    def __init__(self, margin: Annotated[float, Field(ge=0)] = 0.2, reducer: Literal["all", "nonzero"] = "all"):
         super().__init__()
         self.loss = BatchAllTripletLoss(margin, reducer=MeanAllValid() if reducer == "all" else MeanNonZero())
 

@@ -90,6 +90,8 @@ class AttributeTask:
     """``fashionlens train-attributes`` as a :class:`~fashionlens.training.engine.Task`."""
 
     best_key = "best_accuracy"
+    distributed = False  # every process would train on every batch
+    model_change = "a different model or attribute schema"
     columns = COLUMNS
     curves = {"losses": ("loss", "pointing", "val_loss"), "scores": ("val_accuracy", "val_precision", "val_map"),
               "score_label": "mean over attributes"}

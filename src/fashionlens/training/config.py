@@ -30,6 +30,16 @@ RENAMED = {"p": "identities_per_batch", "k": "images_per_identity", "triplet": "
 """Old setting name -> where it lives now (a dotted path)."""
 
 
+def _nested(data: dict, dotted: str):
+    """The value at ``dotted`` in ``data`` (None when a part is missing)."""
+    node = data
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
 def _nested_set(data: dict, dotted: str, value) -> None:
     *parents, last = dotted.split(".")
     node = data
@@ -42,18 +52,23 @@ def _nested_set(data: dict, dotted: str, value) -> None:
 
 def migrate(data: dict, renamed: dict[str, str], defaults: dict[str, object]) -> dict:
     """``data`` with each old setting name of ``renamed`` moved to its new place (``defaults``: the
-    groups to start from when an old name moves into a group the data does not give)."""
+    groups to start from when an old name moves into a group the data does not give). An old name
+    given beside its new one is refused, and so is a setting of a loss term the config does not
+    have (``margin`` without a triplet term): only a weight adds a term."""
     old = [key for key in renamed if key in data]
     if not old:
         return data
-    data = copy.deepcopy(data)
+    given, data = data, copy.deepcopy(data)
     for key in old:
         target = renamed[key]
-        group = target.split(".")[0]
-        if group == target and target in data:
+        group, *rest = target.split(".")
+        if _nested(given, target) is not None:
             raise UserError(f"config: {key} and {target} name the same setting ({key} is its old name): give one")
-        if group != target and group not in data and group in defaults:
+        if rest and group not in data and group in defaults:
             data[group] = copy.deepcopy(defaults[group])
+        if len(rest) == 2 and rest[1] != "weight" and _nested(data, f"{group}.{rest[0]}") is None:
+            raise UserError(f"config: {key} is a setting of the {rest[0]} loss term ({target}), which these losses "
+                            "do not have")
         _nested_set(data, target, data.pop(key))
     return data
 
@@ -254,7 +269,13 @@ def prepared(data: dict, sets: list[str] | None, overrides: dict, model: ModelCo
     if renamed:
         data = migrate(data, renamed, {"losses": DEFAULT_LOSSES})
         data.setdefault("losses", copy.deepcopy(DEFAULT_LOSSES))
-    data = apply_overrides(with_model_defaults(data, model), migrate_sets(sets or [], renamed or {}))
+    data = with_model_defaults(data, model)
+    for item in sets or []:
+        new = migrate_sets([item], renamed or {})[0]
+        target = new.partition("=")[0].strip().split(".")
+        if new != item and len(target) == 3 and target[2] != "weight" and _nested(data, ".".join(target[:2])) is None:
+            raise UserError(f"--set {item!r}: a setting of the {target[1]} loss term, which these losses do not have")
+        data = apply_overrides(data, [new])
     data.update({k: v for k, v in overrides.items() if v is not None})
     plugins = data.get("plugins") or []
     if not isinstance(plugins, list):

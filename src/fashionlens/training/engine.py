@@ -63,6 +63,8 @@ class Task(Protocol):
 
     cfg: Any
     model_cfg: ModelConfig  # the model to build (or that ``last/`` must hold)
+    # optional: ``distributed = False`` (one process only), ``model_change`` (what a resume refused for
+    # another model is said to have: "a different model config" by default)
     columns: list[str]  # of metrics.csv
     best_key: str  # the checkpoint extra holding the best score so far
     curves: dict  # plot_curves keywords: losses, scores, score_label
@@ -149,7 +151,8 @@ class Engine:
             return model, {}
         model, saved_cfg, extra = load_checkpoint(last_dir)
         if saved_cfg.model_dump(exclude={"pretrained"}) != task.model_cfg.model_dump(exclude={"pretrained"}):
-            raise UserError(f"{last_dir}: trained with a different model config; choose a new out folder")
+            what = getattr(task, "model_change", "a different model config")
+            raise UserError(f"{last_dir}: trained with {what}; choose a new out folder")
         task.check_resume(extra)
         return model, extra
 
@@ -235,7 +238,10 @@ class Engine:
 
 def run_task(task: Task, progress: Emit | None = None) -> dict:
     """Run ``task`` in this process, or as one of a torchrun group (the group is set up and, when
-    this call made it, torn down)."""
+    this call made it, torn down); a task that cannot share its batches (``distributed = False``)
+    refuses a group."""
+    if not getattr(task, "distributed", True) and (dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UserError(f"{type(task).__name__} trains in one process: start it without torchrun")
     rank, world, owned, device = setup_distributed(task.cfg.device)
     try:
         return Engine(task, progress if rank == 0 else None, rank, world, device).run()

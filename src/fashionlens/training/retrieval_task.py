@@ -129,6 +129,8 @@ class RetrievalTask:
     def prepare(self, model, evaluated, device: str, emit, rank: int, world: int) -> dict:
         cfg, split, mined = self.cfg, self.split, self.mined
         self.device = device
+        for _, term in self.terms.values():
+            term.to(device)  # buffers of its own, if any (a term has no trainable parameters: build_terms)
         data_cfg = model.data_config
         size, mean, std = int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"]
         self.queries = (QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
