@@ -38,7 +38,7 @@ from fashionlens.data.catalog import iter_image_folder
 from fashionlens.data.images import open_image
 from fashionlens.index import CatalogIndex
 from fashionlens.index.query import embedder_for
-from fashionlens.serving.process import Server
+from fashionlens.cli.serve_process import Server
 
 
 def decoded(index_dir: Path, photos: list[Path]) -> tuple:

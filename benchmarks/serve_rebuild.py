@@ -34,7 +34,7 @@ from _common import SHARED, emit, percentile
 from serve_load import load
 
 from fashionlens.data.catalog import iter_image_folder
-from fashionlens.serving.process import Server
+from fashionlens.cli.serve_process import Server
 
 KEY = "benchmark-key-0123456789"
 
