@@ -87,10 +87,10 @@ class TrainProgress:
         """The line of a finished epoch (a retrieval run's: its loss terms and hit rates)."""
         known = {"epoch", "step", "loss", "seconds", "images_per_second", "val_top1", "val_top4", "query_top1",
                  "query_top4", "valid_triplets", "positive_fraction", "event"}
-        terms = ", ".join(f"{name} {fmt(value)}" for name, value in event.items() if name not in known)
+        terms = [f"{name} {fmt(value)}" for name, value in event.items() if name not in known]
         if event.get("positive_fraction") not in (None, ""):
-            terms += f", positive triplets {fmt(event['positive_fraction'])}"
-        return (f"epoch {event['epoch']}: loss {fmt(event['loss'])}" + (f" ({terms.strip(', ')})" if terms else "")
+            terms.append(f"positive triplets {fmt(event['positive_fraction'])}")
+        return (f"epoch {event['epoch']}: loss {fmt(event['loss'])}" + (f" ({', '.join(terms)})" if terms else "")
                 + f" val top-1 {fmt(event.get('val_top1'))} top-4 {fmt(event.get('val_top4'))} "
                 + (f"queries top-1 {fmt(event['query_top1'])} top-4 {fmt(event['query_top4'])} "
                    if event.get("query_top1") not in (None, "") else "")

@@ -138,13 +138,9 @@ def run_demo(data: Path | None, photos: Path | None, out: Path, n_queries: int, 
         if not found.queries:
             return None
         cfg = EvaluateConfig()
-        progress = progress or Progress()
-        progress.start(len(found.queries), "evaluating")
-        summary = run_queries(searcher.index, searcher.embedder, found.queries,
-                              consumer_relevance(found.mapping, found.field), out / "evaluation", cfg.ks,
-                              f"demo: queries -> catalog ({found.field})", max_html=cfg.max_html_queries,
-                              on_progress=progress.advance)
-        progress.stop()
+        return run_queries(searcher.index, searcher.embedder, found.queries,
+                           consumer_relevance(found.mapping, found.field), out / "evaluation", cfg.ks,
+                           f"demo: queries -> catalog ({found.field})", max_html=cfg.max_html_queries,
+                           progress=progress, label="evaluating")
     finally:
         searcher.close()
-    return summary

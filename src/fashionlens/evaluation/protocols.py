@@ -77,9 +77,11 @@ def interleave_by_category(queries: Sequence[Item], relevance: Callable[[Item], 
 def run_queries(index: CatalogIndex, embedder: Embedder, queries: Sequence[Item],
                 relevance: Callable[[Item], Relevance], out: Path, ks: Sequence[int], title: str,
                 batch_size: int = 16, workers: int = 1, max_html: int = 200,
-                on_progress: Callable[[int], None] | None = None) -> dict:
+                progress: Progress | None = None, label: str = "queries") -> dict:
     """Search every query through ``index`` and write metrics.json, hit_rate.png, report.html."""
     out.mkdir(parents=True, exist_ok=True)
+    progress = progress or Progress()
+    progress.start(len(queries), label)
     k_max = max(ks)
     acc = MetricAccumulator(ks, k_max=k_max)
     html = HtmlReport(out / "report.html", title, max_queries=max_html)
@@ -100,8 +102,8 @@ def run_queries(index: CatalogIndex, embedder: Embedder, queries: Sequence[Item]
             html.add(query.path, rel.category, [
                 {"id": h.id, "path": Path(h.path), "score": h.score, "hit": f,
                  "label": h.metadata.get(rel.field, "")} for h, f in zip(hits, flags)])
-        if on_progress:
-            on_progress(len(batch.keys) + len(batch.errors))
+        progress.advance(len(batch.keys) + len(batch.errors))
+    progress.stop()
     summary = acc.summary()
     summary["unreadable_queries"] = [{"path": p, "error": e} for p, e in unreadable]
     summary["index"] = {"folder": str(index.folder), "items": index.store.count("embedded"),
@@ -131,17 +133,12 @@ def evaluate_index(index_dir: Path, queries: Sequence[Item], relevance: Callable
     """Search ``queries`` through the index in ``index_dir`` with its own model (:func:`run_queries`)."""
     if not queries:
         raise UserError("no query images found")
-    progress = progress or Progress()
     index = CatalogIndex(index_dir)
     try:
-        embedder = embedder_for(index, cfg.device)
-        progress.start(len(queries), "queries")
-        summary = run_queries(index, embedder, queries, relevance, out, cfg.ks, title, cfg.batch_size,
-                              cfg.workers, cfg.max_html_queries, on_progress=progress.advance)
-        progress.stop()
+        return run_queries(index, embedder_for(index, cfg.device), queries, relevance, out, cfg.ks, title,
+                           cfg.batch_size, cfg.workers, cfg.max_html_queries, progress)
     finally:
         index.close()
-    return summary
 
 
 def evaluate_pairs(gallery: Sequence[Item], queries: Sequence[Item], out: Path, cfg: EvaluateConfig, title: str,

@@ -40,6 +40,15 @@ def _nested(data: dict, dotted: str):
     return node
 
 
+def _absent_term(data: dict, target: str) -> str | None:
+    """The loss term a setting path ``losses.<term>.<setting>`` belongs to when ``data`` lacks that
+    term and the setting is not its weight (an old name such as ``margin`` may not add a term)."""
+    parts = target.split(".")
+    if len(parts) == 3 and parts[0] == "losses" and parts[2] != "weight" and _nested(data, f"losses.{parts[1]}") is None:
+        return parts[1]
+    return None
+
+
 def _nested_set(data: dict, dotted: str, value) -> None:
     *parents, last = dotted.split(".")
     node = data
@@ -66,8 +75,8 @@ def migrate(data: dict, renamed: dict[str, str], defaults: dict[str, object]) ->
             raise UserError(f"config: {key} and {target} name the same setting ({key} is its old name): give one")
         if rest and group not in data and group in defaults:
             data[group] = copy.deepcopy(defaults[group])
-        if len(rest) == 2 and rest[1] != "weight" and _nested(data, f"{group}.{rest[0]}") is None:
-            raise UserError(f"config: {key} is a setting of the {rest[0]} loss term ({target}), which these losses "
+        if term := _absent_term(data, target):
+            raise UserError(f"config: {key} is a setting of the {term} loss term ({target}), which these losses "
                             "do not have")
         _nested_set(data, target, data.pop(key))
     return data
@@ -272,9 +281,8 @@ def prepared(data: dict, sets: list[str] | None, overrides: dict, model: ModelCo
     data = with_model_defaults(data, model)
     for item in sets or []:
         new = migrate_sets([item], renamed or {})[0]
-        target = new.partition("=")[0].strip().split(".")
-        if new != item and len(target) == 3 and target[2] != "weight" and _nested(data, ".".join(target[:2])) is None:
-            raise UserError(f"--set {item!r}: a setting of the {target[1]} loss term, which these losses do not have")
+        if new != item and (term := _absent_term(data, new.partition("=")[0].strip())):
+            raise UserError(f"--set {item!r}: a setting of the {term} loss term, which these losses do not have")
         data = apply_overrides(data, [new])
     data.update({k: v for k, v in overrides.items() if v is not None})
     plugins = data.get("plugins") or []

@@ -52,10 +52,15 @@ class Neck(nn.Module):
     registered_name: ClassVar[str] = ""
 
     @classmethod
+    def _settings(cls, config: Mapping) -> dict:
+        """``config``'s settings checked against the constructor (less what the builder supplies)."""
+        supplied = ("in_channels", "num_classes") if cls.uses_identities else ("in_channels",)
+        return NECKS.arguments(config["type"], {k: v for k, v in config.items() if k != "type"}, supplied)
+
+    @classmethod
     def from_config(cls, config: Mapping, in_channels: int, num_identities: int | None = None) -> Neck:
         """The neck of ``config`` (its ``type`` already resolved to this class)."""
-        skip = ("in_channels", "num_classes") if cls.uses_identities else ("in_channels",)
-        args = NECKS.arguments(config["type"], {k: v for k, v in config.items() if k != "type"}, skip)
+        args = cls._settings(config)
         if cls.uses_identities and num_identities:
             args["num_classes"] = num_identities
         return cls(in_channels, **args)
@@ -64,10 +69,8 @@ class Neck(nn.Module):
     def canonical_config(cls, config: Mapping) -> dict:
         """``config`` with its type under its registered name (an alias such as ``lan`` replaced)
         and its settings checked; a ValueError says what is wrong."""
-        out = dict(config)
-        out["type"] = NECKS.canonical(str(config["type"]))
-        skip = ("in_channels", "num_classes") if cls.uses_identities else ("in_channels",)
-        NECKS.arguments(out["type"], {k: v for k, v in out.items() if k != "type"}, skip)
+        out = {**config, "type": NECKS.canonical(str(config["type"]))}
+        cls._settings(out)
         return out
 
     def attention_outputs(self) -> list[str]:
