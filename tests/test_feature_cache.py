@@ -155,8 +155,12 @@ def test_train_necks_on_cached_maps(catalog, tmp_path):
     assert "cache" in kinds and "cache_step" in kinds
     rows = read_metrics(out)
     assert all(0 <= float(r["query_top1"]) <= float(r["query_top4"]) <= 1 for r in rows)
-    best = max(rows, key=lambda r: float(r["query_top1"]))
+    assert cfg.best_metric == "query_macro_top4"  # each garment type weighs the same
+    assert all(float(r["query_macro_top4"]) == pytest.approx(np.mean([float(r[f"query_top4.label{j}"])
+                                                                      for j in range(4)])) for r in rows)
+    best = max(rows, key=lambda r: float(r["query_macro_top4"]))  # first of equals, as the trainer keeps
     model, model_cfg, extra = load_checkpoint(out / "best")
+    assert extra["epoch"] == int(best["epoch"])
     assert extra["metrics"]["query_top1"] == pytest.approx(float(best["query_top1"]))
     # stripes got their identity classifiers (thesis A, chapter 4)
     assert model_cfg.num_identities == 6
@@ -198,6 +202,33 @@ def test_cache_of_the_frozen_stages_trains_the_tail(catalog, tmp_path):
         new_cache(tmp_path / "cache")
 
 
+def test_the_anchor_runs_beside_the_untrained_pooled_feature(catalog, tmp_path):
+    """The anchor term's reference, run on the cached maps of a run that trains the last stage,
+    is the untrained ImageNet backbone's pooled feature of the images."""
+    from fashionlens.training.retrieval_task import reference_model
+
+    out = tmp_path / "run"
+    model_section = {"backbone": "lite0", "pretrained": True, "input_size": SIZE, "freeze_backbone": True,
+                     "trainable_from": "blocks.6", "neck": {"type": "lan", "branches": 2, "dim": 16}}
+    cfg = tiny_config(catalog, out, feature_cache=str(tmp_path / "cache"), epochs=1, model=model_section,
+                      losses={"triplet": {"weight": 1.0}, "anchor": {"weight": 2.0}})
+    train(cfg)
+    row = read_metrics(out)[0]
+    assert float(row["anchor"]) > 0 and float(row["loss"]) == pytest.approx(
+        float(row["triplet"]) + 2.0 * float(row["anchor"]), rel=1e-4)
+    reference = reference_model(cfg.model, {"type": "gap"}, "cpu")
+    paths = image_paths(catalog)[:6]
+    cache = FeatureCache.for_model(tmp_path / "cache", cfg.model, SIZE)
+    pre = Preprocess(SIZE, (0.5,) * 3, (0.5,) * 3)
+    untrained, _ = create_backbone("lite0", pretrained=True)
+    untrained.eval()
+    with torch.no_grad():
+        from_maps = reference(cache.stack(paths), from_map=True)["embedding"]
+        pooled = untrained.forward_features(torch.stack([pre(open_image(p)) for p in paths])).mean((2, 3))
+    cos = torch.nn.functional.cosine_similarity(from_maps, pooled, dim=1)
+    assert bool((cos > 0.999).all())
+
+
 def test_feature_cache_config_checks(catalog, tmp_path):
     with pytest.raises(ValueError, match="freeze_backbone"):
         tiny_config(catalog, tmp_path, feature_cache=str(tmp_path / "c"))
@@ -217,7 +248,7 @@ def test_query_validation_from_images_picks_best(catalog, tmp_path):
     rows = read_metrics(out)
     assert all(r["query_top1"] != "" for r in rows)
     model, _, extra = load_checkpoint(out / "best")
-    best = max(rows, key=lambda r: float(r["query_top1"]))  # first of equals, as the trainer keeps
+    best = max(rows, key=lambda r: float(r["query_macro_top4"]))  # first of equals, as the trainer keeps
     assert extra["epoch"] == int(best["epoch"])
     # the logged figure is what the saved model gives, recomputed here independently
     qv = QueryValidation.load(queries, mapping, catalog, "articleType")

@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_cli_inprocess
 from PIL import Image
 
-from conftest import run_cli_inprocess
 from fashionlens.data.sampler import PKSampler
 from fashionlens.errors import UserError
 from fashionlens.losses import BatchAllTripletLoss, IdentityLoss
+from fashionlens.losses.classification import identity_terms
 from fashionlens.training import train
 from fashionlens.training.adapt import adapt, load_adapt_config
 from fashionlens.training.identities import MinedIdentities, with_mined
-from fashionlens.training.mining import (TargetPhotos, label_precision, mine, read_mined_csv, to_identities,
-                                         write_mined_csv)
-from fashionlens.losses.classification import identity_terms
+from fashionlens.training.mining import TargetPhotos, mine
+from fashionlens.training.pseudo_labels import label_precision, read_mined_csv, to_identities, write_mined_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -468,7 +468,7 @@ def test_vote_assigns_groups_by_the_majority_of_source_neighbours(tmp_path):
     write_mined_csv(tmp_path / "mined.csv", found, target_photos, with_labels=True)
     back = read_mined_csv(tmp_path / "mined.csv")
     assert back.source == found.assigned
-    from fashionlens.training.mining import assignment_precision
+    from fashionlens.training.pseudo_labels import assignment_precision
     got = assignment_precision(found, target_photos.labels, lambda label, ident: label == ident)
     groups = [[q, *p] for q, p, a in zip(found.queries, found.positives, found.assigned) if a is not None]
     right = sum(target_photos.labels[r] == a for g, a in zip(groups, [a for a in found.assigned if a]) for r in g)
@@ -502,7 +502,8 @@ def test_vote_photos_against_brute_force(tmp_path, k, m, min_share):
     nearest target photos; only the photo itself gets the label (checked by brute force, with
     unreadable photos among the target and the source, and with small k and m so that ties and
     shares of exactly min_share occur)."""
-    from fashionlens.training.mining import SourceVote, assignment_precision, vote_photos
+    from fashionlens.training.mining import SourceVote, vote_photos
+    from fashionlens.training.pseudo_labels import assignment_precision
 
     rng = np.random.default_rng(11)
     centres = rng.normal(size=(3, 8)).astype(np.float32)

@@ -52,6 +52,15 @@ class RichProgress:
             self.bar.stop()
 
 
+def query_figures(row: dict) -> str:
+    """Overall, macro and worst-type hit rates of a validation row, in words."""
+    text = f"top-1 {fmt(row.get('query_top1'))} top-4 {fmt(row.get('query_top4'))}"
+    if row.get("query_macro_top4") not in (None, ""):
+        text += (f", macro over types top-1 {fmt(row.get('query_macro_top1'))} top-4 {fmt(row['query_macro_top4'])}"
+                 f", worst type {row.get('query_worst_type')} top-4 {fmt(row.get('query_worst_top4'))}")
+    return text
+
+
 class TrainProgress:
     """The training engine's events (fashionlens.training.engine): a progress bar per epoch and one
     line per finished epoch, on stderr. Subclasses print their own kinds of events."""
@@ -85,15 +94,15 @@ class TrainProgress:
 
     def epoch_line(self, event: dict) -> str:
         """The line of a finished epoch (a retrieval run's: its loss terms and hit rates)."""
-        known = {"epoch", "step", "loss", "seconds", "images_per_second", "val_top1", "val_top4", "query_top1",
-                 "query_top4", "valid_triplets", "positive_fraction", "event"}
-        terms = [f"{name} {fmt(value)}" for name, value in event.items() if name not in known]
+        known = {"epoch", "step", "loss", "seconds", "images_per_second", "val_top1", "val_top4",
+                 "valid_triplets", "positive_fraction", "event"}
+        terms = [f"{name} {fmt(value)}" for name, value in event.items()
+                 if name not in known and not name.startswith("query_")]
         if event.get("positive_fraction") not in (None, ""):
             terms.append(f"positive triplets {fmt(event['positive_fraction'])}")
         return (f"epoch {event['epoch']}: loss {fmt(event['loss'])}" + (f" ({', '.join(terms)})" if terms else "")
                 + f" val top-1 {fmt(event.get('val_top1'))} top-4 {fmt(event.get('val_top4'))} "
-                + (f"queries top-1 {fmt(event['query_top1'])} top-4 {fmt(event['query_top4'])} "
-                   if event.get("query_top1") not in (None, "") else "")
+                + (f"queries {query_figures(event)} " if event.get("query_top1") not in (None, "") else "")
                 + f"[dim]{event['seconds']:.0f} s, {fmt(event['images_per_second'])} img/s[/dim]")
 
     def __call__(self, event: dict) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from fashionlens.cli.console import TrainProgress, fmt, run_with_progress, unique_stem
+from fashionlens.cli.console import TrainProgress, fmt, query_figures, run_with_progress, unique_stem
 from fashionlens.errors import UserError
 from fashionlens.training.adapt import AdaptConfig
 from fashionlens.training.config import TrainConfig
@@ -60,8 +60,8 @@ class AdaptProgress(TrainProgress):
         elif kind == "round_done":
             self.stop()
             self.console.print(
-                f"[bold]round {event['round']} done[/bold]: queries top-1 {fmt(event.get('query_top1'))} "
-                f"top-4 {fmt(event.get('query_top4'))}, held-out identities top-1 {fmt(event.get('val_top1'))}; "
+                f"[bold]round {event['round']} done[/bold]: queries {query_figures(event)}, "
+                f"held-out identities top-1 {fmt(event.get('val_top1'))}; "
                 f"model {event.get('model')}")
         elif kind == "stopped":
             self.console.print(f"stopped after round {event['round']}: no better validation for the last rounds; "

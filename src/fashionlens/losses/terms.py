@@ -45,6 +45,10 @@ class LossTerm(nn.Module):
     """Base of every loss term."""
 
     stat_names: ClassVar[tuple[str, ...]] = ()
+    reference: ClassVar[dict | None] = None
+    """A neck config: the trainer then also runs a frozen reference model (the run's backbone with
+    its pretrained weights and this neck, no heads) on every batch, without gradients, and gives
+    its embedding as ``outputs["reference"]`` (the ``anchor`` term's)."""
 
     def model_settings(self, num_identities: int) -> dict:
         """ModelConfig fields this term needs, for a run of ``num_identities`` identities (the
@@ -73,7 +77,7 @@ def check_losses(losses: Mapping) -> dict[str, dict]:
             raise ValueError(f"loss term {name!r}: its settings must be a mapping, e.g. {{weight: 1}}")
         try:
             canonical = LOSS_TERMS.canonical(str(name))
-            if canonical in RESERVED:
+            if canonical in RESERVED or canonical.startswith(("query_", "val_")):
                 raise UserError(f"loss term {canonical!r}: the name of a metrics column; register it under another")
             try:
                 weight = float(settings.get("weight", 1.0))

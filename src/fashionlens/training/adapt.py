@@ -47,24 +47,26 @@ from fashionlens.models.checkpoints import CheckpointPath, is_checkpoint
 from fashionlens.training.config import RENAMED, TrainConfig, migrate, migrate_sets, prepared
 from fashionlens.training.engine import setup_distributed
 from fashionlens.training.identities import split_for
-from fashionlens.training.mining import (
-    SourceVote,
-    TargetPhotos,
+from fashionlens.training.mining import SourceVote, TargetPhotos, mine, vote_photos
+from fashionlens.training.pseudo_labels import (
+    assignment_counts,
     assignment_precision,
+    cap_assigned,
     label_precision,
-    mine,
     read_mined_csv,
-    vote_photos,
     write_mined_csv,
 )
 from fashionlens.training.retrieval_task import checkpoint_embedder, train
-from fashionlens.training.validation import QueryValidation, validation_row
+from fashionlens.training.validation import QueryValidation, eligible, round_figures, validation_row
 
 ADAPT_RENAMED = {"m": "group_size", "i": "negatives_from", "j": "negatives_to"}
 """Old setting name -> its name now (the method's symbols)."""
-ROUND_COLUMNS = ["round", "query_top1", "query_top4", "val_top1", "val_top4", "epoch", "mined_identities",
-                 "positive_precision", "negative_same_label", "assigned_groups", "assignment_precision", "model"]
-MEASURES = ("positive_precision", "negative_same_label", "assigned_groups", "assignment_precision")
+ROUND_COLUMNS = ["round", "query_top1", "query_top4", "query_macro_top1", "query_macro_top4", "query_worst_top4",
+                 "query_worst_type", "val_top1", "val_top4", "epoch", "mined_identities", "positive_precision",
+                 "negative_same_label", "assigned_groups", "assignment_precision", "labelled_photos",
+                 "largest_identity_share", "eligible", "model"]
+MEASURES = ("positive_precision", "negative_same_label", "assigned_groups", "assignment_precision", "labelled_photos",
+            "largest_identity_share")
 
 
 class AdaptConfig(Config):
@@ -98,6 +100,17 @@ class AdaptConfig(Config):
                                                  "latest model still mines)")
     vote_k: int = Field(20, ge=1, description="assign=source/photo: source photos searched per group or photo")
     vote_min_share: float = Field(0.5, gt=0, le=1, description="assign=source/photo: smallest share of the vote")
+    vote_prior_power: float = Field(0.0, ge=0, le=1, description="assign=source/photo: each vote for a source "
+                                    "identity weighs (its share of the source photos) ** -power, so that a large "
+                                    "identity (a catalog's T-shirts) does not win a photo by its size alone; 0 = "
+                                    "plain counts, 1 = votes divided by the identity's share (the weights are "
+                                    "scaled so that a vote drawn from the source's own mix weighs 1 on average)")
+    mined_cap: int | None = Field(None, ge=1, description="assign=source/photo: at most this many target photos "
+                                  "join one source identity in a round (those with the largest vote shares); "
+                                  "None = no cap")
+    max_type_drop: float | None = Field(None, ge=0, le=1, description="with labelled val_queries: a round is "
+                                        "handed over only when no garment type's validation top-4 lies more than "
+                                        "this below round 0's (None: any round may be)")
     mined_share: float | None = Field(None, gt=0, lt=1, description="average share of a batch's P identities "
                                       "drawn from the mined ones (None: all identities alike, as the method)")
     index_type: IndexTypeName = Field("auto", description="target index (auto: exact up to flat_max photos, "
@@ -168,7 +181,7 @@ def evaluate_checkpoint(cfg: AdaptConfig, checkpoint: Path, device: str, progres
 def _source_vote(cfg: AdaptConfig) -> SourceVote:
     split = split_for(cfg.train)
     return SourceVote([p for p, _ in split.train], [split.train_identities[label] for _, label in split.train],
-                      cfg.vote_k, cfg.vote_min_share)
+                      cfg.vote_k, cfg.vote_min_share, cfg.vote_prior_power)
 
 
 def _assignment_check(cfg: AdaptConfig):
@@ -312,17 +325,16 @@ def _adapt(cfg: AdaptConfig, emit, world: int, device: str) -> list[dict]:
                 best_epoch = _best_row(folder / "train" / "metrics.csv", metric)
                 result = {"round": r, "mined_identities": len(mined), "model": str(folder / "train" / "best"),
                           "trained_from": str(start_from), "mined_with": str(previous),
-                          **{k: info.get(k) for k in MEASURES},
-                          **{k: (float(v) if v not in (None, "") else None) for k, v in best_epoch.items()
-                             if k in ("query_top1", "query_top4", "val_top1", "val_top4")},
+                          **{k: info.get(k) for k in MEASURES}, **round_figures(best_epoch),
                           "epoch": int(best_epoch["epoch"])}
                 atomic_write_json(done, result)
                 return result
 
             row = _on_rank0(world, finish)
+        row = {**row, "eligible": eligible(row, rows[0], cfg.max_type_drop)}
         rows.append(row)
         value = row.get(metric)
-        if value is not None and (best[metric] is None or value > best[metric]):
+        if row["eligible"] and value is not None and (best[metric] is None or value > best[metric]):
             best, stale = {"round": r, metric: value, "model": row["model"]}, 0
         else:
             stale += 1
@@ -352,7 +364,10 @@ def _mine_round(cfg: AdaptConfig, r: int, folder: Path, previous: Path, target: 
     else:
         found = mine(target.paths, embed, folder / ".target-vectors", cfg.queries, cfg.group_size, cfg.negatives_from, cfg.negatives_to,
                      seed=cfg.seed + r, index_type=cfg.index_type, flat_max=cfg.flat_max, progress=step, vote=vote)
-    info = {"round": r, "queries": len(found.queries), "index": found.index, "model": str(previous)}
+    if cfg.mined_cap is not None:
+        cap_assigned(found, cfg.mined_cap)
+    info = {"round": r, "queries": len(found.queries), "index": found.index, "model": str(previous),
+            **assignment_counts(found, len(target.paths))}
     if cfg.target_labels:
         info.update(label_precision(found, target.labels))
         check = _assignment_check(cfg)

@@ -124,6 +124,10 @@ class RunSettings(Config):
                            + [f"neck types: {NECKS.describe(skip=('in_channels', 'num_classes'))}"])
 
 
+SelectMetric = Literal["auto", "query_macro_top4", "query_macro_top1", "query_worst_top4", "query_top1", "query_top4",
+                       "val_top1", "val_top4"]
+
+
 class TrainConfig(RunSettings):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model to train (see ModelConfig); "
                                "num_identities is set by the trainer when a loss term asks for an identity head")
@@ -172,6 +176,10 @@ class TrainConfig(RunSettings):
     val_mapping: str | None = Field(None, description="CSV label -> catalog values that count as a hit "
                                     "(consumer/catalog_types.csv); needed with val_queries")
     val_field: str = Field("articleType", description="catalog metadata column the mapping's values refer to")
+    select: SelectMetric = Field("auto", description=(
+        "validation column that picks best/ (and adapt's handed-over round): auto = query_macro_top4 with "
+        "val_queries (each garment type's top-4 weighs the same, so a model that trades rare types for "
+        "common ones cannot win it), else val_top1; query_top1 = overall top-1 (the choice before 2026-12-07)"))
     # run
     out: str = Field("runs/train", description="run folder: metrics.csv, curves.png, config.yaml, last/, best/")
 
@@ -190,12 +198,17 @@ class TrainConfig(RunSettings):
         self.check_cache()
         if bool(self.val_queries) != bool(self.val_mapping):
             raise ValueError("val_queries and val_mapping go together")
+        if self.select.startswith("query_") and not self.val_queries:
+            raise ValueError(f"select={self.select} needs val_queries (labelled query photos)")
         return self
 
     @property
     def best_metric(self) -> str:
-        """The validation column that picks ``best/``: query_top1 with val_queries, else val_top1."""
-        return "query_top1" if self.val_queries else "val_top1"
+        """The validation column that picks ``best/`` (``select``; auto: query_macro_top4 with
+        val_queries, else val_top1)."""
+        if self.select != "auto":
+            return self.select
+        return "query_macro_top4" if self.val_queries else "val_top1"
 
     @classmethod
     def help_text(cls) -> str:

@@ -19,14 +19,16 @@ The result is written as ``mined.csv``, one row per photo, for a person to read:
     0,negative,30,0.55,...
 
 ``label`` appears only when the target's labels are known (measurement only: the sub-folder a
-photo lies in); :func:`label_precision` then says how often the mined positives share the
-query's label. Labels are never used for mining or training.
+photo lies in); :func:`~fashionlens.training.pseudo_labels.label_precision` then says how often
+the mined positives share the query's label. Labels are never used for mining or training. The
+file, the measures of its pseudo-labels and the cap per identity are in
+:mod:`fashionlens.training.pseudo_labels`.
 """
 
 from __future__ import annotations
 
-import csv
 import shutil
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +38,8 @@ import torch
 
 from fashionlens.data.catalog import iter_image_folder
 from fashionlens.errors import UserError
-from fashionlens.files import atomic_write_csv
 from fashionlens.index.types import choose_spec, new_index
 from fashionlens.index.vectors import ChunkFiles, sample_for_training
-from fashionlens.training.identities import MinedIdentities
 
 Embed = Callable[[Sequence[Path]], torch.Tensor]
 
@@ -75,6 +75,20 @@ class SourceVote:
     identities: list[str]  # the source identity of each path
     k: int = 20
     min_share: float = 0.5
+    prior_power: float = 0.0  # a vote for identity c weighs (c's share of the source) ** -prior_power
+
+    def weights(self, names: list[str]) -> np.ndarray | None:
+        """Each identity's vote weight (None: plain counts): the inverse of its share of the source
+        photos to the power ``prior_power``, scaled so that a vote drawn at random from the source
+        photos weighs 1 on average. Written here: a class-prior correction of a k-NN vote (dividing
+        the vote by the prior turns p(class | photo) into a likelihood ratio) that no library
+        offers for FAISS results."""
+        if not self.prior_power:
+            return None
+        counts = Counter(self.identities)
+        share = np.array([counts[n] / len(self.identities) for n in names])
+        w = share ** -self.prior_power
+        return w / float((share * w).sum())
 
 
 @dataclass
@@ -164,16 +178,19 @@ def _votes(ids: np.ndarray, code: np.ndarray) -> np.ndarray:
     return np.where(ids >= 0, code[np.maximum(ids, 0)], -1)
 
 
-def _majority(votes: np.ndarray) -> tuple[int, int]:
-    """The identity number with the most ``votes`` (those >= 0) and its count; a tie goes to the
-    one reached first (the nearer photo). (-1, 0) when there is no vote."""
-    votes = votes[votes >= 0]
-    if not len(votes):
-        return -1, 0
-    ids, first, counts = np.unique(votes, return_index=True, return_counts=True)
-    tied = np.flatnonzero(counts == counts.max())
+def _majority(votes: np.ndarray, weights: np.ndarray | None = None) -> tuple[int, float, float]:
+    """The identity number with the most ``votes`` (those >= 0; each weighing ``weights[number]``,
+    or 1), its weighted count and the weighted count of all the votes (an abstention, -1, weighs
+    1); a tie goes to the one reached first (the nearer photo). (-1, 0, n) when there is no vote."""
+    cast = votes[votes >= 0]
+    abstained = len(votes) - len(cast)
+    if not len(cast):
+        return -1, 0, float(abstained)
+    ids, first, counts = np.unique(cast, return_index=True, return_counts=True)
+    scores = counts.astype(np.float64) if weights is None else counts * weights[ids]
+    tied = np.flatnonzero(scores == scores.max())
     best = tied[np.argmin(first[tied])]
-    return int(ids[best]), int(counts[best])
+    return int(ids[best]), float(scores[best]), float(scores.sum()) + abstained
 
 
 def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: int, vote: SourceVote,
@@ -186,10 +203,11 @@ def _vote(groups: list[np.ndarray], files: ChunkFiles, numbers: list[int], dim: 
     index = _source_index(vote, embed, work, dim, flat_max, seed, chunk_size)
     _, ids = index.search(centroids.astype(np.float32), vote.k)
     names, code = _identity_codes(vote)
+    weights = vote.weights(names)
     assigned, shares = [], []
     for row in _votes(ids, code):
-        best, count = _majority(row)
-        share = count / vote.k
+        best, count, total = _majority(row, weights)
+        share = count / total
         assigned.append(names[best] if count and share >= vote.min_share else None)
         shares.append(share)
     return assigned, shares
@@ -276,11 +294,12 @@ def vote_photos(paths: Sequence[Path], embed: Embed, work: Path, vote: SourceVot
                     near[row, :len(others)] = others
             del index
         assigned, shares = [], []
+        weights = vote.weights(names)
         for row in readable:
             found = near[row][near[row] >= 0]
             # the photo's own votes first: a tie goes to its nearer source photos
-            best, count = _majority(np.concatenate([votes[row], votes[found].ravel()]))
-            share = count / (vote.k * (1 + len(found)))
+            best, count, total = _majority(np.concatenate([votes[row], votes[found].ravel()]), weights)
+            share = count / total  # plain counts: of the vote.k x (1 + neighbours found) votes
             assigned.append(names[best] if count and share >= vote.min_share else None)
             shares.append(share)
         # no positives: the label is the photo's alone (its neighbours only voted)
@@ -288,88 +307,3 @@ def vote_photos(paths: Sequence[Path], embed: Embed, work: Path, vote: SourceVot
         return Mined(np.asarray(readable), none, no_scores, none, no_scores, none, spec.to_dict(), assigned, shares)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def to_identities(mined: Mined, target: TargetPhotos) -> MinedIdentities:
-    p = target.paths
-    return MinedIdentities([[p[q]] + [p[r] for r in rows] for q, rows in zip(mined.queries, mined.positives)],
-                           [[p[r] for r in rows] for rows in mined.negatives], mined.assigned)
-
-
-def write_mined_csv(path: Path, mined: Mined, target: TargetPhotos, with_labels: bool = False) -> None:
-    """``mined.csv`` (see the module docstring), written whole or not at all."""
-    voted = mined.assigned is not None
-    columns = (["identity", "role", "rank", "score", "path"] + (["label"] if with_labels else [])
-               + (["source_identity", "vote_share"] if voted else []))
-
-    def row(ident, role, rank, score, r):
-        return ([ident, role, rank, f"{float(score):.6f}", str(target.paths[r])]
-                + ([target.labels[r]] if with_labels else [])
-                + ([mined.assigned[ident] or "", f"{mined.assigned_share[ident]:.3f}"] if voted else []))
-
-    def rows():
-        for ident, q in enumerate(mined.queries):
-            yield row(ident, "query", 0, 1.0, q)
-            for rank, (r, s) in enumerate(zip(mined.positives[ident], mined.positive_scores[ident]), start=1):
-                yield row(ident, "positive", rank, s, r)
-            for rank, r, s in zip(mined.negative_ranks[ident], mined.negatives[ident], mined.negative_scores[ident]):
-                yield row(ident, "negative", rank, s, r)
-
-    atomic_write_csv(path, columns, rows())
-
-
-def read_mined_csv(path: Path) -> MinedIdentities:
-    """The identities of a ``mined.csv``: query + positives, negatives, and (when the groups
-    were voted onto source identities) each one's source identity or None."""
-    positives: dict[int, list[Path]] = {}
-    negatives: dict[int, list[Path]] = {}
-    source: dict[int, str | None] = {}
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            voted = "source_identity" in (reader.fieldnames or [])
-            for row in reader:
-                ident, role = int(row["identity"]), row["role"]
-                if role not in ("query", "positive", "negative"):
-                    raise ValueError(f"unknown role {role!r}")
-                (negatives if role == "negative" else positives).setdefault(ident, []).append(Path(row["path"]))
-                if voted:
-                    source[ident] = row["source_identity"] or None
-    except (KeyError, ValueError, TypeError, csv.Error) as exc:
-        raise UserError(f"{path}: not a mined-identities CSV ({exc})") from None
-    order = sorted(set(positives) | set(negatives))
-    return MinedIdentities([positives.get(q, []) for q in order], [negatives.get(q, []) for q in order],
-                           [source.get(q) for q in order] if voted else None)
-
-
-def assignment_precision(mined: Mined, labels: Sequence[str], correct: Callable[[str, str], bool]) -> dict:
-    """Measurement only, for groups voted onto source identities: ``assigned_share`` = share of
-    groups with a source identity; ``assignment_precision`` = share of their photos (query and
-    positives) for which ``correct(photo's label, source identity)`` holds."""
-    if mined.assigned is None:
-        return {}
-    hits = total = 0
-    for q, rows, name in zip(mined.queries, mined.positives, mined.assigned):
-        if name is None:
-            continue
-        group = [q, *rows.tolist()]
-        hits += sum(correct(labels[r], name) for r in group)
-        total += len(group)
-    n_assigned = sum(a is not None for a in mined.assigned)
-    return {"assigned_groups": n_assigned / len(mined.assigned) if mined.assigned else None,
-            "assignment_precision": hits / total if total else None}
-
-
-def label_precision(mined: Mined, labels: Sequence[str]) -> dict:
-    """Measurement only: ``positive_precision`` = share of mined positives (ranks 1..m) whose
-    label is the query's; ``negative_same_label`` = share of mined negatives (ranks i..j) whose
-    label is the query's (negatives that are in fact positives at the labels' granularity)."""
-    lab = np.asarray(labels)
-    pos_same = [lab[rows] == lab[q] for q, rows in zip(mined.queries, mined.positives)]
-    neg_same = [lab[rows] == lab[q] for q, rows in zip(mined.queries, mined.negatives)]
-    n_pos, n_neg = sum(len(x) for x in pos_same), sum(len(x) for x in neg_same)
-    return {
-        "positive_precision": float(sum(x.sum() for x in pos_same) / n_pos) if n_pos else None,
-        "negative_same_label": float(sum(x.sum() for x in neg_same) / n_neg) if n_neg else None,
-        "positives": n_pos, "negatives": n_neg,
-    }

@@ -44,10 +44,8 @@ from fashionlens.training.feature_cache import (
 )
 from fashionlens.training.identities import IdentityDataset, MinedIdentities, split_for, with_mined
 from fashionlens.training.model_outputs import make_embed
-from fashionlens.training.validation import QueryValidation, validation_row
+from fashionlens.training.validation import QueryValidation, validation_columns, validation_row
 from fashionlens.training.weights import init_weights
-
-VALIDATION_COLUMNS = ["val_top1", "val_top4", "query_top1", "query_top4"]
 
 
 def map_augment(cfg) -> MapAugment:
@@ -114,9 +112,17 @@ class RetrievalTask:
             update.update(term.model_settings(len(self.split.train_identities)))
         self.model_cfg = cfg.model.model_copy(update=update)
         self.stat_names = [name for _, term in self.terms.values() for name in term.stat_names]
-        self.columns = ["epoch", "step", "loss", *self.terms, *self.stat_names, *VALIDATION_COLUMNS, "seconds",
-                        "images_per_second"]
+        needs = [term.reference for _, term in self.terms.values() if term.reference is not None]
+        if len({repr(n) for n in needs}) > 1:
+            raise UserError("the loss terms ask for different reference models; one run has one")
+        self.reference_neck = needs[0] if needs else None
+        self.reference = None
+        self._set_columns(None)
         self.curves = {"losses": ("loss", *self.terms)}
+
+    def _set_columns(self, queries: QueryValidation | None) -> None:
+        self.columns = ["epoch", "step", "loss", *self.terms, *self.stat_names, *validation_columns(queries),
+                        "seconds", "images_per_second"]
 
     def check_resume(self, extra: dict) -> None:
         pass  # the engine compares the model; the rest of the settings may change between calls
@@ -131,10 +137,13 @@ class RetrievalTask:
         self.device = device
         for _, term in self.terms.values():
             term.to(device)  # buffers of its own, if any (a term has no trainable parameters: build_terms)
+        if self.reference_neck is not None:
+            self.reference = reference_model(self.model_cfg, self.reference_neck, device)
         data_cfg = model.data_config
         size, mean, std = int(data_cfg["input_size"][-1]), data_cfg["mean"], data_cfg["std"]
         self.queries = (QueryValidation.load(cfg.val_queries, cfg.val_mapping, cfg.catalog, cfg.val_field)
                         if cfg.val_queries else None)
+        self._set_columns(self.queries)
         cache = None
         if cfg.feature_cache:
             needed = ([p for p, _ in split.train + split.val] + (self.queries.all_paths() if self.queries else [])
@@ -181,7 +190,11 @@ class RetrievalTask:
 
     def forward(self, net, batch):
         images, labels = (t.to(self.device, non_blocking=True) for t in batch)
-        return net(images, from_map=self.cache is not None), labels
+        outputs = net(images, from_map=self.cache is not None)
+        if self.reference is not None:
+            with torch.no_grad():
+                outputs = {**outputs, "reference": self.reference(images, from_map=self.cache is not None)["embedding"]}
+        return outputs, labels
 
     def loss(self, outputs: dict, labels: torch.Tensor):
         anchors = None
@@ -205,6 +218,17 @@ class RetrievalTask:
 
     def extra(self, row: dict) -> dict:
         return {"train_identities": self.split.train_identities}
+
+
+def reference_model(model_cfg, neck: dict, device: str):
+    """The frozen reference model of a loss term (:attr:`LossTerm.reference`): the run's backbone
+    with its pretrained weights (the stages a cached map skips are the same frozen ones), ``neck``,
+    no heads, in eval mode."""
+    cfg = model_cfg.model_copy(update={"neck": neck, "num_identities": None, "attributes": None, "pretrained": True})
+    model, _ = build_model(cfg)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model
 
 
 def train(cfg: TrainConfig, progress=None, init: str | Path | None = None,
