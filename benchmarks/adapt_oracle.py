@@ -48,10 +48,12 @@ ARMS = BASE + tuple(SWEEP)
 
 def _best(metrics_csv: Path, metric: str) -> tuple[dict, list[float], float]:
     """The best epoch's validation, the metric per epoch, and the training's seconds."""
+    from fashionlens.training.validation import summary_of
+
     with open(metrics_csv, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get(metric) not in (None, "")]
     best = max(rows, key=lambda r: float(r[metric]))
-    return ({k: float(best[k]) for k in ("query_top1", "query_top4") if best.get(k)} | {"epoch": int(best["epoch"])},
+    return (summary_of(best) | {"epoch": int(best["epoch"])},
             [float(r[metric]) for r in rows], round(sum(float(r["seconds"]) for r in rows), 1))
 
 
@@ -63,6 +65,7 @@ def main() -> None:
     from fashionlens.training.identities import MinedIdentities, split_for
     from fashionlens.training.mining import SourceVote, TargetPhotos, vote_photos
     from fashionlens.training.retrieval_task import train
+    from fashionlens.training.validation import summary_of
 
     names = chosen(args.only, ARMS, "arms")
     cfg = load_adapt_config(args.config, args.sets)
@@ -153,7 +156,7 @@ def main() -> None:
                       "best": best, f"{metric}_per_epoch": curve, "train_seconds": seconds}
         print(name, {k: v for k, v in rows[name].items() if k != "identities"}, file=sys.stderr, flush=True)
     emit({"benchmark": "adapt_oracle", "config": args.config, "sets": args.sets,
-          "round0": {k: round0.get(k) for k in ("query_top1", "query_top4")}, "arms": rows})
+          "round0": summary_of(round0), "arms": rows})
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ def main() -> None:
     args = sweep_args(__doc__, "runs/mining-sweep")
 
     from fashionlens.training.adapt import adapt, load_adapt_config
+    from fashionlens.training.validation import summary_of
 
     names = chosen(args.only, VARIANTS, "variants")
     rows = {}
@@ -61,8 +62,8 @@ def main() -> None:
         result = adapt(cfg)
         mining = json.loads((out / "round-1" / "mining.json").read_text())
         rows[name] = {
-            "round0": {k: result[0].get(k) for k in ("query_top1", "query_top4")},
-            "round1": {k: result[1].get(k) for k in ("query_top1", "query_top4", "epoch")},
+            "round0": summary_of(result[0]),
+            "round1": {**summary_of(result[1]), "epoch": result[1].get("epoch")},
             **{k: mining.get(k) for k in ("positive_precision", "negative_same_label")},
             "wall_seconds": round(time.time() - t0, 1),
             "command": f"fashionlens adapt {args.config} --rounds 1 " + " ".join(f"--set '{s}'" for s in sets)

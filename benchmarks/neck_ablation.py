@@ -69,13 +69,15 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def best_row(metrics: Path) -> dict:
+    from fashionlens.training.validation import summary_of
+
     with open(metrics, newline="") as fh:
         rows = list(csv.DictReader(fh))
     key = "query_top1" if rows and rows[0].get("query_top1") else "val_top1"
     best = max(rows, key=lambda r: float(r[key] or "-inf"))
     num = lambda v: None if v in (None, "") else float(v)  # noqa: E731
     return {"best_epoch": int(best["epoch"]), "epochs": len(rows),
-            **{k: num(best[k]) for k in ("query_top1", "query_top4", "val_top1", "val_top4")},
+            **{k: num(best[k]) for k in ("val_top1", "val_top4")}, **summary_of(best),
             "last_query_top1": num(rows[-1]["query_top1"]),
             "images_per_second": num(rows[-1]["images_per_second"]),
             "train_seconds": round(sum(float(r["seconds"]) for r in rows), 1)}

@@ -33,7 +33,11 @@ def main() -> None:
     emit({"benchmark": "retrieval_quality", "queries": f"consumer/{args.split}", "index": args.index,
           "model": summary["index"]["embedder"]["model"], "n_queries": overall["n_queries"],
           "hit_rate": overall["hit_rate"], "recall": overall["recall"], "map": overall["map"],
+          "macro_hit_rate": {k: v for k, v in summary["macro"].get("hit_rate", {}).items()},
+          "worst_category_top4": min(((g["hit_rate"]["4"], c) for c, g in summary["per_category"].items()
+                                      if g.get("n_queries")), default=(None, None))[::-1],
           "per_category_top1": {c: g["hit_rate"]["1"] for c, g in summary["per_category"].items()},
+          "per_category_top4": {c: g["hit_rate"]["4"] for c, g in summary["per_category"].items()},
           "report": str(out / "report.html")})
 
 

@@ -298,4 +298,10 @@ def test_evaluate_consumer_writes_the_report(runs):
     assert metrics["overall"]["n_queries"] == 4 and set(metrics["per_category"]) == set(QUERY_LABELS)
     assert all(0.0 <= v <= 1.0 for v in metrics["overall"]["hit_rate"].values())
     assert metrics["index"]["items"] == 12
+    # the printed table: the macro over the garment types beside the overall figure, and the worst type
+    macro = metrics["macro"]["hit_rate"]["1"]
+    assert f"macro ({len(QUERY_LABELS)} categories)" in res.out and f"{macro:.3f}" in res.out
+    top4 = {c: g["hit_rate"]["4"] for c, g in metrics["per_category"].items()}
+    worst = min(top4, key=lambda c: (top4[c], c))
+    assert f"worst category at top-4: {worst} {top4[worst]:.3f}" in res.out
     assert (out / "hit_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

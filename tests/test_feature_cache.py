@@ -447,3 +447,20 @@ def test_view_folders_of_earlier_settings_stay_where_they_were(catalog, tmp_path
     assert folder({"background": 0.0, "background_level": 200}) == "views-d145a96dbf"
     assert folder({"background": 0.5}) != "views-d145a96dbf"
     assert folder({"background": 0.5}) != folder({"background": 0.5, "background_level": 200})
+
+
+def test_a_complete_cache_is_read_while_another_process_writes(catalog, tmp_path):
+    """Runs that share a cache (arms trained side by side) read it at once; only a run that must
+    add maps needs the writer lock, and is told when another process holds it."""
+    import fcntl
+
+    paths = image_paths(catalog)
+    folder = tmp_path / "cache"
+    new_cache(folder).ensure(paths[:4])
+    with open(folder / ".lock", "w") as held:  # another process writing
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other = new_cache(folder)
+        assert other.ensure(paths[:4]) == [] and all(p in other for p in paths[:4])
+        with pytest.raises(UserError, match="another fashionlens process is writing this feature cache"):
+            new_cache(folder).ensure(paths[:5])
+    assert new_cache(folder).ensure(paths[:5]) == [] and paths[4] in new_cache(folder)

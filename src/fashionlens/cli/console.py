@@ -165,9 +165,17 @@ def print_summary(summary: dict, folder: Path) -> None:
     for col in ["category", "queries", *[f"top-{k}" for k in ks], f"mAP@{ks[-1]}"]:
         table.add_column(col)
     groups = [*summary["per_category"].items(), ("overall", summary["overall"])]
+    macro = summary.get("macro") or {}
+    if macro.get("n_categories", 0) > 1:  # every category weighs the same: what a collapse onto common ones lowers
+        groups.append((f"macro ({macro['n_categories']} categories)",
+                       {"n_queries": sum(g["n_queries"] for g in summary["per_category"].values()), **macro}))
     for name, g in groups:
         table.add_row(name, str(g["n_queries"]), *[fmt(g["hit_rate"][str(k)]) for k in ks], fmt(g["map"][str(ks[-1])]))
     out.print(table)
+    scored = {c: g["hit_rate"][str(ks[-1])] for c, g in summary["per_category"].items() if g["n_queries"]}
+    if len(scored) > 1:
+        worst = min(scored, key=lambda c: (scored[c], c))
+        out.print(f"worst category at top-{ks[-1]}: {worst} {fmt(scored[worst])}")
     out.print(f"report: {folder / 'report.html'}  metrics: {folder / 'metrics.json'}  plot: {folder / 'hit_rate.png'}")
 
 

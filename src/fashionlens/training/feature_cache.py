@@ -178,12 +178,24 @@ class FeatureCache:
         part's state). ``progress(done, total)`` is called after each batch.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self._holds(paths):  # a complete cache is read by any number of runs at once: no writer lock
+            return []
         lock = exclusive_lock(self.folder, "feature cache")
         try:
             with torch.random.fork_rng(devices=[]):  # building draws (weights, views) leave the caller's alone
                 return self._ensure(paths, device, batch_size, workers, progress)
         finally:
             lock.close()
+
+    def _holds(self, paths: Sequence[str | Path]) -> bool:
+        """Whether every one of ``paths`` is cached (or known unreadable) already, read without the lock
+        (a part's rows count once its state says they are written)."""
+        try:
+            self._load_parts()
+        except (UserError, OSError, ValueError, KeyError):  # a part being created or repaired: ask the writer
+            return False
+        known = set(self._rows) | self._unreadable
+        return all(str(Path(p).resolve()) in known for p in paths)
 
     def _ensure(self, paths, device, batch_size, workers, progress) -> list[str]:
         unreadable: list[str] = []

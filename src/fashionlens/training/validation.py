@@ -151,6 +151,19 @@ def type_figures(hits: torch.Tensor, types: Sequence[str], all_types: Sequence[s
     return row
 
 
+SUMMARY = ("query_top1", "query_top4", "query_macro_top1", "query_macro_top4", "query_worst_top4", "query_worst_type")
+"""The figures a report gives of labelled query photos: overall, macro over the types, the worst type."""
+
+
+def summary_of(row: dict) -> dict:
+    """The :data:`SUMMARY` figures of a validation or metrics.csv row (numbers as floats; absent: None)."""
+    out = {}
+    for k in SUMMARY:
+        v = row.get(k)
+        out[k] = None if v in (None, "") else (v if k == "query_worst_type" else float(v))
+    return out
+
+
 def validation_columns(queries: QueryValidation | None) -> list[str]:
     """The columns of :func:`validation_row`."""
     return ["val_top1", "val_top4"] + (queries.columns() if queries is not None else ["query_top1", "query_top4"])
