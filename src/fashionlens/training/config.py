@@ -161,7 +161,8 @@ class TrainConfig(RunSettings):
         "(triplet: batch-all triplet loss, margin on the Euclidean distance of L2-normalised embeddings, reducer "
         "'all' (the method's mean over all valid triplets) or 'nonzero'; identity: softmax loss of an identity "
         "head; old names: triplet, identity (their weights), margin, reducer). Terms: "
-        "triplet(margin=0.2, reducer='all'), identity(label_smoothing=0.0), or a plugin's"))
+        "triplet(margin=0.2, reducer='all'), identity(label_smoothing=0.0), anchor() (keeps the batch's "
+        "similarities close to the untrained backbone's pooled feature), or a plugin's"))
     augment: dict | None = Field(None, description="AugmentConfig fields (None = the retrieval method's defaults)")
     feature_cache: str | None = Field(None, description="folder of cached backbone feature maps: with "
                                       "model.freeze_backbone, train the necks (and the stages from model.trainable_from) on maps computed once (built "
