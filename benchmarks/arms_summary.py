@@ -27,7 +27,10 @@ def summarise(paths: list[Path], round_: str) -> dict:
     for path in paths:
         m = re.match(r"(?:adapt_arm_)?(.+)_seed(\d+)$", path.stem)
         name, seed = (m.group(1), int(m.group(2))) if m else (path.stem, 0)
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # a run still going (its JSON not written yet)
+            continue
         rows = {str(r["round"]): r for r in data["rounds"]}
         pick = str(max(int(r) for r in rows if r != "untrained")) if round_ == "last" else round_
         if pick in rows:
