@@ -172,10 +172,11 @@ def print_summary(summary: dict, folder: Path) -> None:
     for name, g in groups:
         table.add_row(name, str(g["n_queries"]), *[fmt(g["hit_rate"][str(k)]) for k in ks], fmt(g["map"][str(ks[-1])]))
     out.print(table)
-    scored = {c: g["hit_rate"][str(ks[-1])] for c, g in summary["per_category"].items() if g["n_queries"]}
+    k = 4 if 4 in ks else ks[-1]  # the retrieval method's top-4 when evaluated
+    scored = {c: g["hit_rate"][str(k)] for c, g in summary["per_category"].items() if g["n_queries"]}
     if len(scored) > 1:
         worst = min(scored, key=lambda c: (scored[c], c))
-        out.print(f"worst category at top-{ks[-1]}: {worst} {fmt(scored[worst])}")
+        out.print(f"worst category at top-{k}: {worst} {fmt(scored[worst])}")
     out.print(f"report: {folder / 'report.html'}  metrics: {folder / 'metrics.json'}  plot: {folder / 'hit_rate.png'}")
 
 
