@@ -44,6 +44,7 @@ def summarise(paths: list[Path], round_: str) -> dict:
                 continue
             types = sorted({k.split(".", 1)[1] for r, _ in have for k in r[split] if k.startswith("query_top4.")})
             entry[split] = {k: _mean([r[split].get(k) for r, _ in have]) for k in FIGURES}
+            entry[split]["seeds"] = sorted(s for s, r, _ in runs if split in r)
             entry[split]["per_type_top4"] = {t: _mean([r[split].get(f"query_top4.{t}") for r, _ in have]) for t in types}
             entry[split]["per_type_top4_vs_untrained"] = {
                 t: _mean([r[split][f"query_top4.{t}"] - u[split][f"query_top4.{t}"] for r, u in have
@@ -67,7 +68,7 @@ def markdown(summary: dict, split: str) -> str:
                  + " | ".join("-" for _ in types) + " |")
     for name, e in arms.items():
         f = e[split]
-        lines.append(f"| {name} | {','.join(map(str, e['seeds']))} | {f['query_top1']:.3f} / {f['query_top4']:.3f} | "
+        lines.append(f"| {name} | {','.join(map(str, e[split]['seeds']))} | {f['query_top1']:.3f} / {f['query_top4']:.3f} | "
                      f"{f['query_macro_top1']:.3f} / {f['query_macro_top4']:.3f} | {f['query_worst_top4']:.3f} | "
                      + " | ".join(f"{100 * f['per_type_top4_vs_untrained'][t]:+.1f}"
                                   if f["per_type_top4_vs_untrained"].get(t) is not None else "-" for t in types) + " |")
