@@ -45,7 +45,8 @@ def summarise(paths: list[Path], round_: str) -> dict:
             types = sorted({k.split(".", 1)[1] for r, _ in have for k in r[split] if k.startswith("query_top4.")})
             entry[split] = {k: _mean([r[split].get(k) for r, _ in have]) for k in FIGURES}
             entry[split]["seeds"] = sorted(s for s, r, _ in runs if split in r)
-            entry[split]["per_type_top4"] = {t: _mean([r[split].get(f"query_top4.{t}") for r, _ in have]) for t in types}
+            entry[split]["per_type_top4"] = {t: _mean([r[split].get(f"query_top4.{t}") for r, _ in have])
+                                             for t in types}
             entry[split]["per_type_top4_vs_untrained"] = {
                 t: _mean([r[split][f"query_top4.{t}"] - u[split][f"query_top4.{t}"] for r, u in have
                           if r[split].get(f"query_top4.{t}") is not None]) for t in types}
@@ -64,11 +65,13 @@ def markdown(summary: dict, split: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     first = next(iter(arms.values()))[split]["untrained"]
     lines.append(f"| untrained default | - | {first['query_top1']:.3f} / {first['query_top4']:.3f} | "
-                 f"{first['query_macro_top1']:.3f} / {first['query_macro_top4']:.3f} | {first['query_worst_top4']:.3f} | "
+                 f"{first['query_macro_top1']:.3f} / {first['query_macro_top4']:.3f} | "
+                 f"{first['query_worst_top4']:.3f} | "
                  + " | ".join("-" for _ in types) + " |")
     for name, e in arms.items():
         f = e[split]
-        lines.append(f"| {name} | {','.join(map(str, e[split]['seeds']))} | {f['query_top1']:.3f} / {f['query_top4']:.3f} | "
+        seeds = ",".join(map(str, e[split]["seeds"]))
+        lines.append(f"| {name} | {seeds} | {f['query_top1']:.3f} / {f['query_top4']:.3f} | "
                      f"{f['query_macro_top1']:.3f} / {f['query_macro_top4']:.3f} | {f['query_worst_top4']:.3f} | "
                      + " | ".join(f"{100 * f['per_type_top4_vs_untrained'][t]:+.1f}"
                                   if f["per_type_top4_vs_untrained"].get(t) is not None else "-" for t in types) + " |")
