@@ -14,8 +14,9 @@ From a trained model (round 0), each round r = 1..R:
 It stops after ``rounds`` rounds, or earlier when the validation metric (``train.select``:
 by default ``query_macro_top4`` with ``train.val_queries``, else ``val_top1``) has not improved on
 the best earlier round for ``patience`` rounds; with ``max_type_drop`` a round whose garment
-types fall further than that below round 0's is never handed over. An interrupted run continues: finished rounds (``round.json``) are kept,
-a round with its ``mined.csv`` is not mined again, and its training resumes from ``last/``.
+types fall further than that below round 0's is never handed over. An interrupted run
+continues: finished rounds (``round.json``) are kept, a round with its ``mined.csv`` is not
+mined again, and its training resumes from ``last/``.
 The best round's model is ``round-<best>/train/best`` (or ``init`` when no round beat it),
 named in ``rounds.csv`` and ``best.json``.
 

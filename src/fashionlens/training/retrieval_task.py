@@ -4,8 +4,9 @@ loss terms (batch-all triplet, identity ...), validation each epoch; run by the 
 
 ``best/`` is the epoch with the best ``select`` column: by default the macro top-4 over the
 garment types of the labelled query photos (e.g. buyers', against the whole catalog:
-``val_queries``) when queries are given, else the best ``val_top1`` (held-out identities). Each epoch the sampler is reseeded with (seed, epoch), so a resumed run draws what an
-uninterrupted one would.
+``val_queries``) when queries are given, else the best ``val_top1`` (held-out identities). Each
+epoch the sampler is reseeded with (seed, epoch), so a resumed run draws what an uninterrupted
+one would.
 
 Cached maps: with ``model.freeze_backbone`` and ``feature_cache``, rank 0 first computes the
 backbone's maps of every training, validation and query image (:mod:`feature_cache`); training

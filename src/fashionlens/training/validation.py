@@ -155,13 +155,15 @@ SUMMARY = ("query_top1", "query_top4", "query_macro_top1", "query_macro_top4", "
 """The figures a report gives of labelled query photos: overall, macro over the types, the worst type."""
 
 
+def _figure(name: str, value):
+    """A figure of a validation or metrics.csv row: a number as a float, the worst type's name as
+    it is, an empty field as None."""
+    return None if value in (None, "") else (value if name == "query_worst_type" else float(value))
+
+
 def summary_of(row: dict) -> dict:
-    """The :data:`SUMMARY` figures of a validation or metrics.csv row (numbers as floats; absent: None)."""
-    out = {}
-    for k in SUMMARY:
-        v = row.get(k)
-        out[k] = None if v in (None, "") else (v if k == "query_worst_type" else float(v))
-    return out
+    """The :data:`SUMMARY` figures of a validation or metrics.csv row (absent: None)."""
+    return {k: _figure(k, row.get(k)) for k in SUMMARY}
 
 
 def validation_columns(queries: QueryValidation | None) -> list[str]:
@@ -181,7 +183,7 @@ def validation_row(embed: Embed, val_samples, queries: QueryValidation | None) -
 def round_figures(row: dict) -> dict:
     """The validation figures of a metrics.csv row (numbers as floats; the worst type's name kept)."""
     keep = lambda k: k.startswith(("query_top", "query_macro_", "query_worst_top", "val_top"))  # noqa: E731
-    out = {k: (float(v) if v not in (None, "") else None) for k, v in row.items() if keep(k)}
+    out = {k: _figure(k, v) for k, v in row.items() if keep(k)}
     if row.get("query_worst_type"):
         out["query_worst_type"] = row["query_worst_type"]
     return out
