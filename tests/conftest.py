@@ -17,7 +17,7 @@ from PIL import Image
 
 import fashionlens.index.catalog_index as catalog_index_mod
 from fashionlens.data.records import Item
-from fashionlens.index import CatalogIndex, types
+from fashionlens.index import LocalStore, types
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TESTS_DIR = Path(__file__).resolve().parent
@@ -112,10 +112,10 @@ def all_vectors(index) -> tuple[np.ndarray, np.ndarray]:
 
 
 def synthetic_index(folder: Path, vecs: np.ndarray, index_type="auto", flat_max=100_000, chunk=500,
-                    first=0, **settings) -> CatalogIndex:
+                    first=0, **settings) -> LocalStore:
     """Add ``vecs`` as items ``v<first+i>`` through the store and chunk API, then refresh
     (``settings``: more of the recorded index settings, e.g. ``ivf_flat_max``, ``rerank``)."""
-    idx = CatalogIndex(folder, create=True)
+    idx = LocalStore(folder, create=True)
     store = idx.store
     store.set_meta("embedder", {"model": "synthetic", "dim": vecs.shape[1], "letterbox": 0})
     store.set_meta("index_settings", {"index_type": index_type, "flat_max": flat_max, "train_sample": 100_000,
@@ -132,7 +132,7 @@ def synthetic_index(folder: Path, vecs: np.ndarray, index_type="auto", flat_max=
     return idx
 
 
-def brute_force(idx: CatalogIndex, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+def brute_force(idx: LocalStore, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
     rowids, vecs = all_vectors(idx)
     scores = queries @ vecs.T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -140,7 +140,7 @@ def brute_force(idx: CatalogIndex, queries: np.ndarray, k: int) -> tuple[list[li
     return [[names[int(rowids[j])]["id"] for j in row] for row in order], np.take_along_axis(scores, order, 1)
 
 
-def recall(idx: CatalogIndex, queries: np.ndarray, k: int = 10) -> float:
+def recall(idx: LocalStore, queries: np.ndarray, k: int = 10) -> float:
     truth, _ = brute_force(idx, queries, k)
     got = idx.search(queries, k)
     return float(np.mean([len(set(t) & {h.id for h in g}) / k for t, g in zip(truth, got)]))

@@ -207,9 +207,9 @@ def test_bad_index_type(runs):
 
 def test_remove_an_unknown_id(runs, tiny_index):
     assert "notinthecatalog:no-such-id" in runs["remove_unknown"].result().error()
-    from fashionlens.index import CatalogIndex
+    from fashionlens.index import LocalStore
 
-    with closing(CatalogIndex(tiny_index)) as idx:
+    with closing(LocalStore(tiny_index)) as idx:
         assert idx.store.count("embedded") == 6
 
 

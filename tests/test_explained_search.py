@@ -21,9 +21,10 @@ import pytest
 from attribute_world import N, RED, SCHEMA, build_attribute_world, draw
 from conftest import all_vectors, run_cli_inprocess, synthetic_index, unit
 from fashionlens.index.config import IndexAttributesConfig, IndexConfig, SearchConfig
+from fashionlens.index.stores import Where
 from fashionlens.index.recommend import RecommendConfig
 from fashionlens.errors import UserError
-from fashionlens.index import CatalogIndex
+from fashionlens.index import LocalStore
 from fashionlens.index.attribute_store import Projection, StoredAttributes, projection_spec
 from fashionlens.index.attribute_indexing import index_attributes
 from fashionlens.index.query import Searcher, compare, reason_text
@@ -44,7 +45,7 @@ def _db(folder: Path):
 
 
 def _stored(folder: Path) -> dict[str, list]:
-    with closing(CatalogIndex(folder)) as idx:
+    with closing(LocalStore(folder)) as idx:
         attrs = StoredAttributes(idx)
         ids = {r[0]: r[1] for r in idx.store.db.execute("SELECT item_id, rowid FROM items")}
         rows = attrs.rows(list(ids.values()))
@@ -55,7 +56,7 @@ def _searcher(folder: Path) -> Searcher:
     searcher = Searcher.__new__(Searcher)  # the index's own model, without TorchScript freezing
     from fashionlens.models.embedder import build_embedder
 
-    searcher.index = CatalogIndex(folder)
+    searcher.index = LocalStore(folder)
     searcher.attributes = StoredAttributes(searcher.index)
     searcher.embedder = build_embedder("lite0", 64, optimize="none")
     searcher.optimize = "none"
@@ -122,7 +123,7 @@ def test_another_model_needs_replace_and_remove_drops_rows(index_copy, world):
         assert {r[0] for r in db.execute("SELECT length(feature) FROM item_attributes WHERE feature IS NOT NULL")} \
             == {1280 * 2}
         rowid = db.execute("SELECT rowid FROM items WHERE item_id='item-05'").fetchone()[0]
-    with closing(CatalogIndex(index_copy, write=True)) as idx:
+    with closing(LocalStore(index_copy, write=True)) as idx:
         assert idx.remove(["item-05"]) == []
     with _db(index_copy) as db:
         assert db.execute("SELECT COUNT(*) FROM item_attributes WHERE item=?", (rowid,)).fetchone()[0] == 0
@@ -294,10 +295,10 @@ def test_want_pools_grow_until_k_found(tmp_path):
     search = idx.search
     idx.search = lambda q, k: calls.append(k) or search(q, k)
     try:
-        hits = searcher._filtered(query, SearchConfig(k=4), [(0, 1)])
+        hits = idx.search_where(query, 4, Where(wants=[(0, 1)]), searcher.attributes)
         assert [int(h.id[1:]) for h in hits] == order[[3, 40, 41, 120]].tolist() and calls == [40, 160]
         calls.clear()
-        hits = searcher._filtered(query, SearchConfig(k=4, max_pool=100), [(0, 1)])
+        hits = idx.search_where(query, 4, Where(wants=[(0, 1)], max_pool=100), searcher.attributes)
         assert len(hits) == 4 - 1 and calls == [40, 100]
     finally:
         idx.close()
@@ -325,7 +326,7 @@ def test_recommend_against_brute_force(world):
             expected.append((name, best[0]))
     assert sorted((s["attribute"], s["value"]) for s in shared) == sorted(expected)
     assert {s["phrase"] for s in shared} == {"long sleeves", "v-shape neckline", "black colour", "collar"}
-    with closing(CatalogIndex(folder)) as idx:
+    with closing(LocalStore(folder)) as idx:
         rowids, vecs = all_vectors(idx)
         names = {r: v["id"] for r, v in idx.store.get_rows(rowids.tolist()).items()}
     by_id = {names[int(r)]: v for r, v in zip(rowids, vecs)}

@@ -24,7 +24,7 @@ from PIL import Image
 
 from attribute_world import RED, build_attribute_world, draw
 from conftest import all_vectors
-from fashionlens.index import CatalogIndex
+from fashionlens.index import LocalStore
 from fashionlens.cli.serve_process import Server
 
 API_KEY = "test-key-0123456789abcdef"
@@ -67,7 +67,7 @@ def error_of(response: httpx.Response, status: int) -> str:
 
 
 def test_search_is_exact_search_with_attributes_and_reasons(server, world):
-    with closing(CatalogIndex(server.index)) as idx:
+    with closing(LocalStore(server.index)) as idx:
         rowids, vecs = all_vectors(idx)
         ids = {r: idx.store.get_rows([int(r)])[int(r)]["id"] for r in rowids}
     for n in (3, 8, 12):
@@ -324,7 +324,7 @@ def test_added_items_survive_kill_9(world, tmp_path):
         assert srv.stop() == 0  # a clean stop writes the FAISS file
     uploads = list((index / "uploads").rglob("*.*"))
     assert len(uploads) == 1  # new-40's photo went with it; the other stays
-    with closing(CatalogIndex(index)) as idx:  # the saved index matches the store exactly
+    with closing(LocalStore(index)) as idx:  # the saved index matches the store exactly
         assert idx.load().ntotal == idx.store.count("embedded") == 13
         assert not idx.store.tombstones() and not idx.store.chunks(in_index=False)
 
@@ -386,7 +386,7 @@ def test_items_added_by_api_do_not_collide_with_a_rebuilt_chunk(world, tmp_path)
                                data={"id": "added"}, headers=KEY).status_code == 201
     with closing(sqlite3.connect(index / "catalog.sqlite")) as db:
         rowid, chunk = db.execute("SELECT rowid, chunk FROM items WHERE item_id='added'").fetchone()
-    with closing(CatalogIndex(index)) as idx:
+    with closing(LocalStore(index)) as idx:
         ids, vecs = idx.chunks.read(chunk)
         assert ids.tolist() == [rowid] and vecs.shape == (1, idx.load().d)
         idx.refresh(rebuild=True, save=False)
@@ -411,7 +411,7 @@ def test_the_faiss_file_catches_up_while_serving(world, tmp_path):
                 pending = db.execute("SELECT COUNT(*) FROM chunks WHERE in_index=0").fetchone()[0] > 0
         assert not pending
         srv.kill()
-    with closing(CatalogIndex(index)) as idx:
+    with closing(LocalStore(index)) as idx:
         assert idx.load().ntotal == 14  # read from the file as it is: the add is in it
 
 
@@ -510,7 +510,7 @@ def test_explain_workers_side_by_side_agree_with_one(world, tmp_path):
             live.close()
         grad = tmp_path / "gradcam-index"
         shutil.copytree(world["index"], grad)
-        index = CatalogIndex(grad, write=True)
+        index = LocalStore(grad, write=True)
         try:
             index.store.set_meta(META_KEY, {**index.store.get_meta(META_KEY), "method": "gradcam"})
         finally:
@@ -537,7 +537,7 @@ def _grown_copy(world, tmp_path: Path, n_fake: int, flat_max: int) -> Path:
 
     index = tmp_path / "index"
     shutil.copytree(world["index"], index)
-    with closing(CatalogIndex(index, write=True)) as idx:
+    with closing(LocalStore(index, write=True)) as idx:
         store = idx.store
         dim = store.get_meta("embedder")["dim"]
         store.set_meta("index_settings", {**store.get_meta("index_settings", {}), "flat_max": flat_max})
@@ -573,13 +573,13 @@ def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(worl
     from fashionlens.serving.uploads import decode_photo
 
     index = _grown_copy(world, tmp_path, 800, flat_max=700)
-    release, original = threading.Event(), CatalogIndex.build
+    release, original = threading.Event(), LocalStore.build
 
     def held_build(self, plan, log=None):
         assert release.wait(120)
         return original(self, plan, log)
 
-    monkeypatch.setattr(CatalogIndex, "build", held_build)
+    monkeypatch.setattr(LocalStore, "build", held_build)
     threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     cfg = ServeConfig(model_workers=1, persist_seconds=3600)
     try:
@@ -597,7 +597,7 @@ def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(worl
         assert not stopped.is_alive()
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # a quiet stop, not a failure
         assert not list(index.glob("rebuild-staged*"))
-        with closing(CatalogIndex(index)) as idx:  # the rebuild did not swap after the stop
+        with closing(LocalStore(index)) as idx:  # the rebuild did not swap after the stop
             assert idx.spec.kind == "flat" and idx.load().ntotal == 814 and not idx.store.chunks(in_index=False)
 
         release.clear()
@@ -623,7 +623,7 @@ def test_a_writable_server_rebuilds_an_outgrown_index_beside_the_one_in_use(worl
     finally:
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(faiss_threads)
-    with closing(CatalogIndex(index)) as idx:
+    with closing(LocalStore(index)) as idx:
         assert idx.spec.kind == "ivfflat" and idx.load().ntotal == 814
         assert not idx.store.tombstones() and not idx.store.chunks(in_index=False)
 
@@ -704,7 +704,7 @@ def test_a_failed_rebuild_keeps_the_index_in_use_and_waits_before_trying_again(w
     from fashionlens.serving.uploads import decode_photo
 
     index = _grown_copy(world, tmp_path, 800, flat_max=700)
-    original, calls = CatalogIndex.finish_rebuild, []
+    original, calls = LocalStore.finish_rebuild, []
 
     def failing_once(self, plan, removed):
         calls.append(len(calls))
@@ -712,7 +712,7 @@ def test_a_failed_rebuild_keeps_the_index_in_use_and_waits_before_trying_again(w
             raise OSError(28, "No space left on device")
         return original(self, plan, removed)
 
-    monkeypatch.setattr(CatalogIndex, "finish_rebuild", failing_once)
+    monkeypatch.setattr(LocalStore, "finish_rebuild", failing_once)
     threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     try:
         live = LiveCatalog(index, ServeConfig(model_workers=1, persist_seconds=3600), writable=True)

@@ -212,7 +212,8 @@ def explain_command(
 
 
 def recommend_command(
-    index_dir: Annotated[Path, typer.Argument(help="index folder with attributes ('fashionlens index-attributes')")],
+    index_dir: Annotated[str, typer.Argument(help="index folder or Milvus store with attributes "
+                                             "('fashionlens index-attributes')")],
     liked: Annotated[list[str], typer.Argument(help="ids of the items the user liked")],
     k: Annotated[Optional[int], typer.Option("-k", help="items to recommend")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -251,7 +252,8 @@ recommend_command.__doc__ = ("Recommend items like the liked ones: those sharing
 
 
 def index_attributes_command(
-    index_dir: Annotated[Path, typer.Argument(help="index folder made by 'fashionlens index'")],
+    index_dir: Annotated[str, typer.Argument(help="index folder or Milvus store (milvus://HOST:PORT/COLLECTION, "
+                                             "milvus+lite://FILE.db/COLLECTION) made by 'fashionlens index'")],
     model: Annotated[Path, typer.Option("--model", "-m", help="checkpoint of 'fashionlens train-attributes'")],
     config: ConfigOpt = None,
     replace: Annotated[bool, typer.Option("--replace", help="drop attributes of another model first")] = False,

@@ -15,7 +15,8 @@ from fashionlens.index.config import IndexConfig, SearchConfig
 
 def index(
     catalog: Annotated[Path, typer.Argument(help="catalog CSV, folder of images, or folder with both")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="index folder (created, or updated)")],
+    out_dir: Annotated[str, typer.Option("--out", "--store", "-o", help="where the index goes (created, or updated): "
+                                         "a folder, milvus://HOST:PORT/COLLECTION or milvus+lite://FILE.db/COLLECTION")],
     config: ConfigOpt = None,
     model: Annotated[Optional[str], typer.Option(help="'lite0', 'lite2' (offline), a timm model name, or a "
                                                  "checkpoint / train or adapt run folder (its chosen model)")] = None,
@@ -25,19 +26,24 @@ def index(
     index_type: Annotated[Optional[str], typer.Option(help="auto, flat, ivfflat, hnsw or ivfpq")] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
     optimize: Annotated[Optional[str], typer.Option(help="auto, jit or none")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="local, or ray (Ray Data on a cluster or a local one)")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="the Ray cluster (else $RAY_ADDRESS, else local)")] = None,
 ):
-    """Index a catalog: embed every image, store vectors (FAISS) and metadata (SQLite) in --out.
+    """Index a catalog: embed every image, store vectors and metadata in --out / --store: a folder
+    (FAISS + SQLite) or a Milvus collection.
 
-    Running it again on the same --out resumes an interrupted run, adds new items and re-embeds
-    items whose image path changed. Unreadable files are skipped and listed in skipped.csv.
+    Running it again on the same store resumes an interrupted run, adds new items and re-embeds
+    items whose image path changed. Unreadable files are skipped and listed in skipped.csv (in the
+    folder; for Milvus, in the working folder). A Milvus server's token: $FASHIONLENS_MILVUS_TOKEN.
     """
     from fashionlens.index.pipeline import build_index
 
     cfg = IndexConfig.load(config, model=model, input_size=input_size, batch_size=batch_size,
-                           workers=workers, index_type=index_type, device=device, optimize=optimize)
+                           workers=workers, index_type=index_type, device=device, optimize=optimize, engine=engine,
+                           ray_address=ray_address)
     report = build_index(catalog, out_dir, cfg, RichProgress())
     console.print(
-        f"[green]indexed[/green] {report.total:,} items in {out_dir} ({report.index}); this run: "
+        f"[green]indexed[/green] {report.total:,} items in {out_dir} ({report.index}; {report.engine}); this run: "
         f"{report.added:,} new, {report.changed:,} changed, {report.embedded:,} embedded at "
         f"{report.images_per_second:.1f} img/s, {report.skipped:,} unreadable, {report.missing:,} missing"
     )
@@ -50,25 +56,25 @@ def index(
 index.__doc__ += "\n\nSettings:\n\n" + IndexConfig.help_text()
 
 
+STORE_HELP = "index folder, milvus://HOST:PORT/COLLECTION or milvus+lite://FILE.db/COLLECTION"
+
+
 def remove(
-    index_dir: Annotated[Path, typer.Argument(help="index folder")],
+    index_dir: Annotated[str, typer.Argument(help=STORE_HELP)],
     ids: Annotated[list[str], typer.Argument(help="item ids to remove")],
 ):
     """Remove items from an index by id."""
-    from fashionlens.index import CatalogIndex
+    from fashionlens.index.stores import open_store
 
-    idx = CatalogIndex(index_dir, write=True)
-    try:
+    with open_store(index_dir, write=True) as idx:
         unknown = idx.remove(ids)
-    finally:
-        idx.close()
     console.print(f"removed {len(ids) - len(unknown)} item(s)")
     if unknown:
         raise UserError(f"not in the catalog: {', '.join(unknown)}")
 
 
 def search(
-    index_dir: Annotated[Path, typer.Argument(help="index folder made by 'fashionlens index'")],
+    index_dir: Annotated[str, typer.Argument(help=STORE_HELP + ", made by 'fashionlens index'")],
     photos: Annotated[list[Path], typer.Argument(help="one or more photos")],
     k: Annotated[Optional[int], typer.Option("-k", help="results per photo")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON: one list of results per photo")] = False,
@@ -132,25 +138,11 @@ def _photo_attributes(photo: Path, image, results) -> list[dict]:
     return [{**r.to_json(), "box": list(scale_box(r.box, image.size, full)) if r.box else None} for r in results]
 
 
-def info(index_dir: Annotated[Path, typer.Argument(help="index folder")]):
+def info(index_dir: Annotated[str, typer.Argument(help=STORE_HELP)]):
     """What an index holds and the configuration that made it."""
-    from fashionlens.index import CatalogIndex
-
-    idx = CatalogIndex(index_dir)
-    try:
-        store = idx.store
-        payload = {
-            "items": {s: store.count(s) for s in ("embedded", "pending", "skipped")},
-            "index": store.get_meta("index_spec"), "embedder": store.get_meta("embedder"),
-            "config": store.get_meta("config"),
-            "attributes": _attributes_info(idx),
-        }
-    finally:
-        idx.close()
-    out.print_json(json.dumps(payload))
-
-
-def _attributes_info(idx) -> dict | None:
     from fashionlens.index.attribute_store import StoredAttributes
+    from fashionlens.index.stores import open_store
 
-    return StoredAttributes(idx).summary() if idx.store.get_meta("attributes") else None
+    with open_store(index_dir) as idx:
+        payload = {**idx.summary(), "attributes": StoredAttributes(idx).summary() if idx.get_meta("attributes") else None}
+    out.print_json(json.dumps(payload))

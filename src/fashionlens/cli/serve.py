@@ -19,11 +19,14 @@ from fashionlens.serving.config import ServeConfig
 
 
 def serve_command(
-    index_dir: Annotated[Path, typer.Argument(help="index folder made by 'fashionlens index'")],
+    index_dir: Annotated[str, typer.Argument(help="index folder made by 'fashionlens index', or a Milvus store "
+                                             "(milvus://HOST:PORT/COLLECTION, milvus+lite://FILE.db/COLLECTION)")],
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with settings (see below)")] = None,
     host: Annotated[Optional[str], typer.Option(help="address to listen on")] = None,
     port: Annotated[Optional[int], typer.Option(help="TCP port (0: any free one)")] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
+    uploads: Annotated[Optional[str], typer.Option(help="where added photos go (a Milvus store: a folder or fsspec "
+                                                   "URL every replica reads)")] = None,
 ):
     """Serve search by photo over HTTP: the page at /, the JSON API under /api, OpenAPI docs at
     /docs, /health and /metrics.
@@ -32,17 +35,21 @@ def serve_command(
     environment variable named by api_key_env (FASHIONLENS_API_KEY) holds a key at start-up;
     clients send it in the X-API-Key header. Without it the catalog is served read-only and
     other fashionlens commands may update the index meanwhile (restart to see their changes).
+
+    A Milvus store keeps nothing on this machine: any number of replicas may serve it, each add or
+    removal through one seen by the others' searches (setting consistency); added photos go to
+    --uploads, which every replica must read.
     """
     from fashionlens.serving.app import create_app
-    from fashionlens.serving.live import LiveCatalog
+    from fashionlens.serving.shared import open_live
 
-    cfg = ServeConfig.load(config, host=host, port=port, device=device)
+    cfg = ServeConfig.load(config, host=host, port=port, device=device, uploads=uploads)
     api_key = os.environ.get(cfg.api_key_env) or None
     if api_key is not None and len(api_key) < 16:
         raise UserError(f"{cfg.api_key_env}: the API key must have at least 16 characters")
     sock = _bind(cfg.host, cfg.port)  # a taken port fails before the models load
     _log_to_stderr()
-    live = LiveCatalog(index_dir, cfg, writable=api_key is not None)
+    live = open_live(index_dir, cfg, writable=api_key is not None)
     app = create_app(live, api_key)
     host_shown, port_bound = sock.getsockname()[:2]
     console.print(f"[green]serving[/green] {index_dir} ({live.count():,} items"

@@ -19,8 +19,30 @@ class ImageError(Exception):
     """An image that cannot be used: missing, not an image, truncated or too large."""
 
 
-def open_image(source: Path | bytes, *, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Decode ``source`` (a path or the file's bytes) fully into an RGB image.
+def is_url(source) -> bool:
+    """A photo named by a URL (``s3://bucket/a.jpg``, ``gs://``, ``https://``, ``file://``: anything
+    fsspec opens) rather than a local path."""
+    return isinstance(source, str) and "://" in source[:32]
+
+
+def open_source(source: Path | str):
+    """A binary file object for a local path or, through fsspec, a URL (read whole: photos are
+    small, and a remote file read in pieces costs a round trip a piece)."""
+    if is_url(source):
+        import fsspec
+
+        try:
+            with fsspec.open(source, "rb") as fh:
+                return io.BytesIO(fh.read())
+        except FileNotFoundError:
+            raise
+        except (ValueError, ImportError) as exc:  # an unknown protocol, or its package missing
+            raise OSError(f"cannot open this URL ({exc})") from None
+    return open(source, "rb")
+
+
+def open_image(source: Path | str | bytes, *, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Decode ``source`` (a path, a URL fsspec opens, or the file's bytes) fully into an RGB image.
 
     ``draft_size`` lets the JPEG decoder scale down by a power of two while decoding, as long as
     the result stays at least that large on both sides: much faster for big photos, and
@@ -49,7 +71,7 @@ def _opened(source: Path | bytes, max_pixels: int | None) -> Iterator[Image.Imag
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     name = "upload" if isinstance(source, bytes) else str(source)
     try:
-        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        fp = io.BytesIO(source) if isinstance(source, bytes) else open_source(source)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except IsADirectoryError:

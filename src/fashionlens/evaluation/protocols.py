@@ -21,7 +21,7 @@ from fashionlens.data.records import Item
 from fashionlens.errors import UserError
 from fashionlens.evaluation.metrics import MetricAccumulator
 from fashionlens.evaluation.report import HtmlReport, plot_hit_rate, write_json
-from fashionlens.index.catalog_index import CatalogIndex
+from fashionlens.index.stores.local import LocalStore
 from fashionlens.index.config import IndexConfig
 from fashionlens.index.pipeline import Progress, build_index
 from fashionlens.index.query import embedder_for
@@ -74,7 +74,7 @@ def interleave_by_category(queries: Sequence[Item], relevance: Callable[[Item], 
     return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
 
 
-def run_queries(index: CatalogIndex, embedder: Embedder, queries: Sequence[Item],
+def run_queries(index: LocalStore, embedder: Embedder, queries: Sequence[Item],
                 relevance: Callable[[Item], Relevance], out: Path, ks: Sequence[int], title: str,
                 batch_size: int = 16, workers: int = 1, max_html: int = 200,
                 progress: Progress | None = None, label: str = "queries") -> dict:
@@ -133,7 +133,7 @@ def evaluate_index(index_dir: Path, queries: Sequence[Item], relevance: Callable
     """Search ``queries`` through the index in ``index_dir`` with its own model (:func:`run_queries`)."""
     if not queries:
         raise UserError("no query images found")
-    index = CatalogIndex(index_dir)
+    index = LocalStore(index_dir)
     try:
         return run_queries(index, embedder_for(index, cfg.device), queries, relevance, out, cfg.ks, title,
                            cfg.batch_size, cfg.workers, cfg.max_html_queries, progress)

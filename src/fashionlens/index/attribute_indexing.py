@@ -14,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fashionlens.data.images import ImageError, open_image
+from fashionlens.data.images import ImageError, image_size, open_image
 from fashionlens.errors import UserError
 from fashionlens.explain.explainer import AttributeExplainer
 from fashionlens.index.attribute_store import META_KEY, Projection, checkpoint_id, projection_spec
-from fashionlens.index.catalog_index import CatalogIndex
 from fashionlens.index.config import IndexAttributesConfig
 from fashionlens.index.pipeline import Progress
+from fashionlens.index.stores import VectorStore, open_store
 from fashionlens.models.checkpoints import load_attribute_classifier, resolve_checkpoint
 
 PAGE = 4096
@@ -41,8 +40,7 @@ class _Photos(Dataset):
         key, path = self.rows[i]
         try:
             img = open_image(path, draft_size=self.draft)
-            with Image.open(path) as header:  # the photo's own size (a JPEG may decode smaller)
-                full = header.size
+            full = image_size(path)  # the photo's own size (a JPEG may decode smaller)
             return key, img, full, None
         except ImageError as exc:
             return key, None, None, str(exc)
@@ -77,14 +75,7 @@ class AttributeReport:
     skipped_report: str = ""
 
 
-def _todo(store, after: int, limit: int) -> list[tuple[int, str]]:
-    return store.db.execute(
-        "SELECT i.rowid, i.path FROM items i LEFT JOIN attribute_state a ON a.item = i.rowid "
-        "WHERE i.state='embedded' AND i.rowid>? AND (a.item IS NULL OR a.reason IS NOT NULL) "
-        "ORDER BY i.rowid LIMIT ?", (after, limit)).fetchall()
-
-
-def _setup(folder: Path, checkpoint: Path, cfg: IndexAttributesConfig, replace: bool, index: CatalogIndex):
+def _setup(folder: str, checkpoint: Path, cfg: IndexAttributesConfig, replace: bool, index: VectorStore):
     """Load the model, check it against the stored rows' model, record it in the meta."""
     checkpoint = resolve_checkpoint(checkpoint)  # a run folder: the checkpoint it chose
     model, extra = load_attribute_classifier(checkpoint, cfg.device)
@@ -96,9 +87,9 @@ def _setup(folder: Path, checkpoint: Path, cfg: IndexAttributesConfig, replace: 
               "box_threshold": cfg.box_threshold, "method": cfg.method, "input_size": explainer.size,
               "feature": projection_spec(int(model.backbone.num_features), cfg.feature_dim, cfg.projection_seed),
               "config": cfg.model_dump()}
-    store, old = index.store, index.store.get_meta(META_KEY)
+    old = index.get_meta(META_KEY)
     if old and replace:
-        store.clear_attributes()
+        index.clear_attributes()
     elif old:
         differs = [k for k in SETUP_KEYS if old.get(k) != record[k]]
         if old.get("checkpoint_id") != record["checkpoint_id"] or (
@@ -107,25 +98,22 @@ def _setup(folder: Path, checkpoint: Path, cfg: IndexAttributesConfig, replace: 
         if differs:
             raise UserError(f"{folder} holds attributes of {old['checkpoint']}, which differ from these "
                             f"({', '.join(differs)}); pass --replace to drop them and explain every item again")
-    store.set_meta(META_KEY, record)
+    index.set_meta(META_KEY, record)
     return explainer, record
 
 
-def index_attributes(folder: Path, checkpoint: Path, cfg: IndexAttributesConfig, progress=None,
+def index_attributes(folder: Path | str, checkpoint: Path, cfg: IndexAttributesConfig, progress=None,
                      replace: bool = False) -> AttributeReport:
-    """Explain every searchable item of the index in ``folder`` not done yet, and store the results."""
+    """Explain every searchable item of the store ``folder`` (a folder or a Milvus collection) not
+    done yet, and store the results."""
     progress, report = progress or Progress(), AttributeReport()
-    index = CatalogIndex(folder, write=True)
+    index = open_store(folder, write=True)
     try:
-        explainer, record = _setup(Path(folder), Path(checkpoint), cfg, replace, index)
-        store, schema, project = index.store, record["schema"], Projection(record["feature"])
-        total = store.db.execute(
-            "SELECT COUNT(*) FROM items i LEFT JOIN attribute_state a ON a.item = i.rowid "
-            "WHERE i.state='embedded' AND (a.item IS NULL OR a.reason IS NOT NULL)").fetchone()[0]
-        progress.start(total, "explaining")
-        started, last = time.perf_counter(), 0
-        while page := _todo(store, last, PAGE):
-            last = page[-1][0]
+        explainer, record = _setup(str(folder), Path(checkpoint), cfg, replace, index)
+        schema, project = record["schema"], Projection(record["feature"])
+        progress.start(index.attribute_todo_count(), "explaining")
+        started = time.perf_counter()
+        for page in index.attribute_todo(PAGE):
             loader = DataLoader(_Photos(page, explainer.size), batch_size=cfg.batch_size, num_workers=cfg.workers,
                                 collate_fn=list, prefetch_factor=4 if cfg.workers else None)
             for batch in loader:
@@ -134,29 +122,26 @@ def index_attributes(folder: Path, checkpoint: Path, cfg: IndexAttributesConfig,
                 rows = [r for (key, img, full, _), res in zip(ok, results)
                         for r in item_rows(key, res, full, img.size, schema, project)]
                 failed = [(s[0], s[3]) for s in batch if s[3] is not None]
-                with store.db:
-                    store.record_attributes(rows, [s[0] for s in ok], failed)
+                index.record_attributes(rows, [s[0] for s in ok], failed)
                 report.explained, report.skipped = report.explained + len(ok), report.skipped + len(failed)
                 progress.advance(len(batch))
         progress.stop()
         report.seconds = time.perf_counter() - started
         done = report.explained + report.skipped
         report.per_second = done / report.seconds if done and report.seconds > 0 else 0.0
-        report.total = store.db.execute("SELECT COUNT(*) FROM attribute_state WHERE reason IS NULL").fetchone()[0]
+        report.total = index.attribute_counts()[0]
         report.skipped_report = str(_write_skipped(index))
         return report
     finally:
         index.close()
 
 
-def _write_skipped(index: CatalogIndex) -> Path:
-    path = index.folder / "attributes-skipped.csv"
+def _write_skipped(index: VectorStore) -> Path:
+    path = index.report_folder / "attributes-skipped.csv"
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "path", "reason"])
-        writer.writerows(index.store.db.execute(
-            "SELECT i.item_id, i.path, a.reason FROM attribute_state a JOIN items i ON i.rowid = a.item "
-            "WHERE a.reason IS NOT NULL ORDER BY a.item"))
+        writer.writerows(index.attribute_failures())
     tmp.replace(path)
     return path

@@ -25,7 +25,6 @@ import numpy as np
 from fashionlens.errors import UserError
 from fashionlens.explain.explainer import AttributeExplainer
 from fashionlens.explain.wording import display_name, find_attribute
-from fashionlens.index.catalog_index import CatalogIndex
 from fashionlens.models.checkpoints import load_attribute_classifier
 
 META_KEY = "attributes"
@@ -100,11 +99,12 @@ def checkpoint_id(checkpoint: Path) -> str | None:
 
 
 class StoredAttributes:
-    """The attributes of an open index: its attribute model, and reading the stored rows."""
+    """The attributes of an open store (:class:`~fashionlens.index.stores.VectorStore`): its
+    attribute model, and reading the stored predictions."""
 
-    def __init__(self, index: CatalogIndex):
-        self.store, self.folder = index.store, index.folder
-        self.meta = self.store.get_meta(META_KEY)
+    def __init__(self, index):
+        self.index, self.folder = index, index.location
+        self.meta = index.get_meta(META_KEY)
         if not self.meta:
             raise UserError(f"{self.folder}: the index holds no attributes; add them with "
                             f"'fashionlens index-attributes {self.folder} --model CKPT'")
@@ -133,23 +133,18 @@ class StoredAttributes:
         explainer.optimize(optimize)
         return explainer
 
-    def rows(self, rowids: list[int], attrs: list[int] | None = None) -> dict[int, list[StoredAttribute | None]]:
-        """Per item with attributes: one entry per attribute in schema order (None: not stored or
-        not asked for in ``attrs``)."""
-        out: dict[int, list] = {}
-        only = "" if attrs is None else f" AND attr IN ({','.join(str(int(a)) for a in attrs)})"
-        for start in range(0, len(rowids), 900):
-            part = [int(r) for r in rowids[start:start + 900]]
-            for item, a, value, conf, scores, x, y, w, h, feature in self.store.db.execute(
-                    f"SELECT * FROM item_attributes WHERE item IN ({','.join('?' * len(part))}){only}", part):
-                name, values = self.names[a], self.schema[self.names[a]]
-                row = out.setdefault(item, [None] * len(self.names))
-                row[a] = StoredAttribute(
-                    name, values[value], value, conf,
-                    dict(zip(values, np.frombuffer(scores, np.float16).astype(float).tolist())),
-                    None if x is None else (x, y, w, h),
-                    None if feature is None else np.frombuffer(feature, np.float16))
-        return out
+    def rows(self, keys: list, attrs: list[int] | None = None) -> dict:
+        """Per item with attributes (by its store key): one entry per attribute in schema order
+        (None: not stored or not asked for in ``attrs``)."""
+        return {key: self.build(stored) for key, stored in self.index.read_attributes(list(keys), attrs).items()}
+
+    def build(self, stored: list[tuple]) -> list:
+        """One item's entries in schema order from the store's tuples (``VectorStore.read_attributes``)."""
+        row: list = [None] * len(self.names)
+        for a, value, conf, scores, box, feature in stored:
+            name, values = self.names[a], self.schema[self.names[a]]
+            row[a] = StoredAttribute(name, values[value], value, conf, dict(zip(values, scores)), box, feature)
+        return row
 
     def resolve(self, want: str) -> tuple[int, int]:
         """``ATTR=VALUE`` (display or full attribute name) -> (attribute number, value number)."""
@@ -166,8 +161,7 @@ class StoredAttributes:
         return a, lowered.index(value.strip().lower())
 
     def summary(self) -> dict:
-        count = lambda sql: self.store.db.execute(sql).fetchone()[0]  # noqa: E731
+        done, unreadable = self.index.attribute_counts()
         return {**{k: v for k, v in self.meta.items() if k != "schema"},
                 "attributes": {display_name(n): v for n, v in self.schema.items()},
-                "items_done": count("SELECT COUNT(*) FROM attribute_state WHERE reason IS NULL"),
-                "items_unreadable": count("SELECT COUNT(*) FROM attribute_state WHERE reason IS NOT NULL")}
+                "items_done": done, "items_unreadable": unreadable}

@@ -19,6 +19,7 @@ import numpy as np
 from fashionlens.errors import UserError
 from fashionlens.index.config import IndexConfig
 from fashionlens.index.store import CatalogStore
+from fashionlens.index.stores.base import SearchHit
 from fashionlens.index.types import (
     INDEX_TYPES,
     IndexSpec,
@@ -37,15 +38,6 @@ DB_NAME = "catalog.sqlite"
 STAGED = "rebuild-staged.faiss"  # a rebuilt index written beside the one in use, before its commit
 # the index settings (IndexConfig fields) recorded in the store and read by every refresh
 INDEX_SETTINGS = ("index_type", "flat_max", "ivf_flat_max", "train_sample", "pq_bytes", "rerank")
-
-
-@dataclass
-class SearchHit:
-    id: str
-    score: float
-    path: str
-    metadata: dict
-    rowid: int | None = None  # the item's row in the store (its id in the vector index)
 
 
 @dataclass

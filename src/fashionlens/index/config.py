@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from fashionlens.config import Config
+from fashionlens.index.engines import EngineName
 from fashionlens.index.types import IndexTypeName
 from fashionlens.models.embedder import EmbedConfig
 from fashionlens.models.runtimes import Optimize
@@ -26,6 +27,21 @@ class IndexConfig(EmbedConfig):
                           "of the dimension up to this; 128 MB a million vectors)")
     rerank: int = Field(400, ge=0, le=10_000, description="IVF-PQ: candidates re-scored exactly with their stored "
                         "vectors, read from disk (0 = the approximate scores)")
+    engine: EngineName = Field("local", description="local = decode and embed in this process; ray = Ray Data "
+                               "batch inference on a Ray cluster (ray_address) or a local one")
+    ray_address: str | None = Field(None, description="Ray cluster to run on (ray://HOST:10001, or auto); "
+                                    "None = $RAY_ADDRESS, else a local cluster started for the run")
+    ray_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray cluster (None = all)")
+    ray_actors: int | Literal["auto"] = Field("auto", description="embedding actors (one model each); auto = one a "
+                                              "GPU, else (CPUs - 1) // ray_actor_cpus: a CPU stays for decoding")
+    ray_actor_cpus: int = Field(1, ge=1, le=256, description="CPUs (and torch threads) of each embedding actor")
+    ray_gpus_per_actor: float | None = Field(None, ge=0, le=8, description="GPUs of each actor (None = 1 when "
+                                             "device is cuda, else 0)")
+    milvus_index: Literal["auto", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN"] = Field(
+        "auto", description="Milvus stores: the vector index; auto = FLAT up to flat_max items, HNSW up to "
+        "milvus_hnsw_max, IVF_SQ8 above")
+    milvus_hnsw_max: int = Field(2_000_000, ge=1, description="Milvus stores: largest collection indexed with HNSW "
+                                 "when auto (every vector in the query nodes' memory, plus its graph)")
 
 
 class SearchConfig(Config):

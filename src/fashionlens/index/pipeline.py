@@ -1,9 +1,11 @@
-"""``fashionlens index``: catalog reader -> embedding mapper -> chunk writer -> FAISS index.
+"""``fashionlens index``: catalog reader -> embedding engine (:mod:`.engines`: here, or Ray) ->
+the store's writer (:mod:`.stores`: a local folder, or Milvus).
 
-Resumable by construction: the catalog is first synced into SQLite (idempotent), then only
-``pending`` items are embedded; each chunk file is written before SQLite commits its rows as
-``embedded``, so a kill loses at most one uncommitted chunk, which the next run redoes. Files that
-cannot be decoded are marked ``skipped`` with the reason and listed in ``skipped.csv``.
+A local folder is resumable by construction: the catalog is first synced into SQLite
+(idempotent), then only ``pending`` items are embedded; each chunk file is written before SQLite
+commits its rows as ``embedded``, so a kill loses at most one uncommitted chunk, which the next run
+redoes; then the FAISS index. Files that cannot be decoded are marked ``skipped`` with the reason
+and listed in ``skipped.csv``. A Milvus store is written by :mod:`.upsert_writer`.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from fashionlens.data.catalog import CatalogSource, Missing, open_catalog
 from fashionlens.errors import UserError
 from fashionlens.index.catalog_index import INDEX_SETTINGS, CatalogIndex
 from fashionlens.index.config import IndexConfig
+from fashionlens.index.engines import ENGINES, Engine
+from fashionlens.index.stores import open_store
 from fashionlens.models.checkpoints import chosen_model, is_checkpoint
-from fashionlens.models.embedder import Embedder, build_embedder, embed_rows
+from fashionlens.models.embedder import Embedder, build_embedder
 
 SYNC_BATCH = 5000
-PAGE = 65536  # pending rows handed to one DataLoader
 
 
 @dataclass
@@ -41,6 +44,7 @@ class IndexReport:
     images_per_second: float = 0.0
     index: str = ""
     skipped_report: str = ""
+    engine: str = ""
 
 
 class Progress:
@@ -70,9 +74,9 @@ def sync_catalog(index: CatalogIndex, source: CatalogSource, report: IndexReport
         raise UserError(f"{source.path}: the catalog has no items")
 
 
-def embed_pending(index: CatalogIndex, embedder: Embedder, cfg: IndexConfig, report: IndexReport,
+def embed_pending(index: CatalogIndex, engine: Engine, cfg: IndexConfig, report: IndexReport,
                   progress: Progress) -> None:
-    store = index.store
+    store, embedder = index.store, engine.embedder
     total = store.count("pending")
     progress.start(total, "embedding")
     buf_ids: list[int] = []
@@ -89,8 +93,8 @@ def embed_pending(index: CatalogIndex, embedder: Embedder, cfg: IndexConfig, rep
         report.skipped += len(buf_skipped)
         buf_ids.clear(), buf_vecs.clear(), buf_skipped.clear()
 
-    for page in store.pending(PAGE):
-        for batch in embed_rows(page, embedder, cfg.batch_size, cfg.workers):
+    for page in store.pending(engine.page):
+        for batch in engine.embed(page):
             buf_ids.extend(batch.keys)
             buf_vecs.append(batch.vectors)
             buf_skipped.extend(batch.errors)
@@ -116,11 +120,11 @@ def write_skipped_report(index: CatalogIndex) -> Path:
     return path
 
 
-def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress | None = None,
+def build_index(catalog: Path, out: Path | str, cfg: IndexConfig, progress: Progress | None = None,
                 embedder: Embedder | None = None) -> IndexReport:
-    """Index (or update, or resume indexing) ``catalog`` into the folder ``out``."""
+    """Index (or update, or resume indexing) ``catalog`` into the store ``out`` (a folder,
+    ``milvus://...`` or ``milvus+lite://...``), embedding with ``cfg.engine``."""
     progress = progress or Progress()
-    report = IndexReport()
     source = open_catalog(catalog)  # a bad catalog path fails before any folder is made or model loaded
     if embedder is None:
         # a run folder: record the checkpoint it hands over; a checkpoint by its absolute path, so that
@@ -131,22 +135,40 @@ def build_index(catalog: Path, out: Path, cfg: IndexConfig, progress: Progress |
             cfg = cfg.model_copy(update={"model": chosen})
     # a bad model fails before any folder is made
     embedder = embedder or build_embedder(cfg.model, cfg.input_size, cfg.device, optimize=cfg.optimize)
-    index = CatalogIndex(out, create=True)
+    # the engine first: Ray starts its processes before an in-process Milvus Lite starts its gRPC threads
+    # (a fork beside those threads left Ray's GCS without its port file)
+    engine, described = ENGINES.get(cfg.engine)(cfg, embedder), embedder.describe()
+    embedder = None  # the engine holds it (and frees it)
+    store = None
     try:
-        index.check_embedder(embedder.describe())
-        sync_catalog(index, source, report, progress)
-        store = index.store
-        with store.db:
-            store.set_meta("config", {"command": "index", "catalog": str(catalog), **cfg.model_dump()}, commit=False)
-            store.set_meta("embedder", embedder.describe(), commit=False)
-            store.set_meta("index_settings", {k: getattr(cfg, k) for k in INDEX_SETTINGS}, commit=False)
-        embed_pending(index, embedder, cfg, report, progress)
-        embedder = None  # free the model before the FAISS build, the memory peak of large catalogs
-        gc.collect()
-        spec = index.refresh(log=progress.log)
-        report.index = spec.factory
-        report.total = store.count("embedded")
-        report.skipped_report = str(write_skipped_report(index))
+        store = open_store(out, create=True)
+        store.check_embedder(described)
+        report = IndexReport(engine=engine.describe())
+        if store.stateless:
+            from fashionlens.index.upsert_writer import ingest
+
+            ingest(store, source, engine, cfg, report, progress)
+        else:
+            _index_local(store, source, engine, cfg, report, progress, catalog)
         return report
     finally:
-        index.close()
+        engine.close()
+        if store is not None:
+            store.close()
+
+
+def _index_local(index: CatalogIndex, source: CatalogSource, engine: Engine, cfg: IndexConfig, report: IndexReport,
+                 progress: Progress, catalog: Path) -> None:
+    sync_catalog(index, source, report, progress)
+    store = index.store
+    with store.db:
+        store.set_meta("config", {"command": "index", "catalog": str(catalog), **cfg.model_dump()}, commit=False)
+        store.set_meta("embedder", engine.embedder.describe(), commit=False)
+        store.set_meta("index_settings", {k: getattr(cfg, k) for k in INDEX_SETTINGS}, commit=False)
+    embed_pending(index, engine, cfg, report, progress)
+    engine.embedder = None  # free the model before the FAISS build, the memory peak of large catalogs
+    gc.collect()
+    spec = index.refresh(log=progress.log)
+    report.index = spec.factory
+    report.total = store.count("embedded")
+    report.skipped_report = str(write_skipped_report(index))

@@ -20,8 +20,8 @@ from fashionlens.data.images import ImageError, open_image
 from fashionlens.errors import UserError
 from fashionlens.explain.wording import display_name, phrase
 from fashionlens.index.attribute_store import StoredAttributes, cosine
-from fashionlens.index.catalog_index import CatalogIndex, SearchHit
 from fashionlens.index.config import SearchConfig
+from fashionlens.index.stores import SearchHit, VectorStore, Where, open_store
 from fashionlens.models.embedder import Embedder, build_embedder
 
 # JPEGs are decoded at reduced scale down to this size at least (>= any input size we use).
@@ -29,11 +29,11 @@ DRAFT_SIZE = 512
 TRACE_FROM = 100  # photos explained in one call from which the attribute model is traced first
 
 
-def embedder_for(index: CatalogIndex, device: str = "cpu", optimize: str = "auto") -> Embedder:
-    """The model that made the index's vectors, as recorded in it."""
-    cfg = index.store.get_meta("config")
+def embedder_for(index: VectorStore, device: str = "cpu", optimize: str = "auto") -> Embedder:
+    """The model that made the store's vectors, as recorded in it."""
+    cfg = index.get_meta("config")
     if not cfg:
-        raise UserError(f"{index.folder}: the index records no model; re-run 'fashionlens index'")
+        raise UserError(f"{index.location}: the store records no model; re-run 'fashionlens index'")
     embedder = build_embedder(cfg["model"], cfg.get("input_size"), device, optimize=optimize)
     index.check_embedder(embedder.describe())
     return embedder
@@ -73,11 +73,6 @@ def parse_filters(filters: list[str]) -> dict[str, set[str]]:
             raise UserError(f"filter {f!r}: use COLUMN=VALUE, e.g. gender=Men")
         out.setdefault(column.strip(), set()).add(value.strip())
     return out
-
-
-def meets(metadata: dict, filters: dict[str, set[str]] | None) -> bool:
-    """Does an item's metadata have one of the allowed values in every filtered column?"""
-    return not filters or all(str(metadata.get(c, "")) in allowed for c, allowed in filters.items())
 
 
 def compare(query, stored, project, min_confidence: float) -> dict:
@@ -120,18 +115,19 @@ def reason_text(reasons: dict, max_reasons: int = 0) -> str:
 
 
 class Searcher:
-    """An open index with its model loaded: search by photo paths or decoded images;
-    ``attributes=True`` also opens the stored attributes (explained and filtered search);
-    ``write=True`` takes the index's writer lock (a server that adds and removes items)."""
+    """An open store (a folder or a Milvus collection: :func:`open_store`) with its model loaded:
+    search by photo paths or decoded images; ``attributes=True`` also opens the stored attributes
+    (explained and filtered search); ``write=True`` opens it to change it (a server that adds and
+    removes items; a local folder's writer lock)."""
 
-    def __init__(self, folder: Path, device: str = "cpu", optimize: str = "auto", attributes: bool = False,
-                 write: bool = False):
-        self.index = CatalogIndex(folder, write=write)
+    def __init__(self, location: Path | str, device: str = "cpu", optimize: str = "auto", attributes: bool = False,
+                 write: bool = False, store: VectorStore | None = None, store_options: dict | None = None):
+        self.index = store or open_store(location, write=write, **(store_options or {}))
         try:
             self.attributes = StoredAttributes(self.index) if attributes else None
             self.embedder = embedder_for(self.index, device, optimize)
             self.optimize = optimize
-            self.index.load()
+            self.index.warm()
         except BaseException:
             self.index.close()
             raise
@@ -161,7 +157,7 @@ class Searcher:
 
     def _attrs(self, what: str) -> StoredAttributes:
         if self.attributes is None:
-            raise UserError(f"{what}: {self.index.folder} holds no attributes; add them with "
+            raise UserError(f"{what}: {self.index.location} holds no attributes; add them with "
                             "'fashionlens index-attributes'")
         return self.attributes
 
@@ -189,7 +185,8 @@ class Searcher:
         ``hits``: its plain top k, when searched already with other photos)."""
         attrs = self.attributes
         if plan.wants or plan.filters:
-            hits = self._filtered(vec, cfg, plan.wants, plan.filters)
+            hits = self.index.search_where(vec, cfg.k, Where(plan.filters, plan.wants, cfg.min_confidence,
+                                                             cfg.max_pool), attrs)
         elif hits is None:
             hits = self.index.search(vec[None], cfg.k)[0]
         stored = attrs.rows([h.rowid for h in hits]) if attrs is not None else {}
@@ -211,26 +208,6 @@ class Searcher:
                 reasons["text"] = reasons.get("note") or reason_text(reasons, cfg.max_reasons)
             out.append(ExplainedHit(**vars(h), reasons=reasons, attributes=row))
         return out
-
-    def _filtered(self, vec: np.ndarray, cfg: SearchConfig, wants: list[tuple[int, int]],
-                  filters: dict[str, set[str]] | None = None) -> list[SearchHit]:
-        """The nearest items whose metadata meet ``filters`` and whose stored predictions meet
-        every want, in similarity order: pools of k x 10 nearest, growing x 4 up to ``max_pool``."""
-        ntotal, checked = self.index.load().ntotal, {}
-        pool = min(cfg.k * 10, cfg.max_pool)
-        while True:
-            hits = self.index.search(vec[None], pool)[0]
-            new = [h for h in hits if h.rowid not in checked]
-            rows = self.attributes.rows([h.rowid for h in new], attrs=sorted({a for a, _ in wants})) if wants else {}
-            for h in new:
-                row = rows.get(h.rowid)
-                checked[h.rowid] = meets(h.metadata, filters) and (not wants or row is not None and all(
-                    row[a] is not None and row[a].index == v and row[a].confidence >= cfg.min_confidence
-                    for a, v in wants))
-            kept = [h for h in hits if checked[h.rowid]]
-            if len(kept) >= cfg.k or pool >= min(cfg.max_pool, ntotal):
-                return kept[:cfg.k]
-            pool = min(pool * 4, cfg.max_pool)
 
     def close(self) -> None:
         self.index.close()

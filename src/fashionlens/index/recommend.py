@@ -21,7 +21,7 @@ from fashionlens.config import Config
 from fashionlens.errors import UserError
 from fashionlens.explain.wording import phrase
 from fashionlens.index.attribute_store import StoredAttributes
-from fashionlens.index.catalog_index import CatalogIndex
+from fashionlens.index.stores import open_store
 
 
 class RecommendConfig(Config):
@@ -62,25 +62,26 @@ def shared_values(rows: list[list], n_values: dict, cfg: RecommendConfig) -> lis
     return sorted(shared, key=lambda s: -s[2])
 
 
-def liked_vectors(index, rowids: list[int]) -> np.ndarray:
-    """The liked items' stored embeddings, read from their chunk files (exact, any index type)."""
-    found, vectors = index.vectors(np.asarray(rowids, np.int64))
-    if gone := sorted(set(rowids) - set(found.tolist())):  # removed meanwhile (a server may share the index)
+def liked_vectors(index, keys: list) -> np.ndarray:
+    """The liked items' stored embeddings (exact, any index type), by their store keys."""
+    found, vectors = index.vectors(np.asarray(keys))
+    at = {k: i for i, k in enumerate(found.tolist())}
+    if gone := [k for k in keys if k not in at]:  # removed meanwhile (a server may share the index)
         raise UserError(f"{len(gone)} of the liked items left the index while reading it; try again")
-    return vectors[np.searchsorted(found, rowids)]
+    return vectors[[at[k] for k in keys]]
 
 
-def recommend(folder: Path, liked: list[str], cfg: RecommendConfig) -> tuple[list[dict], list[Recommendation]]:
-    """(the shared values, the top ``k`` other items) for the liked item ids."""
-    index = CatalogIndex(folder)
+def recommend(folder: Path | str, liked: list[str], cfg: RecommendConfig) -> tuple[list[dict], list[Recommendation]]:
+    """(the shared values, the top ``k`` other items) for the liked item ids, in the store ``folder``."""
+    index = open_store(folder)
     try:
-        attrs, store = StoredAttributes(index), index.store
-        items = {i: store.get_item(i) for i in dict.fromkeys(liked)}
+        attrs = StoredAttributes(index)
+        items = {i: index.get_item(i) for i in dict.fromkeys(liked)}
         if unknown := [i for i, it in items.items() if it is None]:
             raise UserError(f"not in the index {folder}: {', '.join(unknown)}")
         if bad := [i for i, it in items.items() if it["state"] != "embedded"]:
             raise UserError(f"not searchable (unreadable or not embedded yet): {', '.join(bad)}")
-        rowids = [it["rowid"] for it in items.values()]
+        rowids = [it["key"] for it in items.values()]
         rows = attrs.rows(rowids)
         if bad := [i for i, r in zip(items, rowids) if r not in rows]:
             raise UserError(f"no attributes stored yet for {', '.join(bad)}; run 'fashionlens index-attributes'")

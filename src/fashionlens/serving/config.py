@@ -42,6 +42,12 @@ class ServeConfig(Config):
                                "searches of under 20 queries run on torch's threads instead); more only contend "
                                "with the model on a small machine")
     optimize: Optimize = Field("auto", description="speed-up of the embedding and attribute models (see index)")
+    uploads: str | None = Field(None, description="where photos added through the API go: None = INDEX/uploads for "
+                                "an index folder; for a Milvus store a folder or fsspec URL (s3://bucket/uploads) "
+                                "that every replica reads")
+    consistency: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
+        "Bounded", description="Milvus stores: consistency of searches (Bounded: an add through another replica "
+        "shows within Milvus's staleness bound, a few seconds; Strong: at once, each search waiting for it)")
     thumbnail_px: int = Field(256, ge=16, le=2048, description="longest side of result thumbnails")
     search: SearchConfig = Field(default_factory=SearchConfig,
                                  description="defaults of each search: min_confidence, max_pool, max_reasons")

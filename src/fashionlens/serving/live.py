@@ -40,7 +40,7 @@ from fashionlens.index.query import ExplainedHit, Searcher
 from fashionlens.index.types import supports_remove
 from fashionlens.serving.batcher import Batcher, lower_thread_priority
 from fashionlens.serving.config import ServeConfig
-from fashionlens.serving.uploads import UPLOADS, Photo, remove_upload, save_upload
+from fashionlens.serving.uploads import UPLOADS, Photo, StoredPhoto, remove_upload, save_upload
 
 log = logging.getLogger("fashionlens.serve")
 REBUILD_RETRY = 300.0  # seconds before a failed index rebuild is tried again (doubling, up to 6 h)
@@ -67,16 +67,14 @@ class LiveCatalog:
     """An index folder opened by the server, its embedding model and (if stored) its attribute
     model; ``writable`` takes the index's writer lock (only one writer process at a time)."""
 
-    def __init__(self, folder: Path, cfg: ServeConfig, writable: bool = False):
-        # absolute: uploaded photos are stored by path, valid from any working directory
-        self.cfg, self.folder, self.writable = cfg, Path(folder).resolve(), writable
+    def __init__(self, folder: Path | str, cfg: ServeConfig, writable: bool = False):
+        self.cfg, self.folder, self.writable = cfg, self._where(folder), writable
         self.lock = threading.Lock()
-        self.searcher = Searcher(self.folder, cfg.device, cfg.optimize, write=writable)
+        self.searcher = Searcher(self.folder, cfg.device, cfg.optimize, write=writable, store_options=self._options())
         self.index = self.searcher.index
         try:
             self.searcher.attributes = _attributes_of(self.index)
-            # catch up with what a killed server committed; an outgrown structure is rebuilt beside it
-            self.index.refresh(save=writable, defer_rebuild=True, log=log.info)
+            self._catch_up()
             self.embedder = self.searcher.embedder
             self.explainer = (self.searcher.attributes.explainer(cfg.device, cfg.optimize)
                               if self.searcher.attributes else None)
@@ -103,10 +101,25 @@ class LiveCatalog:
         self._rebuilder: threading.Thread | None = None
         self._removed_meanwhile: list[int] = []  # rows removed while a rebuild runs
         self._rebuild_failures, self._rebuild_retry_at = 0, 0.0
-        self._items = self.index.store.count("embedded")  # kept by add and remove: growth is checked at each add
+        self._items = self.index.count()  # kept by add and remove: growth is checked at each add
         if writable:
-            self._saver.start()
-            self.rebuild()
+            self._start_writing()
+
+    def _options(self) -> dict:
+        """Options of the store's ``open``."""
+        return {}
+
+    @staticmethod
+    def _where(folder: Path | str) -> Path:
+        return Path(folder).resolve()  # absolute: uploaded photos are stored by path, valid from any folder
+
+    def _catch_up(self) -> None:
+        """Catch up with what a killed server committed; an outgrown structure is rebuilt beside it."""
+        self.index.refresh(save=self.writable, defer_rebuild=True, log=log.info)
+
+    def _start_writing(self) -> None:
+        self._saver.start()
+        self.rebuild()
 
     # -- reading ----------------------------------------------------------------------------------
     @property
@@ -134,11 +147,11 @@ class LiveCatalog:
         stored = self.attributes.rows([row["rowid"]]).get(row["rowid"]) if self.attributes else None
         return {**row, "attributes": stored}
 
-    def photo_path(self, item_id: str) -> Path:
-        path = Path(self.item(item_id)["path"])
-        if not path.is_file():
-            raise NotFound(f"item {item_id!r}: its photo {path.name} is missing on the server")
-        return path
+    def photo_path(self, item_id: str) -> StoredPhoto:
+        photo = StoredPhoto(self.item(item_id)["path"])
+        if not photo.exists():
+            raise NotFound(f"item {item_id!r}: its photo {photo.name} is missing on the server")
+        return photo
 
     def _explain(self, images):
         with self.model_lock:
@@ -368,7 +381,7 @@ def _at_low_priority(nice: int, fn, *args) -> None:
 def _attributes_of(index):
     from fashionlens.index.attribute_store import META_KEY, StoredAttributes
 
-    return StoredAttributes(index) if index.store.get_meta(META_KEY) else None
+    return StoredAttributes(index) if index.get_meta(META_KEY) else None
 
 
 def _json(metadata: dict) -> str:

@@ -1,6 +1,8 @@
 """Photos and item ids from clients: checked and decoded (``decode_photo``, ``check_id``), and
-stored under ``INDEX/uploads/`` for the items added through the API (``save_upload``,
-``remove_upload``)."""
+stored for the items added through the API (``save_upload``, ``remove_upload``): under
+``INDEX/uploads/`` for a local index, or in the ``uploads`` location every replica reads (a
+shared folder or an fsspec URL such as ``s3://bucket/uploads``) for a shared store. Stored
+photos are read back, wherever they are, as :class:`StoredPhoto`."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from fashionlens.data.images import ImageError, open_image
+from fashionlens.data.images import ImageError, is_url, open_image, open_source
 from fashionlens.index.query import DRAFT_SIZE
 
 # Photo formats accepted from clients (no EPS and the like, which Pillow hands to Ghostscript).
@@ -71,12 +73,70 @@ def check_id(item_id: str) -> str:
     return item_id
 
 
-def save_upload(index_folder: Path, photo: Photo) -> Path:
-    """The photo's bytes under ``INDEX/uploads/``, named by their hash, synced to disk."""
+class StoredPhoto:
+    """A catalog item's photo: a local path or a URL fsspec opens."""
+
+    def __init__(self, uri: str | Path):
+        self.uri = str(uri)
+        self.name = self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def _fs(self):
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.uri)
+
+    def exists(self) -> bool:
+        if not is_url(self.uri):
+            return Path(self.uri).is_file()
+        try:
+            fs, path = self._fs()
+            return fs.isfile(path)
+        except (OSError, ValueError, ImportError):
+            return False
+
+    def version(self) -> str:
+        """Changes when the file does (for caches): its modification time, or an object's ETag."""
+        if not is_url(self.uri):
+            return str(Path(self.uri).stat().st_mtime_ns)
+        fs, path = self._fs()
+        info = fs.info(path)
+        return str(info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("size"))
+
+    def read_bytes(self) -> bytes:
+        with open_source(self.uri) as fh:
+            return fh.read()
+
+
+def _digest_name(photo: Photo) -> tuple[str, str]:
     digest = hashlib.sha256(photo.data).hexdigest()
-    folder = index_folder / UPLOADS / digest[:2]
+    return digest, f"{digest[:2]}/{digest[:40]}.{re.sub(r'[^a-z0-9]', '', photo.format) or 'bin'}"
+
+
+def save_shared(root: str, photo: Photo) -> str:
+    """The photo's bytes in the shared ``uploads`` location ``root`` (a folder or an fsspec URL),
+    named by their hash (so two replicas storing one photo write the same bytes to the same name);
+    its URI. An object store's put is atomic; a folder gets a temporary file, then a rename."""
+    _, name = _digest_name(photo)
+    if not is_url(root):
+        return str(save_upload(Path(root).resolve(), photo, sub=""))
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(root)
+    target = f"{base.rstrip('/')}/{name}"
+    if not fs.exists(target):
+        fs.pipe_file(target, photo.data)
+    return f"{root.rstrip('/')}/{name}"
+
+
+def save_upload(index_folder: Path, photo: Photo, sub: str = UPLOADS) -> Path:
+    """The photo's bytes under ``INDEX/uploads/`` (``sub``), named by their hash, synced to disk."""
+    digest, name = _digest_name(photo)
+    path = index_folder / sub / name
+    folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest[:40]}.{re.sub(r'[^a-z0-9]', '', photo.format) or 'bin'}"
     if not path.exists():  # a unique temporary name: two adds of one photo may race here
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{digest[:8]}-", suffix=".tmp")
         try:

@@ -24,7 +24,7 @@ CACHED = {"Cache-Control": "max-age=3600"}
 
 class Pictures:
     """The thumbnails and explanation overlays of one application (freed with it), cached by
-    file and modification time."""
+    file and version (modification time, or an object's ETag)."""
 
     def __init__(self, live: LiveCatalog):
         self.live = live
@@ -32,10 +32,10 @@ class Pictures:
         self.explanation = lru_cache(maxsize=64)(self._explanation)
 
     @staticmethod
-    def _thumbnail(path: str, mtime_ns: int, side: int) -> bytes:
+    def _thumbnail(path: str, version: str, side: int) -> bytes:
         return make_thumbnail(path, side)
 
-    def _explanation(self, path: str, mtime_ns: int, name: str) -> bytes:
+    def _explanation(self, path: str, version: str, name: str) -> bytes:
         return overlay_png(self.live, path, name)
 
 
@@ -66,7 +66,7 @@ async def item_image(item_id: str, live: Live, cfg: Settings, cache: Cache, size
         raise ApiError(422, "size must be 'thumb' or 'full'")
     path = await call(live.photo_path, known_id(item_id))
     if size == "thumb":
-        body = await call(lambda: cache.thumbnail(str(path), path.stat().st_mtime_ns, cfg.thumbnail_px))
+        body = await call(lambda: cache.thumbnail(str(path), path.version(), cfg.thumbnail_px))
         return Response(body, media_type="image/jpeg", headers=CACHED)
     body = await call(path.read_bytes)  # read here: a file deleted meanwhile is a 404, not a broken answer
     media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
@@ -85,7 +85,7 @@ async def item_explanation(item_id: str, attribute: str, live: Live, cache: Cach
     if name is None:
         raise ApiError(422, f"unknown attribute {attribute[:60]!r}")
     path = await call(live.photo_path, known_id(item_id))
-    body = await call(lambda: cache.explanation(str(path), path.stat().st_mtime_ns, name))
+    body = await call(lambda: cache.explanation(str(path), path.version(), name))
     return Response(body, media_type="image/png", headers=CACHED)
 
 
