@@ -291,3 +291,70 @@ def test_two_servers_share_one_milvus_catalog(real, tmp_path):
         assert a.client.get("/api/items/buyer-1").status_code == 404
         hits = a.client.post("/api/search", files={"image": ("q.jpg", photo, "image/jpeg")}, data={"k": 1}).json()
         assert hits["results"][0]["id"] == local[0][0]
+
+
+def test_attributes_explanations_wants_and_recommendations_on_milvus_equal_the_local_index(tmp_path):
+    """The attribute world (12 garments whose predictions are known) in Milvus Lite: index-attributes,
+    explained and wanted search and recommend give what the local index gives."""
+    from attribute_world import RED, build_attribute_world
+    from fashionlens.data.images import open_image
+    from fashionlens.index.attribute_indexing import index_attributes
+    from fashionlens.index.config import IndexAttributesConfig, IndexConfig, SearchConfig
+    from fashionlens.index.pipeline import build_index
+    from fashionlens.index.query import Searcher
+    from fashionlens.index.recommend import RecommendConfig, recommend
+    from fashionlens.models.embedder import build_embedder
+
+    (tmp_path / "world").mkdir()
+    world = build_attribute_world(tmp_path / "world")
+    store = f"milvus+lite://{tmp_path}/attr.db/items"
+    build_index(world["root"] / "catalog.csv", store, IndexConfig(input_size=64, workers=0, batch_size=8),
+                embedder=build_embedder("lite0", 64, optimize="none"))
+    report = index_attributes(store, world["ckpt"], IndexAttributesConfig(batch_size=5))
+    assert report.explained == report.total == 13 and report.skipped == 0
+    images = [open_image(p, draft_size=64) for _, p, _ in world["rows"][:4]]
+    cfg = SearchConfig(k=5, explain=True, want=["neckline=v-shape"])
+    answers = []
+    for location in (world["index"], store):
+        searcher = Searcher(location, attributes=True, optimize="none")
+        try:
+            results, _ = searcher.search_explained(images, cfg)
+        finally:
+            searcher.close()
+        answers.append([[(h.id, round(h.score, 4), h.reasons["text"]) for h in hits] for hits in results])
+    assert answers[0] == answers[1]
+    assert all(h[0] in RED for hits in answers[1] for h in hits) and all(len(hits) == 5 for hits in answers[1])
+    liked = sorted(RED)[:2]
+    local_rec = recommend(world["index"], liked, RecommendConfig(k=4))
+    milvus_rec = recommend(store, liked, RecommendConfig(k=4))
+    assert local_rec[0] == milvus_rec[0]
+    assert [(r.id, round(r.score, 4), r.shares) for r in local_rec[1]] == \
+        [(r.id, round(r.score, 4), r.shares) for r in milvus_rec[1]]
+
+
+def test_a_parquet_manifest_of_photo_urls_indexes_as_local_paths_do(catalog, tiny_embedder, index_cfg, tmp_path):
+    """Photos named by URLs fsspec opens (file:// here, s3:// on a cluster) in a Parquet manifest: the
+    same vectors as the same photos by path; a URL that is not there is skipped with its reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fashionlens.index.pipeline import build_index
+
+    rows = list(csv.DictReader(open(catalog / "styles.csv")))
+    table = pa.table({"sku": [r["id"] for r in rows] + ["gone"],
+                      "image": [(catalog / "images" / f"{r['id']}.jpg").resolve().as_uri() for r in rows]
+                      + [(tmp_path / "gone.jpg").as_uri()],
+                      "articleType": [r["articleType"] for r in rows] + ["Tshirts"], "year": [2020] * 25})
+    pq.write_table(table, tmp_path / "manifest.parquet")
+    urls = build_index(tmp_path / "manifest.parquet", tmp_path / "by-url", index_cfg, embedder=tiny_embedder)
+    paths = build_index(catalog, tmp_path / "by-path", index_cfg, embedder=tiny_embedder)
+    assert (urls.embedded, urls.skipped, paths.embedded) == (24, 1, 24)
+    with open_store(tmp_path / "by-url") as a, open_store(tmp_path / "by-path") as b:
+        item = a.get_item("item-0003")
+        assert item["path"].startswith("file://") and item["metadata"] == {"articleType": rows[3]["articleType"],
+                                                                          "year": "2020"}
+        va = a.vectors(np.array([a.get_item(r["id"])["key"] for r in rows]))[1]
+        vb = b.vectors(np.array([b.get_item(r["id"])["key"] for r in rows]))[1]
+        np.testing.assert_array_equal(va, vb)
+    skipped = list(csv.reader(open(tmp_path / "by-url" / "skipped.csv")))
+    assert skipped[1][0] == "gone" and "no such file" in skipped[1][2]

@@ -15,5 +15,5 @@ class Item:
     """
 
     id: str
-    path: Path
+    path: Path | str  # a local file, or a URL fsspec opens (s3://...)
     metadata: dict[str, str] = field(default_factory=dict, hash=False, compare=False)

@@ -1,0 +1,125 @@
+"""The Ray engine against the local engine on the same photos, in one run: images/s and peak memory.
+
+Each arm runs the real ``fashionlens index`` in a subprocess on a fresh store, one after the
+other (``--rounds`` times, alternating, so drift on a shared machine hits both): the embedding
+rate the command reports (its ``img/s``: decode + model, startup excluded), the end-to-end rate
+(Python, model and, for Ray, the local cluster's start-up included), and the peak memory of the
+whole process tree (the command, Ray's raylet, GCS and workers): the sum of every process's
+proportional set size (``Pss`` in ``/proc/PID/smaps_rollup``, so pages shared between processes,
+such as Ray's object store, count once), sampled every 0.2 s.
+
+    python benchmarks/ray_engine.py --limit 2000 [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import SHARED, emit
+
+ARMS = {
+    "local": ["--engine", "local"],
+    "local-1-worker": ["--engine", "local", "--workers", "1"],
+    "ray": ["--engine", "ray"],
+    "ray-to-milvus-lite": ["--engine", "ray"],
+}
+
+
+def tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def pss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def run(cmd: list[str], cwd: Path) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env={**os.environ, "COLUMNS": "250"})
+    peak, done = 0.0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.wait(0.2):
+            peak = max(peak, pss_mb(tree(proc.pid)))
+    threading.Thread(target=sample, daemon=True).start()
+    out, err = proc.communicate()
+    done.set()
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(err[-3000:])
+    line = next((x for x in err.splitlines() if "embedded at" in x), "")
+    rate = re.search(r"embedded at ([\d.]+) img/s", line)
+    embedded = re.search(r"([\d,]+) embedded", line)
+    n = int(embedded.group(1).replace(",", "")) if embedded else 0
+    return {"items": n, "images_per_second": float(rate.group(1)) if rate else None,
+            "end_to_end_images_per_second": round(n / wall, 2), "wall_seconds": round(wall, 1),
+            "peak_pss_mb": round(peak), "line": line.strip()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--catalog", default=str(SHARED / "catalog"))
+    parser.add_argument("--limit", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    args = parser.parse_args()
+    src = Path(args.catalog)
+    src = next(src.glob("*.csv")) if src.is_dir() else src
+    exe = str(Path(sys.executable).parent / "fashionlens")
+    results: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        with open(src, newline="") as fh, open(tmp / "catalog.csv", "w", newline="") as out:
+            reader, writer = csv.reader(fh), csv.writer(out)
+            writer.writerow(next(reader) + ["path"])
+            for row in list(reader)[:args.limit]:
+                writer.writerow(row + [str((src.parent / "images" / f"{row[0]}.jpg").resolve())])
+        for r in range(args.rounds):
+            for arm in args.arms:
+                store = (f"milvus+lite://{tmp}/{arm}-{r}.db/items" if "milvus" in arm else str(tmp / f"{arm}-{r}"))
+                results[arm].append(run([exe, "index", str(tmp / "catalog.csv"), "--store", store, *ARMS[arm]], tmp))
+                print(arm, results[arm][-1], file=sys.stderr)
+    local = max(x["images_per_second"] for x in results.get("local", [{"images_per_second": 0}]))
+    summary = {arm: {"images_per_second_best": max(x["images_per_second"] for x in runs),
+                     "end_to_end_best": max(x["end_to_end_images_per_second"] for x in runs),
+                     "peak_pss_mb_max": max(x["peak_pss_mb"] for x in runs),
+                     "vs_local": round(max(x["images_per_second"] for x in runs) / local, 3) if local else None}
+               for arm, runs in results.items()}
+    emit({"benchmark": "ray_engine", "photos": args.limit, "rounds": args.rounds, "summary": summary,
+          "runs": results})
+
+
+if __name__ == "__main__":
+    main()
