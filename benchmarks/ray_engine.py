@@ -88,12 +88,25 @@ def run(cmd: list[str], cwd: Path) -> dict:
             "peak_pss_mb": round(peak), "line": line.strip()}
 
 
+def decode_rate(paths: list[str], size: int = 224) -> float:
+    """Photos a second one core decodes and letterboxes (the Ray engine's decode task, in this
+    process): what bounds a GPU node, whose model outruns its CPUs' decoding."""
+    from fashionlens.index.engines.ray import decode_batch
+
+    decode_batch({"key": paths[:20], "path": paths[:20]}, size)  # warm the imports
+    start = time.perf_counter()
+    out = decode_batch({"key": paths, "path": paths}, size)
+    assert not any(out["error"]), out["error"]
+    return round(len(paths) / (time.perf_counter() - start), 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--catalog", default=str(SHARED / "catalog"))
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--decode", type=int, default=500, help="photos for the one-core decode rate (0: skip)")
     args = parser.parse_args()
     src = Path(args.catalog)
     src = next(src.glob("*.csv")) if src.is_dir() else src
@@ -106,6 +119,13 @@ def main() -> None:
             writer.writerow(next(reader) + ["path"])
             for row in list(reader)[:args.limit]:
                 writer.writerow(row + [str((src.parent / "images" / f"{row[0]}.jpg").resolve())])
+        decode = None
+        if args.decode:
+            import torch
+
+            torch.set_num_threads(1)
+            paths = [row[-1] for row in csv.reader(open(tmp / "catalog.csv"))][1:args.decode + 1]
+            decode = decode_rate(paths)
         for r in range(args.rounds):
             for arm in args.arms:
                 store = (f"milvus+lite://{tmp}/{arm}-{r}.db/items" if "milvus" in arm else str(tmp / f"{arm}-{r}"))
@@ -118,7 +138,7 @@ def main() -> None:
                      "vs_local": round(max(x["images_per_second"] for x in runs) / local, 3) if local else None}
                for arm, runs in results.items()}
     emit({"benchmark": "ray_engine", "photos": args.limit, "rounds": args.rounds, "summary": summary,
-          "runs": results})
+          "decode_letterbox_one_core_images_per_second": decode, "runs": results})
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def real(shared_data, tmp_path_factory, milvus_server):
     ray = fashionlens("index", root / "catalog.csv", "--store", store, "--engine", "ray", "--config", root / "ray.yaml",
                       cwd=root)
     assert ray.returncode == 0, ray.stderr
-    assert "ray (1 actors x 1 CPU" in ray.stderr and "96 embedded" in ray.stderr
+    assert "ray (2 actors x 1 CPU, 2 CPUs)" in ray.stderr and "96 embedded" in ray.stderr
     return {"root": root, "rows": rows, "queries": queries, "store": store, "local": root / "local"}
 
 
@@ -241,8 +241,10 @@ def test_ray_into_milvus_agrees_with_the_local_engine_and_index(real):
 
 def test_a_killed_ray_index_run_reruns_to_every_item_exactly_once(real):
     store = real["store"].replace("/real", "/killed")
+    slow = real["root"] / "ray-slow.yaml"  # one actor, small batches: seconds to kill it in
+    slow.write_text("ray_cpus: 2\nray_actors: 1\nchunk_size: 8\nbatch_size: 2\n")
     cmd = [sys.executable, "-m", "fashionlens", "index", real["root"] / "catalog.csv", "--store", store,
-           "--engine", "ray", "--config", real["root"] / "ray.yaml"]
+           "--engine", "ray", "--config", slow]
     job = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True, cwd=real["root"], env={**os.environ, "OMP_NUM_THREADS": "1"})
     before, deadline = 0, time.monotonic() + 300
@@ -257,7 +259,7 @@ def test_a_killed_ray_index_run_reruns_to_every_item_exactly_once(real):
     job.wait()
     assert 8 <= before < 96, before
     rerun = fashionlens("index", real["root"] / "catalog.csv", "--store", store, "--engine", "ray",
-                        "--config", real["root"] / "ray.yaml", cwd=real["root"])
+                        "--config", slow, cwd=real["root"])
     assert rerun.returncode == 0, rerun.stderr
     with open_store(store) as s:
         ids = [r["id"] for page in s.iterate("", ["id"]) for r in page]

@@ -33,8 +33,11 @@ class IndexConfig(EmbedConfig):
                                     "None = $RAY_ADDRESS, else a local cluster started for the run")
     ray_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray cluster (None = all)")
     ray_actors: int | Literal["auto"] = Field("auto", description="embedding actors (one model each); auto = one a "
-                                              "GPU, else (CPUs - 1) // ray_actor_cpus: a CPU stays for decoding")
+                                              "GPU, else CPUs // ray_actor_cpus")
     ray_actor_cpus: int = Field(1, ge=1, le=256, description="CPUs (and torch threads) of each embedding actor")
+    ray_decode_share: float = Field(0.125, gt=0, lt=1, description="CPU clusters: the share of every CPU kept for "
+                                    "decoding (actors ask for the rest); never 0, or the decode tasks would wait "
+                                    "for CPUs that never free")
     ray_gpus_per_actor: float | None = Field(None, ge=0, le=8, description="GPUs of each actor (None = 1 when "
                                              "device is cuda, else 0)")
     milvus_index: Literal["auto", "FLAT", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN"] = Field(

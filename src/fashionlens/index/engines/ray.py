@@ -8,9 +8,14 @@ batches back to this process, where the store's writer upserts them. Decoded pho
 letterboxed uint8 (a quarter of the normalised floats) and are normalised in the actor exactly as
 :class:`~fashionlens.data.transforms.Preprocess` does, so a photo's vector is the local engine's.
 
-The actors never get every CPU: Ray Data's decode tasks then wait for CPUs that never free.
-``ray_actors: auto`` gives one actor per GPU on a GPU cluster, else (CPUs - 1) // ``ray_actor_cpus``
-(at least one): one CPU stays for decoding.
+The actors never get every CPU: Ray Data's decode tasks would then wait for CPUs that never free.
+On a GPU cluster ``ray_actors: auto`` gives one actor per GPU (``ray_actor_cpus`` CPUs each) and
+the decode tasks one CPU each from the rest. On CPUs, decoding costs a fraction of the model (a
+core decodes and letterboxes about 500 catalog photos a second and embeds about 40:
+docs/BENCHMARKS.md), so a whole CPU kept for it would idle most of the time (half a 2-core node):
+each actor asks for ``ray_actor_cpus x (1 - ray_decode_share)`` CPUs, ``auto`` makes CPUs //
+``ray_actor_cpus`` of them, and each decode task asks for ``ray_decode_share`` of a CPU, so a node's
+decode tasks always have ``ray_decode_share`` of its CPUs.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import numpy as np
 from fashionlens.errors import UserError
 from fashionlens.index.engines.base import ENGINES, Engine
 
-DECODE_CPUS = 0.5  # two single-threaded decode tasks a CPU (decoding waits on reads as well)
 
 
 def decode_batch(batch: dict, size: int) -> dict:
@@ -102,17 +106,18 @@ class RayEngine(Engine):
         if gpu and not self.gpus:
             raise UserError(f"device {cfg.device}: the Ray cluster has no GPU")
         self.gpus_per_actor = cfg.ray_gpus_per_actor if cfg.ray_gpus_per_actor is not None else (1.0 if gpu else 0.0)
-        actor_cpus = cfg.ray_actor_cpus
+        self.threads = cfg.ray_actor_cpus
+        if self.gpus_per_actor:
+            self.actors = max(1, int(self.gpus // self.gpus_per_actor))
+            self.actor_cpus, self.decode_cpus = float(self.threads), 1.0
+        else:
+            self.actors = max(1, self.cpus // self.threads)
+            self.actor_cpus, self.decode_cpus = self.threads * (1 - cfg.ray_decode_share), cfg.ray_decode_share
         if cfg.ray_actors != "auto":
             self.actors = int(cfg.ray_actors)
-        elif self.gpus_per_actor:
-            self.actors = max(1, int(self.gpus // self.gpus_per_actor))
-        else:
-            self.actors = max(1, (self.cpus - 1) // actor_cpus)
-        if self.actors * actor_cpus >= self.cpus:
-            raise UserError(f"{self.actors} actors x {actor_cpus} CPUs take all {self.cpus} CPUs of the Ray cluster: "
-                            "leave one for decoding (ray_actors, ray_actor_cpus)")
-        self.actor_cpus = actor_cpus
+        if self.actors * self.actor_cpus + self.decode_cpus > self.cpus:
+            raise UserError(f"{self.actors} actors x {self.actor_cpus:g} CPUs leave no CPU of the Ray cluster's "
+                            f"{self.cpus} for decoding (ray_actors, ray_actor_cpus, ray_decode_share)")
 
     def embed(self, rows):
         import ray
@@ -126,13 +131,13 @@ class RayEngine(Engine):
         # decoding as tasks of their own (its resources differ from the actors', so Ray does not fuse
         # it into them): the actors' CPUs only run the model
         ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=self.cfg.batch_size,
-                            num_cpus=DECODE_CPUS, batch_format="numpy")
+                            num_cpus=self.decode_cpus, batch_format="numpy")
         ds = ds.map_batches(
             EmbedActor, batch_size=self.cfg.batch_size, batch_format="numpy", concurrency=self.actors,
             num_cpus=self.actor_cpus, num_gpus=self.gpus_per_actor,
             fn_constructor_kwargs={"model": self.cfg.model, "input_size": self.cfg.input_size,
                                    "device": self.cfg.device, "optimize": self.cfg.optimize,
-                                   "threads": self.actor_cpus})
+                                   "threads": self.threads})
         from fashionlens.models.embedder import EmbeddedBatch
 
         for out in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -142,7 +147,7 @@ class RayEngine(Engine):
                                 [(k, str(e)) for k, e, good in zip(keys, out["error"], ok) if not good])
 
     def describe(self) -> str:
-        return (f"ray ({self.actors} actors x {self.actor_cpus} CPU"
+        return (f"ray ({self.actors} actors x {self.threads} CPU"
                 + (f" x {self.gpus_per_actor:g} GPU" if self.gpus_per_actor else "") + f", {self.cpus} CPUs)")
 
     def close(self) -> None:
