@@ -360,3 +360,12 @@ def test_a_parquet_manifest_of_photo_urls_indexes_as_local_paths_do(catalog, tin
         np.testing.assert_array_equal(va, vb)
     skipped = list(csv.reader(open(tmp_path / "by-url" / "skipped.csv")))
     assert skipped[1][0] == "gone" and "no such file" in skipped[1][2]
+
+
+def test_unreachable_clusters_are_one_line_errors(catalog, tmp_path):
+    port = free_port()  # nothing listens there
+    search = fashionlens("search", f"milvus://127.0.0.1:{port}/items", next((catalog / "images").iterdir()))
+    assert search.returncode == 2 and "cannot reach Milvus" in search.stderr and "Traceback" not in search.stderr
+    ray = fashionlens("index", catalog, "--store", tmp_path / "idx", "--engine", "ray", "--ray-address",
+                      f"127.0.0.1:{port}", timeout=120)
+    assert ray.returncode == 2 and "cannot reach the Ray cluster" in ray.stderr and "Traceback" not in ray.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import numpy as np
 
@@ -76,6 +77,20 @@ class EmbedActor:
         return {"key": batch["key"], "vector": vectors, "error": batch["error"]}
 
 
+def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
+    """A cluster named by HOST:PORT (or ray://HOST:PORT) that does not answer: a one-line error now
+    (``ray.init`` retries a dead address for minutes)."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc})") from None
+
+
 @ENGINES.register("ray")
 class RayEngine(Engine):
     page = 1_000_000  # one Ray Data job per page: its actors start once a page
@@ -87,6 +102,7 @@ class RayEngine(Engine):
         except ImportError:
             raise UserError("--engine ray needs Ray: pip install 'fashionlens[scale]'") from None
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+        _check_reachable(address)
         if not ray.is_initialized():
             try:
                 if address:
