@@ -233,6 +233,14 @@ def test_ray_into_milvus_agrees_with_the_local_engine_and_index(real):
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     differ = [(x, y) for x, y in zip(top1(a.stdout), top1(b.stdout)) if x[0] != y[0]]
     assert len(differ) <= 1 and all(abs(x[1] - y[1]) < 1e-4 for x, y in differ)  # at most one tie
+    lite = f"milvus+lite://{real['root']}/lite.db/items"  # the command: Ray into Milvus Lite, then search
+    made = fashionlens("index", real["root"] / "catalog.csv", "--store", lite, "--engine", "ray", "--config",
+                       real["root"] / "ray.yaml", cwd=real["root"])
+    assert made.returncode == 0, made.stderr
+    c = fashionlens("search", lite, *real["queries"], "-k", "3", "--json")
+    assert c.returncode == 0, c.stderr
+    differ = [(x, y) for x, y in zip(top1(c.stdout), top1(b.stdout)) if x[0] != y[0]]
+    assert len(differ) <= 1 and all(abs(x[1] - y[1]) < 1e-4 for x, y in differ)
     men = fashionlens("search", real["store"], real["queries"][0], "-k", "5", "--json", "--filter", "gender=Men")
     assert {r["gender"] for r in json.loads(men.stdout)[0]["results"]} == {"Men"}
     info = json.loads(fashionlens("info", real["store"]).stdout)

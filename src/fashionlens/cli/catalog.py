@@ -45,7 +45,8 @@ def index(
     console.print(
         f"[green]indexed[/green] {report.total:,} items in {out_dir} ({report.index}; {report.engine}); this run: "
         f"{report.added:,} new, {report.changed:,} changed, {report.embedded:,} embedded at "
-        f"{report.images_per_second:.1f} img/s, {report.skipped:,} unreadable, {report.missing:,} missing"
+        f"{report.images_per_second:.1f} img/s ({report.steady_images_per_second:.1f} after a "
+        f"{report.startup_seconds:.1f} s start), {report.skipped:,} unreadable, {report.missing:,} missing"
     )
     if report.duplicates:
         console.print(f"[yellow]ids listed twice (first row kept):[/yellow] {', '.join(report.duplicates[:10])}")

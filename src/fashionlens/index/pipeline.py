@@ -42,9 +42,33 @@ class IndexReport:
     total: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
+    startup_seconds: float = 0.0  # until the first batch came back (Ray: its actors loading their model)
+    steady_images_per_second: float = 0.0  # after the first batch
     index: str = ""
     skipped_report: str = ""
     engine: str = ""
+
+
+class EmbedClock:
+    """The embedding phase's time, whole and after the first batch: an engine's start-up (Ray's
+    workers and actors starting, each loading the model) is then told apart from its rate."""
+
+    def __init__(self):
+        self.started, self.first, self.first_n, self.done = time.perf_counter(), None, 0, 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.first is None and n:
+            self.first, self.first_n = time.perf_counter(), n
+
+    def report(self, report: IndexReport) -> None:
+        end = time.perf_counter()
+        report.seconds = end - self.started
+        report.images_per_second = self.done / report.seconds if report.seconds > 0 and self.done else 0.0
+        if self.first is not None:
+            report.startup_seconds = self.first - self.started
+            later = self.done - self.first_n
+            report.steady_images_per_second = later / (end - self.first) if later and end > self.first else 0.0
 
 
 class Progress:
@@ -82,7 +106,7 @@ def embed_pending(index: CatalogIndex, engine: Engine, cfg: IndexConfig, report:
     buf_ids: list[int] = []
     buf_vecs: list[np.ndarray] = []
     buf_skipped: list[tuple[int, str]] = []
-    started = time.perf_counter()
+    clock = EmbedClock()
 
     def flush() -> None:
         chunk = store.next_chunk()
@@ -99,14 +123,13 @@ def embed_pending(index: CatalogIndex, engine: Engine, cfg: IndexConfig, report:
             buf_vecs.append(batch.vectors)
             buf_skipped.extend(batch.errors)
             progress.advance(len(batch.keys) + len(batch.errors))
+            clock.add(len(batch.keys) + len(batch.errors))
             if len(buf_ids) + len(buf_skipped) >= cfg.chunk_size:
                 flush()
     if buf_ids or buf_skipped:
         flush()
     progress.stop()
-    report.seconds = time.perf_counter() - started
-    done = report.embedded + report.skipped
-    report.images_per_second = done / report.seconds if report.seconds > 0 and done else 0.0
+    clock.report(report)
 
 
 def write_skipped_report(index: CatalogIndex) -> Path:

@@ -12,12 +12,12 @@ the catalog are reported (within a page; across pages the later row wins).
 from __future__ import annotations
 
 import csv
-import time
 from itertools import islice
 from pathlib import Path
 
 from fashionlens.data.catalog import CatalogSource, Missing
 from fashionlens.errors import UserError
+from fashionlens.index.pipeline import EmbedClock
 from fashionlens.index.stores.milvus_rows import item_row
 
 SKIPPED = "skipped.csv"
@@ -42,7 +42,7 @@ def ingest(store, source: CatalogSource, engine, cfg, report, progress) -> None:
                                       "milvus_hnsw_max": cfg.milvus_hnsw_max})
     progress.start(total, "embedding")
     skipped: list[tuple[str, str, str]] = []
-    started, done = time.perf_counter(), 0
+    clock = EmbedClock()
     for page in _pages(source, engine.page):
         items, seen = {}, set()
         for x in page:
@@ -76,15 +76,14 @@ def ingest(store, source: CatalogSource, engine, cfg, report, progress) -> None:
             skipped += [(key, str(items[key].path), reason) for key, reason in batch.errors]
             report.embedded += len(batch.keys)
             report.skipped += len(batch.errors)
-            done += len(batch.keys) + len(batch.errors)
+            clock.add(len(batch.keys) + len(batch.errors))
             progress.advance(len(batch.keys) + len(batch.errors))
             if len(buffer) >= cfg.chunk_size:
                 store.upsert(buffer)
                 buffer = []
         store.upsert(buffer)
     progress.stop()
-    report.seconds = time.perf_counter() - started
-    report.images_per_second = done / report.seconds if report.seconds > 0 and done else 0.0
+    clock.report(report)
     report.index = str(store.fit_index(progress.log).get("index_type"))
     report.total = store.count()
     report.skipped_report = str(_write_skipped(skipped)) if skipped else ""

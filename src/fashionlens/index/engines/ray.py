@@ -31,6 +31,9 @@ from fashionlens.index.engines.base import ENGINES, Engine
 
 
 
+BLOCK_BATCHES = 8
+
+
 def decode_batch(batch: dict, size: int) -> dict:
     """Ray Data task: decode and letterbox each row's photo (uint8, size x size x 3); a photo that
     cannot be read gives a black image and its reason in ``error``."""
@@ -104,6 +107,9 @@ class RayEngine(Engine):
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         _check_reachable(address)
         if not ray.is_initialized():
+            # a cluster started here runs its workers at the command's priority, as the local engine runs
+            # (Ray's default, 15, lets anything else on the machine starve the actors)
+            os.environ.setdefault("RAY_worker_niceness", "0")
             try:
                 if address:
                     ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
@@ -142,7 +148,8 @@ class RayEngine(Engine):
         items = [{"key": key, "path": str(path)} for key, path in rows]
         if not items:
             return
-        blocks = max(1, min(len(items) // max(self.cfg.batch_size, 1), 4 * self.cpus))
+        # blocks of a few batches: results stream back as they are made (a block is decoded and embedded whole)
+        blocks = max(1, -(-len(items) // (BLOCK_BATCHES * self.cfg.batch_size)))
         ds = ray.data.from_items(items, override_num_blocks=blocks)
         # decoding as tasks of their own (its resources differ from the actors', so Ray does not fuse
         # it into them): the actors' CPUs only run the model
