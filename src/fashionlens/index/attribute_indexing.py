@@ -130,18 +130,20 @@ def index_attributes(folder: Path | str, checkpoint: Path, cfg: IndexAttributesC
         done = report.explained + report.skipped
         report.per_second = done / report.seconds if done and report.seconds > 0 else 0.0
         report.total = index.attribute_counts()[0]
-        report.skipped_report = str(_write_skipped(index))
+        failures = index.attribute_failures()
+        # a shared store has no folder of its own: its list goes to the working folder, and only when not empty
+        report.skipped_report = str(_write_skipped(index, failures)) if failures or not index.stateless else ""
         return report
     finally:
         index.close()
 
 
-def _write_skipped(index: VectorStore) -> Path:
+def _write_skipped(index: VectorStore, failures: list[tuple]) -> Path:
     path = index.report_folder / "attributes-skipped.csv"
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["id", "path", "reason"])
-        writer.writerows(index.attribute_failures())
+        writer.writerows(failures)
     tmp.replace(path)
     return path
