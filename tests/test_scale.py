@@ -377,3 +377,4 @@ def test_unreachable_clusters_are_one_line_errors(catalog, tmp_path):
     ray = fashionlens("index", catalog, "--store", tmp_path / "idx", "--engine", "ray", "--ray-address",
                       f"127.0.0.1:{port}", timeout=120)
     assert ray.returncode == 2 and "cannot reach the Ray cluster" in ray.stderr and "Traceback" not in ray.stderr
+

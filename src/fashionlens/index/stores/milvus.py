@@ -242,15 +242,25 @@ class MilvusStore(VectorStore):
                                  settings.get("milvus_hnsw_max", 2_000_000), self._dim)
         if wanted == current:
             return current
+        from pymilvus.exceptions import MilvusException
+
         (log or (lambda m: None))(f"building the Milvus index {wanted['index_type']} {wanted['params']}")
         self.client.release_collection(self.collection)
         self.client.drop_index(self.collection, "vector")
-        params = self.client.prepare_index_params()
-        params.add_index("vector", index_type=wanted["index_type"], metric_type="COSINE", params=wanted["params"])
-        self.client.create_index(self.collection, params, sync=True)
-        self.client.load_collection(self.collection)
+        try:
+            self._create_index(wanted)
+        except MilvusException as exc:  # a type this Milvus does not build (Milvus Lite: IVF_PQ, DISKANN)
+            self._create_index(current or rows_.index_for(0, "FLAT", 0, 0, self._dim))  # searchable as before
+            raise UserError(f"{self.location}: this Milvus does not build {wanted['index_type']} ({exc.message}); "
+                            f"the index stays {current.get('index_type', 'FLAT')}: choose another milvus_index") from None
         self.set_meta("index", wanted)
         return wanted
+
+    def _create_index(self, index: dict) -> None:
+        params = self.client.prepare_index_params()
+        params.add_index("vector", index_type=index["index_type"], metric_type="COSINE", params=index["params"])
+        self.client.create_index(self.collection, params, sync=True)
+        self.client.load_collection(self.collection)
 
     # -- attributes (fashionlens index-attributes) ------------------------------------------------
     def attribute_todo(self, page: int = 4096):
