@@ -179,6 +179,24 @@ def milvus_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
+def test_a_network_client_never_pings_an_idle_server(milvus_server, monkeypatch):
+    """gRPC's default server policy (milvus-lite server's) answers pings on an idle connection with
+    GOAWAY "too many pings", after which pymilvus could not reconnect: a process idle for ~2 minutes
+    then failed every call (seen in CI). The channel a store opens pings only during calls, at most
+    every 5 minutes (the policy's minimum)."""
+    import grpc
+
+    made = []
+    real_channel = grpc.insecure_channel
+    monkeypatch.setattr(grpc, "insecure_channel", lambda target, options=None, **kw: (
+        made.append(dict(options or [])), real_channel(target, options=options, **kw))[1])
+    monkeypatch.setenv("FASHIONLENS_MILVUS_TOKEN", f"fresh-{time.monotonic_ns()}")  # a new shared connection
+    with pytest.raises(UserError, match="no such collection"):
+        open_store(f"milvus://{milvus_server}/never_made")
+    assert made, "no channel was opened"
+    assert all(not o["grpc.keepalive_permit_without_calls"] and o["grpc.keepalive_time_ms"] >= 300_000 for o in made)
+
+
 def fashionlens(*args, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "fashionlens", *map(str, args)], capture_output=True, text=True,

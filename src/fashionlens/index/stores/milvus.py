@@ -50,6 +50,15 @@ def parse(location: str) -> tuple[str, str, bool]:
     return f"http://{where}", collection, False
 
 
+# pymilvus pings every 10 s even on an idle connection. A Milvus server allows that, but a gRPC
+# server with gRPC's default policy (``milvus-lite server`` among them) answers the third idle ping
+# with GOAWAY "too many pings", after which pymilvus's shared connection cannot reconnect: a process
+# idle for about two minutes (a serve replica at night, a test waiting on a subprocess) then fails
+# every call. Ping only during calls, no more often than such a server accepts; a dropped idle
+# connection is then found and recovered by pymilvus on the next call.
+KEEPALIVE = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 300_000}
+
+
 def _client(uri: str, lite: bool, location: str):
     try:
         from pymilvus import MilvusClient
@@ -60,7 +69,7 @@ def _client(uri: str, lite: bool, location: str):
         if lite:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             return MilvusClient(uri)
-        return MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""), timeout=30)
+        return MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""), timeout=30, grpc_options=KEEPALIVE)
     except MilvusException as exc:
         if lite:
             raise UserError(f"{location}: cannot open the Milvus Lite file ({exc.message}); a Lite file is opened by "
