@@ -138,7 +138,7 @@ def main() -> None:
                 bn.reset_running_stats()
                 bn.momentum = None  # cumulative mean over every batch
                 bn.train()
-            for _, batch, _ in decode_batches(list(enumerate(map(str, paths))), pre, 64, 0):
+            for _, batch, _, _ in decode_batches(list(enumerate(map(str, paths))), pre, 64, 0):
                 if batch is not None:
                     m(batch)
             return m.eval()
@@ -193,7 +193,7 @@ def layer_rows(model, pre, q, row: Callable, record: Callable) -> None:
     feats: dict[str, dict[str, torch.Tensor]] = {t: {} for t in taps + ("final",)}
     paths = list(map(str, q.all_paths()))
     try:
-        for keys, batch, _ in decode_batches(list(zip(paths, paths)), pre, 64, 1):
+        for keys, batch, _, _ in decode_batches(list(zip(paths, paths)), pre, 64, 1):
             if batch is None:
                 continue
             final = model.backbone.forward_features(batch).mean((2, 3))

@@ -28,6 +28,8 @@ def index(
     optimize: Annotated[Optional[str], typer.Option(help="auto, jit or none")] = None,
     engine: Annotated[Optional[str], typer.Option(help="local, or ray (Ray Data on a cluster or a local one)")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="the Ray cluster (else $RAY_ADDRESS, else local)")] = None,
+    crop: Annotated[Optional[str], typer.Option(help="cut each photo first: none, person, garment or auto (the box "
+                                                "is kept per item)")] = None,
 ):
     """Index a catalog: embed every image, store vectors and metadata in --out / --store: a folder
     (FAISS + SQLite) or a Milvus collection.
@@ -40,7 +42,7 @@ def index(
 
     cfg = IndexConfig.load(config, model=model, input_size=input_size, batch_size=batch_size,
                            workers=workers, index_type=index_type, device=device, optimize=optimize, engine=engine,
-                           ray_address=ray_address)
+                           ray_address=ray_address, crop=crop)
     report = build_index(catalog, out_dir, cfg, RichProgress())
     console.print(
         f"[green]indexed[/green] {report.total:,} items in {out_dir} ({report.index}; {report.engine}); this run: "
@@ -87,6 +89,8 @@ def search(
         "--filter", help="COLUMN=VALUE: only items with that metadata value, e.g. gender=Men (repeatable)")] = None,
     min_confidence: Annotated[Optional[float], typer.Option(
         "--min-confidence", help="attributes predicted with less are not mentioned")] = None,
+    crop: Annotated[Optional[str], typer.Option(help="cut each photo first: none, person, garment or auto; the box "
+                                                "used is reported")] = None,
 ):
     """Search the catalog by photo; several photos are embedded as one batch.
 
@@ -95,13 +99,13 @@ def search(
     from fashionlens.index.query import DRAFT_SIZE, Searcher, load_photos
 
     cfg = SearchConfig.load(config, k=k, explain=explain or None, want=want or None, filters=filters or None,
-                            min_confidence=min_confidence)
+                            min_confidence=min_confidence, crop=crop)
     images = load_photos(photos, DRAFT_SIZE)  # bad photos fail before the model loads
     explained = cfg.explain or bool(cfg.want)
     searcher = Searcher(index_dir, attributes=explained)
     queries = None
     try:
-        embed_images = searcher.decode(photos)  # as the catalog was decoded: the same photo, the same vector
+        embed_images = searcher.decode(photos, cfg.crop)  # as the catalog was decoded: the same photo, the same vector
         if explained or cfg.filters:
             results, queries = searcher.search_explained(images, cfg, embed_images)
         else:
@@ -111,15 +115,20 @@ def search(
     if as_json:
         payload = []
         for n, (photo, hits) in enumerate(zip(photos, results)):
-            entry = {"photo": str(photo), "results": [
+            entry = {"photo": str(photo), **({"crop": searcher.query_crops[n]} if cfg.crop != "none" else {}),
+                     "results": [
                 {"rank": r + 1, "id": h.id, "score": round(h.score, 6), "path": h.path, **h.metadata,
-                 **({"reasons": h.reasons} if explained else {})} for r, h in enumerate(hits)]}
+                 **({"crop": h.crop} if h.crop else {}), **({"reasons": h.reasons} if explained else {})}
+                for r, h in enumerate(hits)]}
             if queries is not None:
                 entry["attributes"] = _photo_attributes(photo, images[n], queries[n])
             payload.append(entry)
         out.print_json(json.dumps(payload, ensure_ascii=False))
         return
-    for photo, hits in zip(photos, results):
+    for n, (photo, hits) in enumerate(zip(photos, results)):
+        if searcher.query_crops[n]:
+            c = searcher.query_crops[n]
+            out.print(f"{photo}: searched the {c['region']} box {c['box']} (found by {c['method']})", markup=False)
         out.print(hits_table(str(photo), hits))
         for rank, h in enumerate(hits if explained else [], 1):  # full lines: a table column would be cramped
             out.print(f"  {rank}. {h.id}: {h.reasons['text']}", markup=False, highlight=False, soft_wrap=True)

@@ -185,3 +185,20 @@ def yes_columns(head, tags: list[str] | None = None) -> list[int]:
     attribute head, an explainer)."""
     chosen = head.schema if tags is None else tags
     return [head.slices[tag].start + list(head.schema[tag]).index("yes") for tag in chosen]
+
+
+# The CCP tags of each garment region of the crop stage (fashionlens.data.crops.regions): the
+# masks' pixels that a region's box should cover.
+GARMENT_TAGS = {
+    "upper": ("blazer", "blouse", "bodysuit", "cape", "cardigan", "coat", "hoodie", "jacket", "jumper", "shirt",
+              "suit", "sweater", "sweatshirt", "t-shirt", "top", "vest"),
+    "lower": ("jeans", "leggings", "pants", "shorts", "skirt"),
+    "dress": ("dress", "romper"),
+    "shoes": ("boots", "clogs", "flats", "heels", "loafers", "pumps", "sandals", "shoes", "sneakers", "wedges"),
+}
+
+
+def garment_mask(mask: np.ndarray, labels: list[str], region: str) -> np.ndarray:
+    """Bool ``(H, W)``: the pixels of ``mask`` labeled with any tag of ``region`` (GARMENT_TAGS)."""
+    wanted = [labels.index(t) for t in GARMENT_TAGS[region] if t in labels]
+    return np.isin(np.asarray(mask), wanted)

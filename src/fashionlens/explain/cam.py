@@ -27,32 +27,12 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from scipy import ndimage
 from torchvision.ops import roi_pool
 
+from fashionlens.data.masks import largest_box
+from fashionlens.data.masks import largest_label as _largest_label
+
 Box = tuple[int, int, int, int]
-
-
-def _largest_label(cam: np.ndarray, threshold: float) -> tuple[np.ndarray, int] | None:
-    """(labels, label of the largest region) of :func:`region_mask`'s rule, or None."""
-    cam = np.asarray(cam, dtype=np.float64)
-    if cam.ndim != 2:
-        raise ValueError(f"cam must be 2-D (H, W), got shape {cam.shape}")
-    if not 0.0 < threshold <= 1.0:  # also rejects NaN
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    peak = cam.max() if cam.size else np.nan
-    if not np.isfinite(peak) or peak <= 0:
-        return None
-    labels, count = ndimage.label(cam >= threshold * peak, structure=np.ones((3, 3), dtype=int))
-    # count >= 1: the peak pixel itself is always on because threshold <= 1.
-    if count == 1:  # the usual case for smooth maps: no counting needed
-        return labels, 1
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    tied = np.flatnonzero(sizes == sizes.max())
-    if len(tied) == 1:
-        return labels, int(tied[0]) + 1
-    sums = np.bincount(labels.ravel(), weights=cam.ravel(), minlength=count + 1)[1:]
-    return labels, max(tied.tolist(), key=lambda i: (sums[i], -i)) + 1
 
 
 def region_mask(cam: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
@@ -69,12 +49,8 @@ def region_mask(cam: np.ndarray, threshold: float = 0.5) -> np.ndarray | None:
 def largest_region_box(cam: np.ndarray, threshold: float = 0.5) -> Box | None:
     """``(x, y, w, h)`` in pixels of ``cam`` (inclusive extents: ``w = x_max - x_min + 1``) of
     the region chosen by :func:`region_mask`; None when there is none."""
-    found = _largest_label(cam, threshold)
-    if found is None:
-        return None
-    labels, label = found
-    rows, cols = ndimage.find_objects(labels, max_label=label)[label - 1]
-    return cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start
+    found = largest_box(cam, threshold)
+    return None if found is None else (found[0], found[1], found[2] - found[0], found[3] - found[1])
 
 
 def roi_features(feature_map: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor | None,

@@ -363,7 +363,7 @@ class CatalogIndex:
         rows = self.store.get_rows(sorted({int(i) for i in ids.ravel() if i >= 0}))
         results = []
         for q_scores, q_ids in zip(scores, ids):
-            hits = [SearchHit(rows[i]["id"], float(s), rows[i]["path"], rows[i]["metadata"], int(i))
+            hits = [SearchHit(rows[i]["id"], float(s), rows[i]["path"], rows[i]["metadata"], int(i), rows[i]["crop"])
                     for s, i in zip(q_scores, q_ids) if i >= 0 and int(i) in rows]
             results.append(hits[:k])
         return results

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from fashionlens.config import Config
+from fashionlens.data.crops import CropName
 from fashionlens.index.engines import EngineName
 from fashionlens.index.types import IndexTypeName
 from fashionlens.models.embedder import EmbedConfig
@@ -61,6 +62,9 @@ class SearchConfig(Config):
     max_pool: int = Field(2000, ge=1, description="with want or filters: the most nearest items searched for k matches")
     max_reasons: int = Field(5, ge=0, description="attributes named per list in the text of the reasons (0 = all)")
     device: str = Field("cpu", description="torch device of the attribute model (explain)")
+    crop: CropName = Field("none", description="cut each query photo before embedding it: none, person, garment "
+                           "(the region the photo shows of its person) or auto (garment, else the salient object); "
+                           "independent of the catalog's crop")
 
 
 class IndexAttributesConfig(Config):

@@ -98,6 +98,24 @@ def sync_catalog(index: CatalogIndex, source: CatalogSource, report: IndexReport
         raise UserError(f"{source.path}: the catalog has no items")
 
 
+def with_regions(rows: list[tuple], cropper) -> list[tuple]:
+    """(key, path, metadata) rows -> (key, path, the item's crop region) for ``cropper``."""
+    if cropper is None:
+        return rows
+    return [(key, path, cropper.region_for(metadata)) for key, path, metadata in rows]
+
+
+def check_crop(recorded: dict | None, cfg: IndexConfig, location, has_items: bool) -> None:
+    """Vectors of one store come from one crop: refuse to add with another."""
+    if recorded is None:
+        recorded = {"crop": "none", "crop_regions": None}
+    wanted = {"crop": cfg.crop, "crop_regions": cfg.crop_regions}
+    if has_items and recorded != wanted:
+        raise UserError(f"{location} was indexed with crop {recorded['crop']}"
+                        + (f" (regions {recorded['crop_regions']})" if recorded.get("crop_regions") else "")
+                        + f"; this run asks for crop {cfg.crop}: use the same --crop, or a new store")
+
+
 def embed_pending(index: CatalogIndex, engine: Engine, cfg: IndexConfig, report: IndexReport,
                   progress: Progress) -> None:
     store, embedder = index.store, engine.embedder
@@ -106,20 +124,22 @@ def embed_pending(index: CatalogIndex, engine: Engine, cfg: IndexConfig, report:
     buf_ids: list[int] = []
     buf_vecs: list[np.ndarray] = []
     buf_skipped: list[tuple[int, str]] = []
+    buf_crops: list[dict | None] = []
     clock = EmbedClock()
 
     def flush() -> None:
         chunk = store.next_chunk()
         vecs = np.concatenate(buf_vecs) if buf_vecs else np.zeros((0, embedder.dim), np.float32)
         index.chunks.write(chunk, np.asarray(buf_ids, np.int64), vecs)
-        store.commit_chunk(chunk, list(buf_ids), list(buf_skipped))
+        store.commit_chunk(chunk, list(buf_ids), list(buf_skipped), list(buf_crops))
         report.embedded += len(buf_ids)
         report.skipped += len(buf_skipped)
-        buf_ids.clear(), buf_vecs.clear(), buf_skipped.clear()
+        buf_ids.clear(), buf_vecs.clear(), buf_skipped.clear(), buf_crops.clear()
 
-    for page in store.pending(engine.page):
-        for batch in engine.embed(page):
+    for page in store.pending(engine.page, metadata=engine.cropper is not None):
+        for batch in engine.embed(with_regions(page, engine.cropper)):
             buf_ids.extend(batch.keys)
+            buf_crops.extend(batch.crops or [None] * len(batch.keys))
             buf_vecs.append(batch.vectors)
             buf_skipped.extend(batch.errors)
             progress.advance(len(batch.keys) + len(batch.errors))
@@ -182,9 +202,11 @@ def build_index(catalog: Path, out: Path | str, cfg: IndexConfig, progress: Prog
 
 def _index_local(index: CatalogIndex, source: CatalogSource, engine: Engine, cfg: IndexConfig, report: IndexReport,
                  progress: Progress, catalog: Path) -> None:
-    sync_catalog(index, source, report, progress)
     store = index.store
+    check_crop(store.get_meta("crop"), cfg, index.folder, store.count("embedded") > 0)
+    sync_catalog(index, source, report, progress)
     with store.db:
+        store.set_meta("crop", {"crop": cfg.crop, "crop_regions": cfg.crop_regions}, commit=False)
         store.set_meta("config", {"command": "index", "catalog": str(catalog), **cfg.model_dump()}, commit=False)
         store.set_meta("embedder", engine.embedder.describe(), commit=False)
         store.set_meta("index_settings", {k: getattr(cfg, k) for k in INDEX_SETTINGS}, commit=False)

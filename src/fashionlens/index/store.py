@@ -48,10 +48,12 @@ CREATE TABLE IF NOT EXISTS item_attributes (
     PRIMARY KEY (item, attr)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attribute_state (item INTEGER PRIMARY KEY, reason TEXT);
+CREATE TABLE IF NOT EXISTS crops (item INTEGER PRIMARY KEY, crop TEXT NOT NULL);
 """
 
 
 # rows named in one statement: SQLite's default build allows 32,766 parameters
+_CROP = "(SELECT crop FROM crops WHERE item=items.rowid)"  # the box an item was embedded from
 _PIECE = 30_000
 
 
@@ -127,14 +129,17 @@ class CatalogStore:
         self.db.execute("INSERT OR REPLACE INTO missing VALUES (?, ?, ?)", (item_id, reason, run))
 
     # -- embedding state -------------------------------------------------------------------
-    def pending(self, batch: int = 4096) -> Iterator[list[tuple[int, str]]]:
-        """Pages of (rowid, path) still to embed, in rowid order."""
+    def pending(self, batch: int = 4096, metadata: bool = False) -> Iterator[list[tuple]]:
+        """Pages of (rowid, path) still to embed, in rowid order ((rowid, path, metadata) with ``metadata``)."""
         last = 0
+        columns = "rowid, path, metadata" if metadata else "rowid, path"
         while True:
             rows = self.db.execute(
-                "SELECT rowid, path FROM items WHERE state='pending' AND rowid>? ORDER BY rowid LIMIT ?",
+                f"SELECT {columns} FROM items WHERE state='pending' AND rowid>? ORDER BY rowid LIMIT ?",
                 (last, batch),
             ).fetchall()
+            if metadata:
+                rows = [(r, p, json.loads(m)) for r, p, m in rows]
             if not rows:
                 return
             yield rows
@@ -148,10 +153,14 @@ class CatalogStore:
     def next_chunk(self) -> int:
         return (self.db.execute("SELECT MAX(chunk) FROM chunks").fetchone()[0] or 0) + 1
 
-    def commit_chunk(self, chunk: int, rowids: list[int], skipped: list[tuple[int, str]]) -> None:
-        """Atomically record a chunk file's rows as embedded and the failures as skipped."""
+    def commit_chunk(self, chunk: int, rowids: list[int], skipped: list[tuple[int, str]],
+                     crops: list[dict | None] = ()) -> None:
+        """Atomically record a chunk file's rows as embedded (with the crop box each was embedded
+        from, when a crop ran) and the failures as skipped."""
         with self.db:
             self.record_chunk(chunk, rowids, skipped)
+            self.db.executemany("INSERT OR REPLACE INTO crops VALUES (?, ?)",
+                                [(r, json.dumps(c)) for r, c in zip(rowids, crops) if c is not None])
 
     def record_chunk(self, chunk: int, rowids: list[int], skipped: list[tuple[int, str]] = ()) -> None:
         """:meth:`commit_chunk` inside the caller's transaction."""
@@ -198,8 +207,8 @@ class CatalogStore:
 
     # -- reading items ---------------------------------------------------------------------
     def get_rows(self, rowids: list[int]) -> dict[int, dict]:
-        return {r[0]: {"id": r[1], "path": r[2], "metadata": json.loads(r[3])}
-                for r in self._embedded_in("rowid, item_id, path, metadata", rowids)}
+        return {r[0]: {"id": r[1], "path": r[2], "metadata": json.loads(r[3]), "crop": r[4] and json.loads(r[4])}
+                for r in self._embedded_in(f"rowid, item_id, path, metadata, {_CROP}", rowids)}
 
     def chunk_of(self, rowids: list[int]) -> dict[int, int]:
         """The chunk file holding each embedded item's vector."""
@@ -207,12 +216,12 @@ class CatalogStore:
 
     def get_item(self, item_id: str) -> dict | None:
         row = self.db.execute(
-            "SELECT rowid, item_id, path, metadata, state, reason FROM items WHERE item_id=?", (item_id,)
+            f"SELECT rowid, item_id, path, metadata, state, reason, {_CROP} FROM items WHERE item_id=?", (item_id,)
         ).fetchone()
         if row is None:
             return None
         return {"rowid": row[0], "id": row[1], "path": row[2], "metadata": json.loads(row[3]),
-                "state": row[4], "reason": row[5]}
+                "state": row[4], "reason": row[5], "crop": row[6] and json.loads(row[6])}
 
     def count_where(self, column: str, values: Iterable[str]) -> int:
         """How many embedded items have metadata ``column`` in ``values`` (relevance counts)."""
@@ -238,6 +247,7 @@ class CatalogStore:
             f"SELECT rowid FROM items WHERE state='embedded' AND rowid IN ({marks})", rowids)]
         self.db.execute(f"DELETE FROM items WHERE rowid IN ({marks})", rowids)
         self.db.execute(f"DELETE FROM item_attributes WHERE item IN ({marks})", rowids)
+        self.db.execute(f"DELETE FROM crops WHERE item IN ({marks})", rowids)
         self.db.execute(f"DELETE FROM attribute_state WHERE item IN ({marks})", rowids)
         self.db.executemany("INSERT OR IGNORE INTO tombstones VALUES (?)", [(r,) for r in embedded])
 

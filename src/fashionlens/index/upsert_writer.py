@@ -31,6 +31,8 @@ def _pages(source: CatalogSource, size: int):
 
 def ingest(store, source: CatalogSource, engine, cfg, report, progress) -> None:
     """Bring ``store`` up to date with ``source``, embedding with ``engine``."""
+    if engine.cropper is not None:  # its rows have no field for the box yet
+        raise UserError(f"{store.location}: --crop with a Milvus store is not supported yet; index into a folder")
     progress.log(f"reading {source.describe()}")
     total = sum(1 for x in source if not isinstance(x, Missing))  # a pass over the manifest: done / total
     if total == 0:

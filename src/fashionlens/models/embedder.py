@@ -5,7 +5,7 @@ every command that embeds."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from fashionlens.config import Config
+from fashionlens.data.crops import CropName
 from fashionlens.data.loader import decode_batches
 from fashionlens.data.transforms import Preprocess
 from fashionlens.errors import UserError
@@ -31,6 +32,11 @@ class EmbedConfig(Config):
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     optimize: Optimize = Field(
         "auto", description="inference speed-up: auto = TorchScript freeze on CPU (checked against eager)")
+    crop: CropName = Field("none", description="cut each photo before the letterbox: none; person (its box); "
+                           "garment (the item's region of a photo with a person: by its metadata, see crop_regions); "
+                           "auto (garment with a person, else the salient object's box); needs fashionlens[crop]")
+    crop_regions: str | None = Field(None, description="YAML mapping catalog metadata (articleType, subCategory) to "
+                                     "the region cut (None = the built-in data/crops/regions.yaml)")
 
 
 class Embedder:
@@ -118,16 +124,18 @@ class EmbeddedBatch:
     keys: list
     vectors: np.ndarray
     errors: list[tuple[object, str]]
+    crops: list[dict | None] = field(default_factory=list)  # the box of each key's photo (with a crop)
 
 
-def embed_rows(rows: Sequence[tuple[object, str]], embedder: Embedder, batch_size: int = 16,
-               workers: int = 1) -> Iterator[EmbeddedBatch]:
-    """Embed ``rows`` of (key, image path) in order, ``batch_size`` at a time, decoding in ``workers``
-    processes; unreadable photos come out as errors beside the vectors."""
+def embed_rows(rows: Sequence[tuple], embedder: Embedder, batch_size: int = 16,
+               workers: int = 1, cropper=None) -> Iterator[EmbeddedBatch]:
+    """Embed ``rows`` of (key, image path[, crop region]) in order, ``batch_size`` at a time, decoding
+    (and cropping, with ``cropper``) in ``workers`` processes; unreadable photos come out as errors
+    beside the vectors."""
     pin = embedder.device.type == "cuda"
-    for keys, batch, errors in decode_batches(rows, embedder.preprocess, batch_size, workers, pin):
+    for keys, batch, errors, crops in decode_batches(rows, embedder.preprocess, batch_size, workers, pin, cropper):
         if batch is None:
             vectors = np.zeros((0, embedder.dim), np.float32)
         else:
             vectors = embedder.embed_tensors(batch.contiguous(memory_format=torch.channels_last))
-        yield EmbeddedBatch(keys, vectors, errors)
+        yield EmbeddedBatch(keys, vectors, errors, crops)

@@ -249,7 +249,7 @@ class FeatureCache:
         if self.key["view"] is not None:  # the view's draws for this part, from this row on
             seed = hashlib.sha256(f"{self.key['view']}/{part.name}/{start}".encode()).digest()[:8]
             torch.default_generator.manual_seed(int.from_bytes(seed, "little"))  # CPU only: fork_rng saved it
-        for keys, batch, errors in decode_batches(rows, preprocess, batch_size, workers, device.startswith("cuda")):
+        for keys, batch, errors, _ in decode_batches(rows, preprocess, batch_size, workers, device.startswith("cuda")):
             if batch is not None:
                 with torch.inference_mode():
                     out = model(batch.to(device).contiguous(memory_format=torch.channels_last))

@@ -45,7 +45,7 @@ def make_embed(model, device: str, cache: FeatureCache | None, preprocess: Prepr
                     out[[i for i, _ in chunk]] = run(maps, True).float().cpu()
             else:
                 pairs = [(i, str(p)) for i, p in enumerate(paths)]
-                for keys, batch, _errors in decode_batches(pairs, preprocess, batch_size, workers):
+                for keys, batch, _errors, _ in decode_batches(pairs, preprocess, batch_size, workers):
                     if batch is not None:
                         batch = batch.to(device)
                         y = run(batch, False).float()

@@ -20,10 +20,14 @@ class Engine:
     page = 65_536  # rows handed to one call of :meth:`embed`
 
     def __init__(self, cfg, embedder):
-        self.cfg, self.embedder = cfg, embedder
+        from fashionlens.data.crops import build_cropper
 
-    def embed(self, rows: Sequence[tuple[object, str]]) -> Iterator:
-        """:class:`EmbeddedBatch` es for ``rows`` of (key, photo path or URL), in any order."""
+        self.cfg, self.embedder = cfg, embedder
+        self.cropper = build_cropper(getattr(cfg, "crop", "none"), getattr(cfg, "crop_regions", None))
+
+    def embed(self, rows: Sequence[tuple]) -> Iterator:
+        """:class:`EmbeddedBatch` es for ``rows`` of (key, photo path or URL[, crop region]), in any
+        order; with a crop, each batch carries the box of each key's photo."""
         raise NotImplementedError
 
     def describe(self) -> str:

@@ -9,7 +9,7 @@ from fashionlens.models.embedder import embed_rows
 @ENGINES.register("local")
 class LocalEngine(Engine):
     def embed(self, rows):
-        return embed_rows(rows, self.embedder, self.cfg.batch_size, self.cfg.workers)
+        return embed_rows(rows, self.embedder, self.cfg.batch_size, self.cfg.workers, self.cropper)
 
     def describe(self) -> str:
         return f"local ({self.cfg.workers} decoding workers)"

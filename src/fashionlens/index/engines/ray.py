@@ -20,6 +20,8 @@ decode tasks always have ``ray_decode_share`` of its CPUs.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import socket
@@ -34,22 +36,37 @@ from fashionlens.index.engines.base import ENGINES, Engine
 BLOCK_BATCHES = 8
 
 
-def decode_batch(batch: dict, size: int) -> dict:
-    """Ray Data task: decode and letterbox each row's photo (uint8, size x size x 3); a photo that
-    cannot be read gives a black image and its reason in ``error``."""
+@functools.lru_cache(maxsize=2)
+def _cropper(crop: str, regions: str | None):
+    """One cropper (its models loaded once) per Ray worker process."""
+    from fashionlens.data.crops import build_cropper
+
+    return build_cropper(crop, regions)
+
+
+def decode_batch(batch: dict, size: int, crop: str = "none", regions: str | None = None) -> dict:
+    """Ray Data task: decode each row's photo, cut it (``crop``: the crop stage, to the row's
+    ``region``) and letterbox it (uint8, size x size x 3); a photo that cannot be read gives a black
+    image and its reason in ``error``; ``crop`` holds each box as JSON ("" without a crop)."""
     from fashionlens.data.images import ImageError, open_image
     from fashionlens.data.transforms import letterbox
 
+    cropper = _cropper(crop, regions) if crop != "none" else None
     images = np.zeros((len(batch["path"]), size, size, 3), np.uint8)
     errors = np.full(len(batch["path"]), "", dtype=object)
+    boxes = np.full(len(batch["path"]), "", dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
-            images[i] = np.asarray(letterbox(open_image(str(path), draft_size=size), size), np.uint8)
+            img = open_image(str(path), draft_size=None if cropper else size)
+            if cropper is not None:
+                img, box = cropper(img, str(batch["region"][i]) or None)
+                boxes[i] = json.dumps(box.to_dict())
+            images[i] = np.asarray(letterbox(img, size), np.uint8)
         except ImageError as exc:
             errors[i] = str(exc)
         except Exception as exc:  # a codec bug must not end a run of millions of photos
             errors[i] = f"{path}: cannot decode ({type(exc).__name__}: {exc})"
-    return {"key": batch["key"], "image": images, "error": errors}
+    return {"key": batch["key"], "image": images, "error": errors, "crop": boxes}
 
 
 class EmbedActor:
@@ -77,7 +94,7 @@ class EmbedActor:
                 for img in batch["image"][ok]]
             batch_t = torch.stack(tensors).contiguous(memory_format=torch.channels_last)
             vectors[ok] = self.embedder.embed_tensors(batch_t)
-        return {"key": batch["key"], "vector": vectors, "error": batch["error"]}
+        return {"key": batch["key"], "vector": vectors, "error": batch["error"], "crop": batch["crop"]}
 
 
 def _check_reachable(address: str | None, timeout: float = 10.0) -> None:
@@ -145,7 +162,8 @@ class RayEngine(Engine):
         import ray
 
         size = self.embedder.preprocess.size
-        items = [{"key": key, "path": str(path)} for key, path in rows]
+        items = [{"key": key, "path": str(path), "region": (region[0] or "") if region else ""}
+                 for key, path, *region in rows]
         if not items:
             return
         # blocks of a few batches: results stream back as they are made (a block is decoded and embedded whole)
@@ -153,7 +171,8 @@ class RayEngine(Engine):
         ds = ray.data.from_items(items, override_num_blocks=blocks)
         # decoding as tasks of their own (its resources differ from the actors', so Ray does not fuse
         # it into them): the actors' CPUs only run the model
-        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=self.cfg.batch_size,
+        ds = ds.map_batches(decode_batch, fn_kwargs={"size": size, "crop": self.cfg.crop,
+                                                      "regions": self.cfg.crop_regions}, batch_size=self.cfg.batch_size,
                             num_cpus=self.decode_cpus, batch_format="numpy")
         ds = ds.map_batches(
             EmbedActor, batch_size=self.cfg.batch_size, batch_format="numpy", concurrency=self.actors,
@@ -167,7 +186,8 @@ class RayEngine(Engine):
             ok = out["error"] == ""
             keys = [k.item() if hasattr(k, "item") else k for k in out["key"]]
             yield EmbeddedBatch([k for k, good in zip(keys, ok) if good], out["vector"][ok],
-                                [(k, str(e)) for k, e, good in zip(keys, out["error"], ok) if not good])
+                                [(k, str(e)) for k, e, good in zip(keys, out["error"], ok) if not good],
+                                [json.loads(c) if c else None for c, good in zip(out["crop"], ok) if good])
 
     def describe(self) -> str:
         return (f"ray ({self.actors} actors x {self.threads} CPU"

@@ -36,6 +36,7 @@ class SearchHit:
     path: str
     metadata: dict
     rowid: int | str | None = None  # the item's key in its store (a local store: its row, its id in FAISS)
+    crop: dict | None = None  # the box its photo was embedded from (index --crop), else None
 
 
 @dataclass

