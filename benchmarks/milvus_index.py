@@ -97,6 +97,7 @@ def child(job: dict) -> None:
             v = np.fromfile(f, np.float32, count=min(BATCH, n - s) * DIM).reshape(-1, DIM)
             client.insert("items", [{"id": str(s + i), "vector": row.tolist(), "metadata": {"gender": GENDERS[g]}}
                                     for i, (row, g) in enumerate(zip(v, genders[s:s + BATCH]))])
+            Path(job["built"] + ".rows").write_text(str(s + len(v)))  # for the record of a killed build
     client.flush("items")
     drain()
     out["insert_s"] = round(time.perf_counter() - t, 1)
@@ -178,6 +179,8 @@ def run_type(job: dict, max_build: float, max_rss_gb: float) -> dict:
         if why:
             proc.kill()
             proc.wait()
+            rows = Path(job["built"] + ".rows")
+            why += f" ({rows.read_text() if rows.exists() else 0} rows inserted)"
             return {"status": "timeout" if "done in" in why else "memory", "reason": why + "; killed",
                     "seconds": round(time.perf_counter() - t), "build_params": job["build"],
                     "search_params": job["search"]}
@@ -252,7 +255,7 @@ def main() -> None:
             shutil.rmtree(db, ignore_errors=True)
             build, search = params(kind, n)
             stem = str(args.out / f"n{n}-{kind.lower()}")
-            for f in (stem + ".built", stem + ".json"):
+            for f in (stem + ".built", stem + ".json", stem + ".built.rows"):
                 Path(f).unlink(missing_ok=True)
             job = {"n": n, "type": kind, "db": str(db), "gallery": str(path), "genders": str(args.out / "genders.npy"),
                    "queries": str(args.out / "queries.npy"), "build": build, "search": search,
