@@ -27,6 +27,8 @@ def evaluate_consumer(
     out: OutOpt,
     field: Annotated[str, typer.Option(help="catalog metadata column the mapping's values refer to")] = "articleType",
     config: ConfigOpt = None,
+    crop: Annotated[Optional[str], typer.Option(help="cut each query photo first: none, person, garment or auto "
+                                                "(the catalog's crop is the index's)")] = None,
 ):
     """Buyers' photos -> catalog (e.g. shared consumer/test -> catalog, hit = matching articleType)."""
     from fashionlens.data.catalog import iter_image_folder
@@ -34,7 +36,7 @@ def evaluate_consumer(
 
     if not queries.is_dir():
         raise UserError(f"{queries}: not a folder of query photos")
-    cfg = EvaluateConfig.load(config)
+    cfg = EvaluateConfig.load(config, crop=crop)
     items = list(iter_image_folder(queries))
     summary = evaluate_index(index_dir, items, consumer_relevance(read_label_mapping(mapping), field), out, cfg,
                              f"{queries.name} -> catalog ({field})", RichProgress())

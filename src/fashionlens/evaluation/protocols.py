@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from fashionlens.data.crops import build_cropper
 from fashionlens.data.records import Item
 from fashionlens.errors import UserError
 from fashionlens.evaluation.metrics import MetricAccumulator
@@ -77,8 +78,9 @@ def interleave_by_category(queries: Sequence[Item], relevance: Callable[[Item], 
 def run_queries(index: LocalStore, embedder: Embedder, queries: Sequence[Item],
                 relevance: Callable[[Item], Relevance], out: Path, ks: Sequence[int], title: str,
                 batch_size: int = 16, workers: int = 1, max_html: int = 200,
-                progress: Progress | None = None, label: str = "queries") -> dict:
-    """Search every query through ``index`` and write metrics.json, hit_rate.png, report.html."""
+                progress: Progress | None = None, label: str = "queries", cropper=None) -> dict:
+    """Search every query through ``index`` and write metrics.json, hit_rate.png, report.html
+    (each query cut by ``cropper`` first, when given)."""
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or Progress()
     progress.start(len(queries), label)
@@ -89,7 +91,7 @@ def run_queries(index: LocalStore, embedder: Embedder, queries: Sequence[Item],
     unreadable = []
     queries = interleave_by_category(queries, relevance)
     rows = [(i, str(q.path)) for i, q in enumerate(queries)]
-    for batch in embed_rows(rows, embedder, batch_size, workers):
+    for batch in embed_rows(rows, embedder, batch_size, workers, cropper):
         unreadable += [(str(queries[i].path), err) for i, err in batch.errors]
         results = index.search(batch.vectors, k_max) if len(batch.keys) else []
         for i, hits in zip(batch.keys, results):
@@ -135,8 +137,12 @@ def evaluate_index(index_dir: Path, queries: Sequence[Item], relevance: Callable
         raise UserError("no query images found")
     index = LocalStore(index_dir)
     try:
-        return run_queries(index, embedder_for(index, cfg.device), queries, relevance, out, cfg.ks, title,
-                           cfg.batch_size, cfg.workers, cfg.max_html_queries, progress)
+        summary = run_queries(index, embedder_for(index, cfg.device), queries, relevance, out, cfg.ks, title,
+                              cfg.batch_size, cfg.workers, cfg.max_html_queries, progress,
+                              cropper=build_cropper(cfg.crop, cfg.crop_regions))
+        summary["crop"] = {"queries": cfg.crop, "catalog": (index.store.get_meta("crop") or {}).get("crop", "none")}
+        write_json(summary, out / "metrics.json")
+        return summary
     finally:
         index.close()
 

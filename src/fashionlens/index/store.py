@@ -159,8 +159,12 @@ class CatalogStore:
         from, when a crop ran) and the failures as skipped."""
         with self.db:
             self.record_chunk(chunk, rowids, skipped)
-            self.db.executemany("INSERT OR REPLACE INTO crops VALUES (?, ?)",
-                                [(r, json.dumps(c)) for r, c in zip(rowids, crops) if c is not None])
+            self.record_crops(rowids, crops)
+
+    def record_crops(self, rowids: list[int], crops: list[dict | None]) -> None:
+        """Inside the caller's transaction: the crop box each item was embedded from (None: none)."""
+        self.db.executemany("INSERT OR REPLACE INTO crops VALUES (?, ?)",
+                            [(r, json.dumps(c)) for r, c in zip(rowids, crops) if c is not None])
 
     def record_chunk(self, chunk: int, rowids: list[int], skipped: list[tuple[int, str]] = ()) -> None:
         """:meth:`commit_chunk` inside the caller's transaction."""

@@ -133,6 +133,7 @@ def query_attr_json(live: LiveCatalog, q, photo) -> dict:
 
 
 def item_json(live: LiveCatalog, row: dict) -> dict:
-    """A stored item: id, metadata, predicted attributes and URLs."""
+    """A stored item: id, metadata, predicted attributes, the box its photo was cut to, and URLs."""
     attrs = [attr_json(live, a) for a in row.get("attributes") or [] if a is not None]
-    return {"id": row["id"], "metadata": row["metadata"], "attributes": attrs, **item_ref(row["id"])}
+    return {"id": row["id"], "metadata": row["metadata"], "attributes": attrs, "crop": row.get("crop"),
+            **item_ref(row["id"])}

@@ -40,7 +40,7 @@ from fashionlens.index.query import ExplainedHit, Searcher
 from fashionlens.index.types import supports_remove
 from fashionlens.serving.batcher import Batcher, lower_thread_priority
 from fashionlens.serving.config import ServeConfig
-from fashionlens.serving.uploads import UPLOADS, Photo, StoredPhoto, remove_upload, save_upload
+from fashionlens.serving.uploads import UPLOADS, Croppers, Photo, StoredPhoto, cut, remove_upload, save_upload
 
 log = logging.getLogger("fashionlens.serve")
 REBUILD_RETRY = 300.0  # seconds before a failed index rebuild is tried again (doubling, up to 6 h)
@@ -76,6 +76,7 @@ class LiveCatalog:
             self.searcher.attributes = _attributes_of(self.index)
             self._catch_up()
             self.embedder = self.searcher.embedder
+            self.croppers = Croppers.of(cfg.search.crop, self.index.get_meta("crop"))
             self.explainer = (self.searcher.attributes.explainer(cfg.device, cfg.optimize)
                               if self.searcher.attributes else None)
         except BaseException:
@@ -164,18 +165,23 @@ class LiveCatalog:
     def plan(self, cfg: SearchConfig):
         return self.searcher.plan(cfg)
 
-    def search(self, photo: Photo, cfg: SearchConfig, plan) -> tuple[list[ExplainedHit], list | None]:
-        """The results for one decoded photo; its own attributes when ``plan.explain``."""
+    def search(self, photo: Photo, cfg: SearchConfig, plan) -> tuple[list[ExplainedHit], list | None, dict | None]:
+        """The results for one decoded photo; its own attributes when ``plan.explain``; the box it
+        was cut to (``search.crop``)."""
         query = self.explain_batch(photo.at(self.explainer.size)) if plan.explain and self.explain_batch else None
-        return self.batch(Job(self._tensor(photo), cfg, plan, query)), query
+        tensor, box = self._tensor(photo, self.croppers.query)
+        return self.batch(Job(tensor, cfg, plan, query)), query, box
 
-    def embed(self, photo: Photo) -> np.ndarray:
-        return self.batch(Job(self._tensor(photo)))
+    def embed(self, photo: Photo, metadata: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        """A new item's vector, cut as the catalog's photos were (its region from ``metadata``)."""
+        tensor, box = self._tensor(photo, self.croppers.item, metadata)
+        return self.batch(Job(tensor)), box
 
-    def _tensor(self, photo: Photo):
-        """Letterboxed and normalised here, in the request's thread (PIL and NumPy release the
+    def _tensor(self, photo: Photo, cropper=None, metadata: dict | None = None):
+        """Cut, letterboxed and normalised here, in the request's thread (PIL and NumPy release the
         GIL): the model's thread only stacks and runs the batch."""
-        return self.embedder.preprocess(photo.at(self.embedder.preprocess.size))
+        img, box = cut(photo, cropper, metadata, self.embedder.preprocess.size)
+        return self.embedder.preprocess(img), box
 
     def _run_batch(self, jobs: list[Job]) -> list:
         """One model call for every queued photo, then, under the lock, one vector search for all
@@ -203,7 +209,7 @@ class LiveCatalog:
             raise Conflict("the catalog is read-only")
         with self.lock:  # before the models' work; checked again under the lock that commits
             self._check_free(item_id)
-        vec = self.embed(photo)
+        vec, box = self.embed(photo, metadata)
         results = self.explain_batch(photo.at(self.explainer.size)) if self.explain_batch else None
         path = save_upload(self.folder, photo)
         store = self.index.store
@@ -218,6 +224,7 @@ class LiveCatalog:
                 chunk = store.next_chunk()
                 self.index.chunks.write(chunk, np.asarray([rowid], np.int64), vec[None])
                 store.record_chunk(chunk, [rowid])
+                store.record_crops([rowid], [box])
                 if results is not None:
                     attrs = self.attributes
                     store.record_attributes(item_rows(rowid, results, photo.size, photo.at(self.explainer.size).size,

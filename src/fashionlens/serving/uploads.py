@@ -66,6 +66,30 @@ def decode_photo(data: bytes, max_pixels: int, draft: int = DRAFT_SIZE) -> Photo
     return photo
 
 
+@dataclass
+class Croppers:
+    """What a server cuts: query photos (``search.crop``) and added items (the catalog's own crop,
+    as recorded by ``index --crop``, so that added items match the indexed ones)."""
+    query: object = None
+    item: object = None
+
+    @classmethod
+    def of(cls, query_crop: str, recorded: dict | None) -> Croppers:
+        from fashionlens.data.crops import build_cropper
+
+        recorded = recorded or {"crop": "none"}
+        return cls(build_cropper(query_crop), build_cropper(recorded["crop"], recorded.get("crop_regions")))
+
+
+def cut(photo: Photo, cropper, metadata: dict | None, size: int) -> tuple[Image.Image, dict | None]:
+    """The photo as the model takes it: decoded at a draft near ``size`` uncut, or whole and cut by
+    ``cropper`` (to the region of ``metadata``, for an item), with the box as a dict."""
+    if cropper is None:
+        return photo.at(size), None
+    img, box = cropper(photo.at(0), cropper.region_for(metadata) if metadata is not None else None)
+    return img, box.to_dict()
+
+
 def check_id(item_id: str) -> str:
     if not ID_PATTERN.fullmatch(item_id or ""):
         raise ValueError(f"item id {item_id[:80]!r}: use 1-128 letters, digits, '.', '_' or '-', "

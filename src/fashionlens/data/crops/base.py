@@ -8,7 +8,7 @@ with each query's results, so that what was embedded can be shown.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from PIL import Image
 
@@ -21,21 +21,22 @@ class CropBox:
     y0: int
     x1: int  # exclusive
     y1: int
-    method: str  # "pose", "saliency" or "whole": what found it
+    method: str  # "pose", "backdrop", "saliency" or "whole": what found it
     region: str  # "upper", "lower", "dress", "shoes", "person", "object" or "whole"
+    size: tuple[int, int] = (0, 0)  # the photo's (width, height): what the box is in
 
     @classmethod
     def whole(cls, img: Image.Image) -> CropBox:
-        return cls(0, 0, img.width, img.height, "whole", "whole")
+        return cls(0, 0, img.width, img.height, "whole", "whole", img.size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {"box": [d.pop("x0"), d.pop("y0"), d.pop("x1"), d.pop("y1")], **d}
+        return {"box": [d.pop("x0"), d.pop("y0"), d.pop("x1"), d.pop("y1")], **d, "size": list(self.size)}
 
     @classmethod
     def from_dict(cls, d: dict) -> CropBox:
         x0, y0, x1, y1 = (int(v) for v in d["box"])
-        return cls(x0, y0, x1, y1, str(d["method"]), str(d["region"]))
+        return cls(x0, y0, x1, y1, str(d["method"]), str(d["region"]), tuple(int(v) for v in d.get("size", (0, 0))))
 
 
 class Cropper:
@@ -52,7 +53,7 @@ class Cropper:
         return CropBox.whole(img)
 
     def __call__(self, img: Image.Image, region: str | None = None) -> tuple[Image.Image, CropBox]:
-        box = self.box(img, region)
+        box = replace(self.box(img, region), size=img.size)
         if (box.x0, box.y0, box.x1, box.y1) == (0, 0, img.width, img.height):
             return img, box
         return img.crop((box.x0, box.y0, box.x1, box.y1)), box

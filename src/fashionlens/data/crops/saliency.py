@@ -44,3 +44,27 @@ class SaliencyModel:
         lo, hi = float(out.min()), float(out.max())
         out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
         return np.asarray(Image.fromarray(out.astype(np.float32), mode="F").resize(img.size, Image.BILINEAR))
+
+
+def plain_backdrop_box(img: Image.Image, ring: float = 0.03, flat: float = 10.0, differs: float = 40.0,
+                       min_share: float = 0.01) -> tuple[int, int, int, int] | None:
+    """The box of what differs from a plain backdrop: when the photo's outer ring (``ring`` of each
+    side) is one colour (per-channel standard deviation <= ``flat``), the pixels more than
+    ``differs`` away from it (any channel), opened by a 3 x 3 square against JPEG noise. A product
+    shot on a studio backdrop is found so in about a millisecond, where U^2-Net-p takes half a
+    second; None when the ring is not plain or too little differs (then the saliency model decides)."""
+    from scipy import ndimage
+
+    arr = np.asarray(img.convert("RGB"), np.int16)
+    h, w = arr.shape[:2]
+    t, s = max(1, int(h * ring)), max(1, int(w * ring))
+    border = np.concatenate([arr[:t].reshape(-1, 3), arr[-t:].reshape(-1, 3), arr[:, :s].reshape(-1, 3),
+                             arr[:, -s:].reshape(-1, 3)])
+    if float(border.std(0).max()) > flat:
+        return None
+    fg = np.abs(arr - np.median(border, 0)).max(2) > differs
+    fg = ndimage.binary_opening(fg, structure=np.ones((3, 3), bool))
+    if fg.mean() < min_share:
+        return None
+    ys, xs = np.nonzero(fg)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1

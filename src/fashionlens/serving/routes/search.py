@@ -24,10 +24,10 @@ async def search(live: Live, form: Annotated[SearchForm, Depends(search_form)]):
     plan = await call(live.plan, search_cfg)
     photo = await call(decode, live, form.image)
     t0 = time.perf_counter()
-    hits, query = await call(live.search, photo, search_cfg, plan)
+    hits, query, box = await call(live.search, photo, search_cfg, plan)
     results = [{"rank": r + 1, "score": round(h.score, 6), "id": h.id, "metadata": h.metadata,
                 "attributes": [attr_json(live, a) for a in h.attributes or [] if a is not None],
-                "reasons": h.reasons, **item_ref(h.id)} for r, h in enumerate(hits)]
+                "reasons": h.reasons, "crop": h.crop, **item_ref(h.id)} for r, h in enumerate(hits)]
     return JSONResponse({"results": results, "k": form.k, "seconds": round(time.perf_counter() - t0, 4),  # plain
-                         "query": {"width": photo.size[0], "height": photo.size[1],  # JSON: no encoder pass
+                         "query": {"width": photo.size[0], "height": photo.size[1], "crop": box,  # JSON: no encoder pass
                                    "attributes": [query_attr_json(live, q, photo) for q in query or []]}})

@@ -74,7 +74,27 @@ function confident(attributes) {
   return attributes.filter((a) => a.confidence >= 0.5 && a.value !== "no" && !a.value.includes("invisible"));
 }
 
+// The box a photo was cut to before it was embedded (--crop): an SVG over the image whose viewBox is
+// the photo's own pixels; "meet" places it as object-fit: contain places the image.
+function cropOverlay(crop) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "crop");
+  if (!crop || crop.method === "whole") { svg.setAttribute("hidden", ""); return svg; }
+  const [x0, y0, x1, y1] = crop.box;
+  svg.setAttribute("viewBox", `0 0 ${crop.size[0]} ${crop.size[1]}`);
+  svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
+  const rect = document.createElementNS(ns, "rect");
+  for (const [k, v] of Object.entries({ x: x0, y: y0, width: x1 - x0, height: y1 - y0 })) rect.setAttribute(k, v);
+  const title = document.createElementNS(ns, "title");
+  title.textContent = `embedded: the ${crop.region} (found by ${crop.method})`;
+  rect.appendChild(title);
+  svg.appendChild(rect);
+  return svg;
+}
+
 function showQuery(query) {
+  $("query-crop").replaceWith(Object.assign(cropOverlay(query.crop), { id: "query-crop" }));
   const box = $("query-attributes");
   box.replaceChildren();
   for (const a of confident(query.attributes || [])) box.appendChild(chip(a.phrase || a.value));
@@ -86,7 +106,7 @@ function showResults(results) {
   for (const hit of results) {
     const chips = el("div", { class: "chips" }, confident(hit.attributes).slice(0, 4).map((a) => chip(a.phrase)));
     const card = el("article", { class: "card", tabindex: "0", "data-id": hit.id }, [
-      el("img", { src: hit.thumbnail, alt: hit.id, loading: "lazy" }),
+      el("div", { class: "framed" }, [el("img", { src: hit.thumbnail, alt: hit.id, loading: "lazy" }), cropOverlay(hit.crop)]),
       el("div", {}, [el("span", { class: "id", text: hit.id }), el("span", { class: "score", text: hit.score.toFixed(3) })]),
       chips,
       el("div", { class: "reason", text: (hit.reasons && hit.reasons.text) || "" }),

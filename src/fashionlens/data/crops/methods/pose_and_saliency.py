@@ -4,8 +4,9 @@
 * ``garment``: the garment's region of a photo with a person: the item's region for a catalog
   photo (its metadata, :mod:`..regions`), for a query what the photo shows
   (:func:`~..regions.shown_region`); the whole photo without a person.
-* ``auto``: ``garment`` for a photo with a person; without one, the box of the salient object's
-  largest region (flat lays, hangers, product shots); the whole photo when neither is found.
+* ``auto``: ``garment`` for a photo with a person; without one, the box of what differs from a
+  plain backdrop (studio product shots) or else of the salient object's largest region (flat lays,
+  hangers, cluttered product shots); the whole photo when none is found.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from PIL import Image
 from fashionlens.data.crops.base import CROPPERS, Cropper, CropBox
 from fashionlens.data.crops.pose import PoseModel
 from fashionlens.data.crops.regions import region_box, region_map, shown_region
-from fashionlens.data.crops.saliency import SaliencyModel
+from fashionlens.data.crops.saliency import SaliencyModel, plain_backdrop_box
 from fashionlens.data.masks import largest_box
 
 MIN_OBJECT = 0.01  # of the photo: a smaller salient region is no object
@@ -73,6 +74,9 @@ class AutoCrop(GarmentCrop):
         self.saliency = SaliencyModel()
 
     def _no_person(self, img: Image.Image) -> CropBox:
+        plain = plain_backdrop_box(img)  # a studio shot: its backdrop's colour says it, 50x faster
+        if plain is not None:
+            return CropBox(*plain, "backdrop", "object")
         mask = self.saliency.mask(img)
         found = largest_box((mask >= 0.5).astype("float32"), 1.0) if float(mask.max()) >= 0.5 else None
         if found is None or (found[2] - found[0]) * (found[3] - found[1]) < MIN_OBJECT * img.width * img.height:
