@@ -282,3 +282,20 @@ def test_the_page_draws_the_boxes(cropped, tmp_path):
             page.screenshot(path=str(Path(os.environ.get("FASHIONLENS_TEST_OUTPUT", tmp_path)) / "crops.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_the_ray_engine_cuts_as_the_local_one(cropped, tmp_path):
+    """``--engine ray --crop auto``: the same boxes as the local engine, and the same vectors."""
+    pytest.importorskip("ray") if not os.environ.get("FASHIONLENS_REQUIRE_SCALE") else None
+    from fashionlens.index import LocalStore
+
+    (tmp_path / "ray.yaml").write_text("ray_cpus: 2\nray_actors: 1\nchunk_size: 8\nbatch_size: 4\n")
+    made = fashionlens("index", cropped["catalog"], "--out", tmp_path / "ray", "--crop", "auto", "--engine", "ray",
+                       "--config", tmp_path / "ray.yaml", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    with LocalStore.open(tmp_path / "ray") as ray, LocalStore.open(cropped["index"]) as local:
+        ids = [r["id"] for r in cropped["rows"]]
+        assert [ray.get_item(i)["crop"] for i in ids] == [local.get_item(i)["crop"] for i in ids]
+        a = ray.vectors(np.array([ray.get_item(i)["key"] for i in ids]))[1]
+        b = local.vectors(np.array([local.get_item(i)["key"] for i in ids]))[1]
+        assert np.abs(a - b).max() <= 1e-4
