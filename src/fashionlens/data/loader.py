@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fashionlens.data.images import ImageError, open_image
+from fashionlens.errors import UserError
 
 
 def decode_one(path, preprocess, cropper=None, region: str | None = None):
@@ -36,6 +37,8 @@ class _Decode(Dataset):
             return key, *decode_one(path, self.preprocess, self.cropper, region[0] if region else None), None
         except ImageError as exc:
             return key, None, None, str(exc)
+        except UserError:  # the run's own setting (a crop model that cannot load): not this photo's fault
+            raise
         except Exception as exc:  # a codec bug must not end a run of millions of images
             return key, None, None, f"{path}: cannot decode ({type(exc).__name__}: {exc})"
 

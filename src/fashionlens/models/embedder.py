@@ -34,7 +34,7 @@ class EmbedConfig(Config):
         "auto", description="inference speed-up: auto = TorchScript freeze on CPU (checked against eager)")
     crop: CropName = Field("none", description="cut each photo before the letterbox: none; person (its box); "
                            "garment (the item's region of a photo with a person: by its metadata, see crop_regions); "
-                           "auto (garment with a person, else the salient object's box); needs fashionlens[crop]")
+                           "auto (garment with a person, else the salient object's box); needs the 'crop' extra")
     crop_regions: str | None = Field(None, description="YAML mapping catalog metadata (articleType, subCategory) to "
                                      "the region cut (None = the built-in data/crops/regions.yaml)")
 

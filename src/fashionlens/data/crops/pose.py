@@ -59,14 +59,18 @@ class Person:
     mask: np.ndarray | None  # (H, W) float person probability, the photo's size
 
 
-def _interpreter(name: str):
+def _litert():
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         from fashionlens.errors import UserError
 
         raise UserError("the pose crop needs LiteRT: pip install 'fashionlens[crop]'") from None
-    it = Interpreter(model_path=str(model_path(name)), num_threads=1)
+    return Interpreter
+
+
+def _interpreter(name: str):
+    it = _litert()(model_path=str(model_path(name)), num_threads=1)
     it.allocate_tensors()
     return it
 
@@ -86,6 +90,13 @@ class PoseModel:
 
     def __getstate__(self):
         return {"with_mask": self.with_mask, "_models": None}
+
+    def check(self) -> None:
+        """Fail now, in the calling process, if the runtime or a model file is missing (fetching
+        the files once here, not in every worker)."""
+        _litert()
+        for name in ("pose_detection.tflite", "pose_landmark_full.tflite", "selfie_segmentation.tflite"):
+            model_path(name)
 
     def _load(self):
         if self._models is None:

@@ -12,6 +12,16 @@ SIZE = 320
 MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        from fashionlens.errors import UserError
+
+        raise UserError("the saliency crop needs onnxruntime: pip install 'fashionlens[crop]'") from None
+    return onnxruntime
+
+
 class SaliencyModel:
     """Loaded on first use (a pickled copy, in a worker, loads its own)."""
 
@@ -21,14 +31,14 @@ class SaliencyModel:
     def __getstate__(self):
         return {"threads": self.threads, "_session": None}
 
+    def check(self) -> None:
+        """Fail now if onnxruntime or the model file is missing (fetching it once, here)."""
+        _onnxruntime()
+        model_path("u2netp.onnx")
+
     def _load(self):
         if self._session is None:
-            try:
-                import onnxruntime as ort
-            except ImportError:
-                from fashionlens.errors import UserError
-
-                raise UserError("the saliency crop needs onnxruntime: pip install 'fashionlens[crop]'") from None
+            ort = _onnxruntime()
             options = ort.SessionOptions()
             options.intra_op_num_threads = options.inter_op_num_threads = self.threads
             self._session = ort.InferenceSession(str(model_path("u2netp.onnx")), options,

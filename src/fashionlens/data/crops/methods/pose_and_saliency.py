@@ -35,6 +35,8 @@ class PersonCrop(Cropper):
     def __init__(self, regions: str | None = None):
         self.regions = regions
         self.pose = PoseModel()
+        self.pose.check()
+        region_map(regions)  # a bad region file fails now
 
     def region_for(self, metadata: dict | None) -> str | None:
         """A catalog item's region (by its metadata and the region map)."""
@@ -72,6 +74,7 @@ class AutoCrop(GarmentCrop):
     def __init__(self, regions: str | None = None):
         super().__init__(regions)
         self.saliency = SaliencyModel()
+        self.saliency.check()
 
     def _no_person(self, img: Image.Image) -> CropBox:
         plain = plain_backdrop_box(img)  # a studio shot: its backdrop's colour says it, 50x faster
