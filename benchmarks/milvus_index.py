@@ -75,11 +75,12 @@ def child(job: dict) -> None:
     """Build one type's collection and time its searches; writes job["result"] (JSON) and .npz."""
     from milvus_lite.server_manager import server_manager_instance
     from pymilvus import DataType, MilvusClient
+    from fashionlens.index.stores.milvus import KEEPALIVE
 
     n, kind, db = job["n"], job["type"], Path(job["db"])
     genders = np.load(job["genders"])
     queries = np.load(job["queries"])
-    client = MilvusClient(str(db))
+    client = MilvusClient(str(db), grpc_options=KEEPALIVE)  # see the store: long builds must not be pinged off
     lite = server_manager_instance._servers[os.path.abspath(db)][1]  # the in-process engine, to drain its worker
 
     def drain():

@@ -182,8 +182,8 @@ def milvus_server(tmp_path_factory):
 def test_a_network_client_never_pings_an_idle_server(milvus_server, monkeypatch):
     """gRPC's default server policy (milvus-lite server's) answers pings on an idle connection with
     GOAWAY "too many pings", after which pymilvus could not reconnect: a process idle for ~2 minutes
-    then failed every call (seen in CI). The channel a store opens pings only during calls, at most
-    every 5 minutes (the policy's minimum)."""
+    then failed every call (seen in CI). The channel a store opens pings only during calls,
+    less often than the policy's 5-minute minimum (a long index build is a call without data too)."""
     import grpc
 
     made = []
@@ -194,7 +194,7 @@ def test_a_network_client_never_pings_an_idle_server(milvus_server, monkeypatch)
     with pytest.raises(UserError, match="no such collection"):
         open_store(f"milvus://{milvus_server}/never_made")
     assert made, "no channel was opened"
-    assert all(not o["grpc.keepalive_permit_without_calls"] and o["grpc.keepalive_time_ms"] >= 300_000 for o in made)
+    assert all(not o["grpc.keepalive_permit_without_calls"] and o["grpc.keepalive_time_ms"] > 300_000 for o in made)
 
 
 def fashionlens(*args, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -165,21 +165,26 @@ class LiveCatalog:
     def plan(self, cfg: SearchConfig):
         return self.searcher.plan(cfg)
 
-    def search(self, photo: Photo, cfg: SearchConfig, plan) -> tuple[list[ExplainedHit], list | None, dict | None]:
+    def search(self, photo: Photo, cfg: SearchConfig, plan) -> tuple[list[ExplainedHit], list | None]:
+        return self.search_cut(photo, cfg, plan)[:2]
+
+    def search_cut(self, photo: Photo, cfg: SearchConfig, plan) -> tuple[list[ExplainedHit], list | None, dict | None]:
         """The results for one decoded photo; its own attributes when ``plan.explain``; the box it
         was cut to (``search.crop``)."""
         query = self.explain_batch(photo.at(self.explainer.size)) if plan.explain and self.explain_batch else None
         tensor, box = self._tensor(photo, self.croppers.query)
         return self.batch(Job(tensor, cfg, plan, query)), query, box
 
-    def embed(self, photo: Photo, metadata: dict | None = None) -> tuple[np.ndarray, dict | None]:
-        """A new item's vector, cut as the catalog's photos were (its region from ``metadata``)."""
+    def embed(self, photo: Photo) -> np.ndarray:
+        return self.embed_item(photo)[0]
+
+    def embed_item(self, photo: Photo, metadata: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        """A new item's vector and box, cut as the catalog's photos were (its region from ``metadata``)."""
         tensor, box = self._tensor(photo, self.croppers.item, metadata)
         return self.batch(Job(tensor)), box
 
     def _tensor(self, photo: Photo, cropper=None, metadata: dict | None = None):
-        """Cut, letterboxed and normalised here, in the request's thread (PIL and NumPy release the
-        GIL): the model's thread only stacks and runs the batch."""
+        """Cut, letterboxed and normalised in the request's thread: the model's only runs the batch."""
         img, box = cut(photo, cropper, metadata, self.embedder.preprocess.size)
         return self.embedder.preprocess(img), box
 
@@ -209,7 +214,7 @@ class LiveCatalog:
             raise Conflict("the catalog is read-only")
         with self.lock:  # before the models' work; checked again under the lock that commits
             self._check_free(item_id)
-        vec, box = self.embed(photo, metadata)
+        vec, box = self.embed_item(photo, metadata)
         results = self.explain_batch(photo.at(self.explainer.size)) if self.explain_batch else None
         path = save_upload(self.folder, photo)
         store = self.index.store

@@ -63,7 +63,7 @@ class SharedCatalog(LiveCatalog):
             raise Conflict("the catalog is read-only")
         if self.index.get_item(item_id) is not None:
             raise Conflict(f"item {item_id!r} exists; DELETE it first to replace it")
-        vec, _ = self.embed(photo, metadata)  # Milvus stores take no crop (index refuses --crop for them)
+        vec = self.embed(photo)  # Milvus stores take no crop (index refuses --crop for them)
         results = self.explain_batch(photo.at(self.explainer.size)) if self.explain_batch else None
         uri = save_shared(self.cfg.uploads, photo)
         row = item_row(item_id, vec, uri, metadata)

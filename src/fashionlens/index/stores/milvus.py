@@ -54,9 +54,11 @@ def parse(location: str) -> tuple[str, str, bool]:
 # server with gRPC's default policy (``milvus-lite server`` among them) answers the third idle ping
 # with GOAWAY "too many pings", after which pymilvus's shared connection cannot reconnect: a process
 # idle for about two minutes (a serve replica at night, a test waiting on a subprocess) then fails
-# every call. Ping only during calls, no more often than such a server accepts; a dropped idle
-# connection is then found and recovered by pymilvus on the next call.
-KEEPALIVE = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 300_000}
+# every call. A long call without data (an index build over a million rows) is cut the same way, and
+# pymilvus's retry of it then fails ("index already exists": seen in the 1,000,000-row benchmark).
+# Milvus Lite in-process is such a server on a local port too. So: ping only during calls, less
+# often than the policy's 5 minutes; a dropped idle connection is recovered by pymilvus on the next call.
+KEEPALIVE = {"grpc.keepalive_permit_without_calls": 0, "grpc.keepalive_time_ms": 360_000}
 
 
 def _client(uri: str, lite: bool, location: str):
@@ -68,7 +70,7 @@ def _client(uri: str, lite: bool, location: str):
     try:
         if lite:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
-            return MilvusClient(uri)
+            return MilvusClient(uri, grpc_options=KEEPALIVE)
         return MilvusClient(uri, token=os.environ.get(TOKEN_ENV, ""), timeout=30, grpc_options=KEEPALIVE)
     except MilvusException as exc:
         if lite:

@@ -24,7 +24,7 @@ async def search(live: Live, form: Annotated[SearchForm, Depends(search_form)]):
     plan = await call(live.plan, search_cfg)
     photo = await call(decode, live, form.image)
     t0 = time.perf_counter()
-    hits, query, box = await call(live.search, photo, search_cfg, plan)
+    hits, query, box = await call(live.search_cut, photo, search_cfg, plan)
     results = [{"rank": r + 1, "score": round(h.score, 6), "id": h.id, "metadata": h.metadata,
                 "attributes": [attr_json(live, a) for a in h.attributes or [] if a is not None],
                 "reasons": h.reasons, "crop": h.crop, **item_ref(h.id)} for r, h in enumerate(hits)]
