@@ -25,16 +25,9 @@ from _common import SHARED, emit, machine, percentile
 from PIL import Image
 
 from fashionlens.data.crops import build_cropper
-from fashionlens.data.masks import largest_box
+from fashionlens.data.crops.regions import region_box
 from fashionlens.data.street import GARMENT_TAGS, garment_mask, read_labels, read_mask
-
-
-def box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
+from fashionlens.evaluation.pointing import box_iou, mask_box
 
 
 def main() -> None:
@@ -53,20 +46,19 @@ def main() -> None:
     for n, name in enumerate(photos, 1):
         img = Image.open(args.data / name).convert("RGB")
         mask = read_mask(args.data / "masks" / f"{Path(name).stem}.png", labels)
-        person = garment.pose.find(img)
+        person = garment.pose.find(img)  # once a photo: what garment.box(img, region) finds for each region
         found += person is not None
         for region in GARMENT_TAGS:
             truth = garment_mask(mask, labels, region)
             if truth.mean() < 0.01:
                 continue
-            tb = largest_box(truth.astype(np.float32), 1.0)  # the largest piece's box ...
-            ys, xs = np.nonzero(truth)  # ... and every piece's (two shoes, a jacket and its sleeve)
-            tb = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if tb else tb
-            box = garment.box(img, region)
-            b = (box.x0, box.y0, box.x1, box.y1)
-            inside = truth[b[1]:b[3], b[0]:b[2]].sum() / truth.sum()
-            rows[region].append({"iou": box_iou(b, tb) if box.method == "pose" else 0.0, "coverage": float(inside),
-                                 "share": (b[2] - b[0]) * (b[3] - b[1]) / (img.width * img.height)})
+            cut = region_box(person, region, img.size) if person is not None else None
+            x0, y0, x1, y1 = cut or (0, 0, img.width, img.height)  # no person, no box: the whole photo
+            inside = truth[y0:y1, x0:x1].sum() / truth.sum()
+            # against the box of every piece of the mask (two shoes, a jacket and its sleeve)
+            iou = box_iou((x0, y0, x1 - x0, y1 - y0), mask_box(truth)) if cut else 0.0
+            rows[region].append({"iou": iou, "coverage": float(inside),
+                                 "share": (x1 - x0) * (y1 - y0) / (img.width * img.height)})
         if n % 100 == 0:
             print(f"{n}/{len(photos)} photos", file=sys.stderr, flush=True)
     per = {region: {"photos": len(r), "box_iou": round(float(np.mean([x["iou"] for x in r])), 3),

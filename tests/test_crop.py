@@ -142,6 +142,7 @@ def test_the_backdrop_box_agrees_with_the_saliency_model_on_catalog_product_shot
     U^2-Net-p box overlap (median IoU >= 0.9): the fast path finds what the model finds."""
     from fashionlens.data.crops.saliency import SaliencyModel, plain_backdrop_box
     from fashionlens.data.masks import largest_box
+    from fashionlens.evaluation.pointing import box_iou
 
     sal, ious = SaliencyModel(), []
     with open(shared_data / "catalog" / "styles.csv", newline="", encoding="utf-8") as fh:
@@ -150,10 +151,8 @@ def test_the_backdrop_box_agrees_with_the_saliency_model_on_catalog_product_shot
         img = Image.open(shared_data / "catalog" / "images" / f"{item}.jpg").convert("RGB")
         plain, salient = plain_backdrop_box(img), largest_box((sal.mask(img) >= 0.5).astype(np.float32), 1.0)
         if plain is not None and salient is not None:
-            ix = max(0, min(plain[2], salient[2]) - max(plain[0], salient[0]))
-            iy = max(0, min(plain[3], salient[3]) - max(plain[1], salient[1]))
-            area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
-            ious.append(ix * iy / (area(plain) + area(salient) - ix * iy))
+            xywh = [(b[0], b[1], b[2] - b[0], b[3] - b[1]) for b in (plain, salient)]
+            ious.append(box_iou(*xywh))
     assert len(ious) >= 15 and np.median(ious) >= 0.9, ious
 
 

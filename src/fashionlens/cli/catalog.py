@@ -105,7 +105,7 @@ def search(
     searcher = Searcher(index_dir, attributes=explained)
     queries = None
     try:
-        embed_images = searcher.decode(photos, cfg.crop)  # as the catalog was decoded: the same photo, the same vector
+        embed_images, crops = searcher.decode(photos, cfg.crop)  # as the catalog was decoded: same photo, same vector
         if explained or cfg.filters:
             results, queries = searcher.search_explained(images, cfg, embed_images)
         else:
@@ -115,7 +115,7 @@ def search(
     if as_json:
         payload = []
         for n, (photo, hits) in enumerate(zip(photos, results)):
-            entry = {"photo": str(photo), **({"crop": searcher.query_crops[n]} if cfg.crop != "none" else {}),
+            entry = {"photo": str(photo), **({"crop": crops[n]} if crops[n] else {}),
                      "results": [
                 {"rank": r + 1, "id": h.id, "score": round(h.score, 6), "path": h.path, **h.metadata,
                  **({"crop": h.crop} if h.crop else {}), **({"reasons": h.reasons} if explained else {})}
@@ -126,8 +126,7 @@ def search(
         out.print_json(json.dumps(payload, ensure_ascii=False))
         return
     for n, (photo, hits) in enumerate(zip(photos, results)):
-        if searcher.query_crops[n]:
-            c = searcher.query_crops[n]
+        if c := crops[n]:
             out.print(f"{photo}: searched the {c['region']} box {c['box']} (found by {c['method']})", markup=False)
         out.print(hits_table(str(photo), hits))
         for rank, h in enumerate(hits if explained else [], 1):  # full lines: a table column would be cramped

@@ -13,15 +13,20 @@ from fashionlens.data.images import ImageError, open_image
 from fashionlens.errors import UserError
 
 
-def decode_one(path, preprocess, cropper=None, region: str | None = None):
-    """``(tensor, crop box as a dict or None)`` of one photo: decoded (at a draft size near the
-    letterbox unless a crop needs the full photo), cut by ``cropper`` to ``region``, preprocessed.
-    Raises :class:`ImageError`."""
-    img = open_image(path, draft_size=None if cropper else preprocess.size)
+def open_cut(path, size: int, cropper=None, region: str | None = None):
+    """``(image, crop box as a dict or None)`` of one photo: decoded at a draft size near ``size``
+    (the letterbox), or whole and cut by ``cropper`` to ``region``. Raises :class:`ImageError`."""
+    img = open_image(path, draft_size=None if cropper else size)
     if cropper is None:
-        return preprocess(img), None
+        return img, None
     img, box = cropper(img, region)
-    return preprocess(img), box.to_dict()
+    return img, box.to_dict()
+
+
+def decode_one(path, preprocess, cropper=None, region: str | None = None):
+    """``(tensor, crop box as a dict or None)`` of one photo (:func:`open_cut`, then ``preprocess``)."""
+    img, box = open_cut(path, preprocess.size, cropper, region)
+    return preprocess(img), box
 
 
 class _Decode(Dataset):

@@ -110,6 +110,8 @@ def run_queries(index: LocalStore, embedder: Embedder, queries: Sequence[Item],
     summary["unreadable_queries"] = [{"path": p, "error": e} for p, e in unreadable]
     summary["index"] = {"folder": str(index.folder), "items": index.store.count("embedded"),
                         "spec": index.store.get_meta("index_spec"), "embedder": embedder.describe()}
+    summary["crop"] = {"queries": cropper.name if cropper else "none",
+                       "catalog": (index.store.get_meta("crop") or {}).get("crop", "none")}
     write_json(summary, out / "metrics.json")
     plot_hit_rate(summary, out / "hit_rate.png", title=title)
     html.close(summary)
@@ -137,12 +139,9 @@ def evaluate_index(index_dir: Path, queries: Sequence[Item], relevance: Callable
         raise UserError("no query images found")
     index = LocalStore(index_dir)
     try:
-        summary = run_queries(index, embedder_for(index, cfg.device), queries, relevance, out, cfg.ks, title,
-                              cfg.batch_size, cfg.workers, cfg.max_html_queries, progress,
-                              cropper=build_cropper(cfg.crop, cfg.crop_regions))
-        summary["crop"] = {"queries": cfg.crop, "catalog": (index.store.get_meta("crop") or {}).get("crop", "none")}
-        write_json(summary, out / "metrics.json")
-        return summary
+        return run_queries(index, embedder_for(index, cfg.device), queries, relevance, out, cfg.ks, title,
+                           cfg.batch_size, cfg.workers, cfg.max_html_queries, progress,
+                           cropper=build_cropper(cfg.crop, cfg.crop_regions))
     finally:
         index.close()
 

@@ -138,22 +138,20 @@ class Searcher:
             results += self.index.search(self.embedder.embed_images(images[start:start + batch_size]), k)
         return results
 
-    def decode(self, paths: list[Path], crop: str = "none"):
-        """The photos decoded as the catalog's were when indexed (a JPEG at reduced scale down to
-        the model's input size): the same photo gives the same vector. With a ``crop`` method, the
-        photos are decoded whole, cut, and their boxes kept in :attr:`query_crops`."""
+    def decode(self, paths: list[Path], crop: str = "none") -> tuple[list, list[dict | None]]:
+        """(images, crop boxes): the photos decoded as the catalog's were when indexed (a JPEG at
+        reduced scale down to the model's input size): the same photo gives the same vector. With a
+        ``crop`` method, the photos are decoded whole and cut, and each box is given."""
         from fashionlens.data.crops import build_cropper
 
         cropper = build_cropper(crop)
         if cropper is None:
-            self.query_crops = [None] * len(paths)
-            return load_photos(paths, self.embedder.preprocess.size)
+            return load_photos(paths, self.embedder.preprocess.size), [None] * len(paths)
         cut = [cropper(img) for img in load_photos(paths, None)]
-        self.query_crops = [box.to_dict() for _, box in cut]
-        return [img for img, _ in cut]
+        return [img for img, _ in cut], [box.to_dict() for _, box in cut]
 
     def search_paths(self, paths: list[Path], k: int = 10, batch_size: int = 16) -> list[list[SearchHit]]:
-        return self.search_images(self.decode(paths), k, batch_size)
+        return self.search_images(self.decode(paths)[0], k, batch_size)
 
     def plan(self, cfg: SearchConfig) -> SearchPlan:
         """Check ``cfg``'s wants and filters once for many searches."""

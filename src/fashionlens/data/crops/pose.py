@@ -25,6 +25,7 @@ from PIL import Image
 from fashionlens.data.crops.model_files import model_path
 
 DET, LMK, SEG = 224, 256, 256
+MODELS = ("pose_detection.tflite", "pose_landmark_full.tflite", "selfie_segmentation.tflite")
 # MediaPipe keeps detections from 0.5; on the catalog's studio shots of shoes the detector fires at
 # 0.52-0.67 (and the landmark model agrees), on real people at 0.84 and more (p10 of 40 catalog
 # model shots and 40 street photos). A person must also stand on its own mask: the person mask at its
@@ -95,13 +96,14 @@ class PoseModel:
         """Fail now, in the calling process, if the runtime or a model file is missing (fetching
         the files once here, not in every worker)."""
         _litert()
-        for name in ("pose_detection.tflite", "pose_landmark_full.tflite", "selfie_segmentation.tflite"):
+        for name in MODELS:
             model_path(name)
 
     def _load(self):
         if self._models is None:
-            self._models = (_interpreter("pose_detection.tflite"), _interpreter("pose_landmark_full.tflite"),
-                            _interpreter("selfie_segmentation.tflite") if self.with_mask else None, ssd_anchors())
+            det, lmk, seg = MODELS
+            self._models = (_interpreter(det), _interpreter(lmk), _interpreter(seg) if self.with_mask else None,
+                            ssd_anchors())
         return self._models
 
     def find(self, img: Image.Image) -> Person | None:

@@ -48,7 +48,8 @@ def decode_batch(batch: dict, size: int, crop: str = "none", regions: str | None
     """Ray Data task: decode each row's photo, cut it (``crop``: the crop stage, to the row's
     ``region``) and letterbox it (uint8, size x size x 3); a photo that cannot be read gives a black
     image and its reason in ``error``; ``crop`` holds each box as JSON ("" without a crop)."""
-    from fashionlens.data.images import ImageError, open_image
+    from fashionlens.data.images import ImageError
+    from fashionlens.data.loader import open_cut
     from fashionlens.data.transforms import letterbox
 
     cropper = _cropper(crop, regions) if crop != "none" else None
@@ -57,10 +58,8 @@ def decode_batch(batch: dict, size: int, crop: str = "none", regions: str | None
     boxes = np.full(len(batch["path"]), "", dtype=object)
     for i, path in enumerate(batch["path"]):
         try:
-            img = open_image(str(path), draft_size=None if cropper else size)
-            if cropper is not None:
-                img, box = cropper(img, str(batch["region"][i]) or None)
-                boxes[i] = json.dumps(box.to_dict())
+            img, box = open_cut(str(path), size, cropper, str(batch["region"][i]) or None)
+            boxes[i] = json.dumps(box) if box else ""
             images[i] = np.asarray(letterbox(img, size), np.uint8)
         except ImageError as exc:
             errors[i] = str(exc)
